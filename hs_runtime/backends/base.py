@@ -1,0 +1,39 @@
+"""The one small protocol every backend implements: named tensors in, named tensors out."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Protocol
+
+import torch
+
+from ..contract import GraphSpec, ModelDims
+
+
+class Engine(Protocol):
+    """One compiled graph. Inputs and outputs are torch tensors on the engine's device.
+
+    ``outputs`` names the outputs the caller needs; an engine may skip the others (``large.full``
+    skips its K/V cache on steps that do not keep it).
+    """
+
+    spec: GraphSpec
+    dims: ModelDims
+
+    def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        ...
+
+
+class EngineSet:
+    """The three engines of one build, with the device and float dtype they exchange tensors in."""
+
+    def __init__(self, engines: Mapping[str, Engine], device: torch.device, dtype: torch.dtype, backend: str):
+        self.engines = dict(engines)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.backend = backend
+
+    def __getitem__(self, name: str) -> Engine:
+        return self.engines[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.engines

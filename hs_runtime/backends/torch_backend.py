@@ -1,0 +1,45 @@
+"""``torch`` backend: the exported graphs' own PyTorch modules.
+
+The reference every other backend is checked against, and a fast path on GPUs without TensorRT.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from ..contract import GRAPH_SPECS, LARGE_FULL, ModelDims
+from ..graphs import build_graphs
+from .base import EngineSet
+
+
+class TorchEngine:
+    """Runs one graph module under ``torch.inference_mode``."""
+
+    def __init__(self, module: torch.nn.Module, dims: ModelDims):
+        self.module = module
+        self.spec = GRAPH_SPECS[module.graph_name]
+        self.dims = dims
+
+    @torch.inference_mode()
+    def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        args = [feeds[name] for name in self.spec.input_names]
+        wanted = tuple(outputs) if outputs is not None else self.spec.output_names
+        if self.spec.name == LARGE_FULL and "kv_cache" not in wanted:
+            return {"velocity": self.module.velocity_only(*args)}
+        result = self.module(*args)
+        result = result if isinstance(result, tuple) else (result,)
+        return {n: t for n, t in zip(self.spec.output_names, result) if n in wanted}
+
+
+def torch_engines(small, large, device="cpu", dtype=torch.float32) -> EngineSet:
+    """An :class:`EngineSet` over a loaded small/large ``SD3Transformer2DModel`` pair."""
+    small = small.to(device=device, dtype=dtype).eval()
+    large = large.to(device=device, dtype=dtype).eval()
+    dims = {"small": ModelDims.from_config(small.config), "large": ModelDims.from_config(large.config)}
+    engines = {
+        name: TorchEngine(module, dims["small" if name.startswith("small") else "large"])
+        for name, module in build_graphs(small, large).items()
+    }
+    return EngineSet(engines, torch.device(device), dtype, "torch")

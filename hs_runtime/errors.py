@@ -1,0 +1,52 @@
+"""One family of errors, so hosts can catch ``HybridStitchError`` and CLIs print one clear line.
+
+Messages read "what | got | expected | how to fix" where those parts apply.
+"""
+
+
+class HybridStitchError(Exception):
+    """Base of every error this toolkit raises for bad input or an unservable setup."""
+
+
+class ConfigError(HybridStitchError, ValueError):
+    """A parameter is out of range (plan, ratio, resolution, steps)."""
+
+
+class ModelLoadError(HybridStitchError):
+    """A model folder or hub id cannot be loaded."""
+
+
+class IncompatibleModelsError(HybridStitchError):
+    """The small and large models do not share latent space or text conditioning."""
+
+
+class ShapeError(HybridStitchError, ValueError):
+    """A tensor fed to an engine does not match the engine's contract or built profiles."""
+
+
+class ManifestError(HybridStitchError):
+    """An engine folder is missing, foreign, incomplete or of another schema version."""
+
+
+class ExportError(HybridStitchError):
+    """ONNX export or its checks failed."""
+
+
+class BuildError(HybridStitchError):
+    """An engine build failed or its backend is not installed."""
+
+
+class ToleranceError(HybridStitchError):
+    """An engine disagrees with its PyTorch reference beyond tolerance."""
+
+
+def describe(what: str, got: object = None, expected: object = None, fix: str | None = None) -> str:
+    """Formats the one-line "what | got | expected | fix" message used across the toolkit."""
+    parts = [what]
+    if got is not None:
+        parts.append(f"got {got}")
+    if expected is not None:
+        parts.append(f"expected {expected}")
+    if fix:
+        parts.append(fix)
+    return " | ".join(parts)

@@ -1,0 +1,98 @@
+"""Complexity mask: which image tokens the large model keeps refining in the hybrid stage.
+
+Everything stays on the latents' device; the token count ``K = ceil(r·N)`` is a host integer, so
+selecting the mask needs no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .contract import complex_token_count
+from .plans import MaskConfig
+from .tokens import patchify
+
+
+@dataclass
+class TokenMask:
+    """The complex/context split of the image tokens, per prompt.
+
+    Attributes:
+        complex_idx: ``[P, K]`` sorted indices of complex tokens.
+        context_idx: ``[P, N_img − K]`` sorted indices of the other tokens.
+        scores: ``[P, N_img]`` the scores the split came from.
+    """
+
+    complex_idx: torch.Tensor
+    context_idx: torch.Tensor
+    scores: torch.Tensor
+
+    def for_batch(self, cfg: bool) -> "TokenMask":
+        """Repeats the mask for a ``[uncond; cond]`` CFG batch: both halves share one mask."""
+        if not cfg:
+            return self
+        return TokenMask(*(torch.cat([t, t]) for t in (self.complex_idx, self.context_idx, self.scores)))
+
+    def as_grid(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """``[P, h, w]`` bool map of complex tokens (for overlays)."""
+        p, n = self.scores.shape
+        grid = torch.zeros(p, n, dtype=torch.bool, device=self.scores.device)
+        grid.scatter_(1, self.complex_idx, True)
+        return grid.reshape(p, grid_h, grid_w)
+
+
+def disagreement_scores(v_large: torch.Tensor, v_small: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """‖v_large − v_small‖₂ per token of the guided velocities: ``[P, C, H, W]`` → ``[P, N]``."""
+    return patchify((v_large - v_small).float(), patch_size).norm(dim=-1)
+
+
+def detail_scores(latents: torch.Tensor, v_large: torch.Tensor, sigma: float, patch_size: int) -> torch.Tensor:
+    """Local high-frequency energy of the predicted clean latent ``x̂0 = x − σ·v`` per token."""
+    x0 = (latents.float() - sigma * v_large.float())
+    blurred = F.avg_pool2d(F.pad(x0, (1, 1, 1, 1), mode="replicate"), kernel_size=3, stride=1)
+    return patchify((x0 - blurred) ** 2, patch_size).sum(dim=-1)
+
+
+def dilate_scores(scores: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Max over each token's 3×3 neighbourhood, so neighbours of complex tokens rank high too."""
+    grid = scores.reshape(-1, 1, grid_h, grid_w)
+    return F.max_pool2d(grid, kernel_size=3, stride=1, padding=1).reshape(scores.shape)
+
+
+def select_tokens(scores: torch.Tensor, ratio: float) -> TokenMask:
+    """Top ``ceil(ratio · N)`` tokens by score (ties to the lower index) and their complement."""
+    n = scores.shape[1]
+    k = complex_token_count(ratio, n)
+    complex_idx = torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values
+    chosen = torch.zeros_like(scores, dtype=torch.int8).scatter_(1, complex_idx, 1)
+    # Stable sort puts the unchosen (0) positions first, in index order.
+    context_idx = torch.sort(chosen, dim=1, stable=True).indices[:, : n - k]
+    return TokenMask(complex_idx, context_idx, scores)
+
+
+def compute_mask(
+    config: MaskConfig,
+    latents: torch.Tensor,
+    v_large: torch.Tensor,
+    v_small: torch.Tensor | None,
+    sigma: float,
+    patch_size: int,
+) -> TokenMask:
+    """Scores the tokens with the configured signal and selects the complex ones, per prompt.
+
+    Args:
+        latents: ``[P, C, H, W]`` latents of the step the mask is taken at.
+        v_large / v_small: ``[P, C, H, W]`` guided velocities there (``v_small`` only for
+            ``disagreement``).
+    """
+    if config.signal == "disagreement":
+        scores = disagreement_scores(v_large, v_small, patch_size)
+    else:
+        scores = detail_scores(latents, v_large, sigma, patch_size)
+    if config.dilate:
+        h, w = latents.shape[-2] // patch_size, latents.shape[-1] // patch_size
+        scores = dilate_scores(scores, h, w)
+    return select_tokens(scores, config.ratio)

@@ -1,0 +1,159 @@
+"""Schedules as data: a plan is one action per denoising step plus the mask settings.
+
+Actions:
+    ``large``   the large model on all tokens.
+    ``capture`` a dense large step that also keeps the K/V cache and (re)computes the mask.
+    ``hybrid``  small model on all tokens, large model on the complex tokens with cached context.
+    ``small``   the small model on all tokens.
+
+New schedules are new action tuples; the sampler needs no change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .errors import ConfigError, describe
+
+ACTIONS = ("large", "capture", "hybrid", "small")
+PLAN_NAMES = ("large", "small", "tstitch", "srdiff", "hybrid")
+MASK_SIGNALS = ("disagreement", "detail")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Which tokens the large model refines in the hybrid stage.
+
+    Attributes:
+        ratio: fraction of image tokens that are complex, in (0, 1].
+        signal: ``disagreement`` (‖v_large − v_small‖ per token) or ``detail`` (high-frequency
+            energy of the large model's predicted clean latent).
+        dilate: spread each token's score to its 8 neighbours before the top-k, so the chosen
+            region grows contiguous (fewer seams) at the same token budget.
+    """
+
+    ratio: float = 0.3
+    signal: str = "disagreement"
+    dilate: bool = False
+
+    def __post_init__(self):
+        if not 0.0 < self.ratio <= 1.0:
+            raise ConfigError(describe("mask ratio out of range", got=self.ratio, expected="a value in (0, 1]"))
+        if self.signal not in MASK_SIGNALS:
+            raise ConfigError(describe("unknown mask signal", got=repr(self.signal), expected=" | ".join(MASK_SIGNALS)))
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Parameters of the named plans; CLI defaults come from here.
+
+    Attributes:
+        large_fraction: share of steps the large model runs first (``hybrid``, ``srdiff``).
+        hybrid_end: share of steps after which the hybrid stage ends (``hybrid``).
+        small_fraction: share of steps the small model runs first (``tstitch``).
+        refresh_every: in the hybrid stage, every k-th step is a dense ``capture`` step that
+            refreshes cache and mask; 0 disables.
+    """
+
+    large_fraction: float = 0.15
+    hybrid_end: float = 0.55
+    small_fraction: float = 0.4
+    srdiff_large_fraction: float = 0.4
+    refresh_every: int = 0
+    mask: MaskConfig = field(default_factory=MaskConfig)
+
+    def __post_init__(self):
+        for name in ("large_fraction", "hybrid_end", "small_fraction", "srdiff_large_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(describe(f"{name} out of range", got=value, expected="a value in [0, 1]"))
+        if self.hybrid_end < self.large_fraction:
+            raise ConfigError(
+                describe("hybrid_end before large_fraction", got=(self.large_fraction, self.hybrid_end), expected="large_fraction <= hybrid_end")
+            )
+        if self.refresh_every < 0:
+            raise ConfigError(describe("refresh_every must be >= 0", got=self.refresh_every))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A denoising schedule: one action per step and the mask it uses."""
+
+    name: str
+    actions: tuple[str, ...]
+    mask: MaskConfig = field(default_factory=MaskConfig)
+
+    def __post_init__(self):
+        bad = [a for a in self.actions if a not in ACTIONS]
+        if bad:
+            raise ConfigError(describe("unknown plan action", got=bad[0], expected=" | ".join(ACTIONS)))
+        if not self.actions:
+            raise ConfigError(describe("a plan needs at least one step", got=0))
+        for i, action in enumerate(self.actions):
+            if action == "hybrid" and "capture" not in self.actions[:i]:
+                raise ConfigError(
+                    describe(f"plan '{self.name}': hybrid step {i} has no K/V cache before it", fix="start with at least one large step (increase steps or large_fraction)")
+                )
+
+    @property
+    def steps(self) -> int:
+        return len(self.actions)
+
+    def count(self, action: str) -> int:
+        return sum(a == action for a in self.actions)
+
+    def stages(self) -> str:
+        """Compact run-length form, e.g. ``large×3 capture hybrid×7 small×4``."""
+        parts, i = [], 0
+        while i < len(self.actions):
+            j = i
+            while j < len(self.actions) and self.actions[j] == self.actions[i]:
+                j += 1
+            parts.append(self.actions[i] + (f"×{j - i}" if j - i > 1 else ""))
+            i = j
+        return " ".join(parts)
+
+
+def _split(steps: int, fraction: float) -> int:
+    return int(round(fraction * steps))
+
+
+def make_plan(name: str, steps: int, config: PlanConfig | None = None) -> Plan:
+    """Builds one of :data:`PLAN_NAMES` for ``steps`` denoising steps."""
+    config = config or PlanConfig()
+    if steps < 1:
+        raise ConfigError(describe("steps must be >= 1", got=steps))
+    if name == "large":
+        return Plan(name, ("large",) * steps, config.mask)
+    if name == "small":
+        return Plan(name, ("small",) * steps, config.mask)
+    if name == "tstitch":
+        k = _split(steps, config.small_fraction)
+        return Plan(name, ("small",) * k + ("large",) * (steps - k), config.mask)
+    if name == "srdiff":
+        k = _split(steps, config.srdiff_large_fraction)
+        return Plan(name, ("large",) * k + ("small",) * (steps - k), config.mask)
+    if name == "hybrid":
+        a, b = _split(steps, config.large_fraction), _split(steps, config.hybrid_end)
+        if b > a and a < 1:
+            raise ConfigError(
+                describe(
+                    "hybrid plan needs at least one large step before the hybrid stage",
+                    got=f"{steps} steps × large_fraction {config.large_fraction} = 0 large steps",
+                    fix="use more steps or a larger large_fraction",
+                )
+            )
+        actions = ["large"] * a + ["hybrid"] * (b - a) + ["small"] * (steps - b)
+        if b > a:
+            actions[a - 1] = "capture"
+            k = config.refresh_every
+            for j in range(1, b - a):
+                if k and j % k == 0:
+                    actions[a + j] = "capture"
+        return Plan(name, tuple(actions), config.mask)
+    raise ConfigError(describe("unknown plan", got=repr(name), expected=" | ".join(PLAN_NAMES)))
+
+
+def with_mask(plan: Plan, **changes) -> Plan:
+    """A copy of ``plan`` with mask fields changed (e.g. ``ratio=0.5`` for a sweep)."""
+    return replace(plan, mask=replace(plan.mask, **changes))

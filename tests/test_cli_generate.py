@@ -1,0 +1,44 @@
+import pytest
+from click.testing import CliRunner
+
+from hs_export.cli import main
+
+ARGS = ["generate", "--preset", "tiny", "--prompt", "a red cat", "--steps", "4", "--seed", "0"]
+
+
+def test_generate_writes_image_and_timings(tiny_paths, tmp_path):
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(main, [*ARGS, "--plan", "hybrid", "--out", str(out), "--compare"])
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert Image.open(out).size == (128, 128)
+    assert Image.open(tmp_path / "out_compare.png").size == (3 * 128, 128)
+    for stage in ("large", "mask", "hybrid", "small", "overhead", "total"):
+        assert stage in result.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--plan", "fastest"], "Invalid value for '--plan'"),
+        (["--mask-ratio", "0"], "mask ratio out of range"),
+        (["--mask-ratio", "1.2"], "mask ratio out of range"),
+        (["--height", "120"], "height must be a positive multiple of 16"),
+        (["--steps", "0"], "steps must be >= 1"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line(tiny_paths, tmp_path, extra, message):
+    result = CliRunner().invoke(main, [*ARGS, "--out", str(tmp_path / "x.png"), *extra])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_incompatible_models_cli(tiny_paths, tmp_path):
+    from hs_runtime.presets import PRESETS, random_transformer
+
+    other = random_transformer({**PRESETS["tiny"].small, "pooled_projection_dim": 16}, 0)
+    other.save_pretrained(tmp_path / "other")
+    result = CliRunner().invoke(main, ["generate", "--small", str(tmp_path / "other"), "--large", str(tiny_paths.large), "--prompt", "x", "--steps", "2"])
+    assert result.exit_code == 1 and "cannot be stitched" in result.output and "Traceback" not in result.output

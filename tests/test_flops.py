@@ -1,0 +1,31 @@
+import pytest
+
+from hs_runtime.contract import ModelDims
+from hs_runtime.flops import ideal_speedup, plan_flops, transformer_flops
+from hs_runtime.plans import MaskConfig, PlanConfig, make_plan
+from hs_runtime.presets import MODEL_CONFIGS
+
+N_IMG, TXT = 4096, 333  # 1024², SD3 text
+
+
+def dims(name):
+    return ModelDims.from_config(MODEL_CONFIGS[name])
+
+
+def test_real_model_ratios_match_design():
+    large = transformer_flops(dims("sd3.5-large"), N_IMG, N_IMG, TXT)
+    assert large / 1e12 == pytest.approx(31, rel=0.1)  # ~31 TFLOP per sample per step
+    assert transformer_flops(dims("sd3.5-medium"), N_IMG, N_IMG, TXT) / large == pytest.approx(0.36, abs=0.03)
+    tokens = transformer_flops(dims("sd3.5-large"), 1229, N_IMG, TXT)
+    assert tokens / large == pytest.approx(0.35, abs=0.05)
+
+
+def test_plan_costs():
+    small, large = dims("sd3.5-medium"), dims("sd3.5-large")
+    assert ideal_speedup(make_plan("large", 28), small, large, N_IMG, TXT) == pytest.approx(1.0)
+    hybrid = make_plan("hybrid", 28)
+    cost = plan_flops(hybrid, small, large, N_IMG, TXT)
+    assert cost.mask == pytest.approx(transformer_flops(small, N_IMG, N_IMG, TXT))
+    assert 1.4 < ideal_speedup(hybrid, small, large, N_IMG, TXT) < 2.0
+    wider = make_plan("hybrid", 28, PlanConfig(mask=MaskConfig(ratio=0.6)))
+    assert ideal_speedup(wider, small, large, N_IMG, TXT) < ideal_speedup(hybrid, small, large, N_IMG, TXT)

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from hs_runtime.backends.torch_backend import torch_engines
+from hs_runtime.errors import ShapeError
+from hs_runtime.pipeline import initial_latents
+from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan
+from hs_runtime.sampler import StitchedSampler
+
+STEPS = 6
+
+
+def test_large_plan_matches_diffusers_pipeline(tiny_pipe, tiny_torch_engines, tiny_conditioning):
+    c = tiny_conditioning
+    expected = tiny_pipe(
+        prompt_embeds=c.prompt_embeds, negative_prompt_embeds=c.negative_prompt_embeds,
+        pooled_prompt_embeds=c.pooled_prompt_embeds, negative_pooled_prompt_embeds=c.negative_pooled_prompt_embeds,
+        num_inference_steps=STEPS, height=128, width=128, guidance_scale=7.0, output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    latents = initial_latents(2, 128, 128, seed=0)
+    result = StitchedSampler(tiny_torch_engines, 7.0).denoise(make_plan("large", STEPS), latents, c)
+    assert (result.latents - expected).abs().max() <= 1e-4
+
+
+def test_hybrid_full_ratio_same_model_equals_large(tiny_models, tiny_conditioning):
+    _, large = tiny_models
+    sampler = StitchedSampler(torch_engines(large, large), 7.0)
+    latents = initial_latents(2, 128, 128, seed=3)
+    reference = sampler.denoise(make_plan("large", STEPS), latents, tiny_conditioning).latents
+    plan = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, mask=MaskConfig(ratio=1.0)))
+    assert plan.count("hybrid") > 0
+    result = sampler.denoise(plan, latents, tiny_conditioning)
+    assert (result.latents - reference).abs().max() <= 1e-4
+    assert result.masks[0].complex_idx.shape == (2, 64)
+
+
+@pytest.mark.parametrize("name", PLAN_NAMES)
+def test_every_plan_runs_and_times_its_stages(name, tiny_torch_engines, tiny_conditioning):
+    plan = make_plan(name, STEPS, PlanConfig(refresh_every=1))
+    result = StitchedSampler(tiny_torch_engines, 7.0).denoise(plan, initial_latents(2, 128, 96, 0), tiny_conditioning, profile=True)
+    assert result.latents.shape == (2, 16, 16, 12) and torch.isfinite(result.latents).all()
+    times = result.times.as_dict()
+    assert times["total"] > 0 and times["overhead"] >= 0
+    assert (times["hybrid"] > 0) == (plan.count("hybrid") > 0)
+    assert len(result.masks) == plan.count("capture")
+
+
+def test_hybrid_differs_from_small_and_large(tiny_torch_engines, tiny_conditioning):
+    sampler = StitchedSampler(tiny_torch_engines, 7.0)
+    latents = initial_latents(2, 128, 128, 0)
+    out = {n: sampler.denoise(make_plan(n, STEPS), latents, tiny_conditioning).latents for n in ("large", "small", "hybrid")}
+    assert not torch.allclose(out["hybrid"], out["large"]) and not torch.allclose(out["hybrid"], out["small"])
+
+
+def test_bad_sizes(tiny_torch_engines, tiny_conditioning):
+    with pytest.raises(ShapeError, match="multiple of 16"):
+        initial_latents(1, 120, 128, 0)
+    with pytest.raises(ShapeError, match="prompt count"):
+        StitchedSampler(tiny_torch_engines).denoise(make_plan("large", 2), initial_latents(1, 128, 128, 0), tiny_conditioning)
