@@ -15,6 +15,15 @@ _PLAN_DEFAULTS = PlanConfig()
 _MASK_DEFAULTS = MaskConfig()
 
 
+def _build_defaults():
+    from .build import BuildConfig
+
+    return BuildConfig()
+
+
+_BUILD_DEFAULTS = _build_defaults()
+
+
 def _one_line_errors(fn):
     """Turns toolkit errors into one ``Error: …`` line and exit code 1, never a traceback."""
 
@@ -105,6 +114,72 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
         runtime, plan_name, plan_config, list(prompts), negative_prompt, steps, seed,
         height or default_size[0], width or default_size[1], guidance_scale, out, compare,
     )
+
+
+@main.command()
+@model_options
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Engine folder (default: engines/<preset> or engines/custom).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default=_BUILD_DEFAULTS.backend, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=_BUILD_DEFAULTS.precision, show_default=True)
+@click.option("--height", type=int, default=None, help="Image pixels (default: the preset's, else 1024).")
+@click.option("--width", type=int, default=None)
+@click.option("--prompts", type=int, default=_BUILD_DEFAULTS.prompts, show_default=True, help="Prompts per call (CFG doubles the batch).")
+@click.option("--text-tokens", type=int, default=None, help="Text tokens (default: 77 + T5 length).")
+@click.option("--mask-ratio", type=float, default=_BUILD_DEFAULTS.mask_ratio, show_default=True, help="Planned mask ratio: large.tokens is tuned for it.")
+@click.option("--opset", type=int, default=_BUILD_DEFAULTS.opset, show_default=True)
+@click.option("--dynamic-shape", is_flag=True, help="Profiles over batch 1..prompts and half to twice the resolution.")
+@click.option("--token-buckets", type=int, default=_BUILD_DEFAULTS.token_buckets, show_default=True, help="TensorRT profiles splitting the complex-token count.")
+@click.option("--builder-optimization-level", type=int, default=_BUILD_DEFAULTS.builder_optimization_level, show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild even if up to date; replace a folder built for something else.")
+@_one_line_errors
+def build(preset, small_src, large_src, pipeline_src, out, **options):
+    """Export the three graphs to ONNX and build engines with a manifest."""
+    from .build import BuildConfig, build as run_build
+    from .sources import resolve_models
+
+    selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log)
+    out = out or Path("engines") / (preset or "custom")
+    run_build(selection, BuildConfig(out=out, **options), log=_log)
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@_one_line_errors
+def inspect(engine_dir):
+    """Show graphs, I/O, profiles, precision, versions and sizes of an engine folder."""
+    from .inspect import inspect_folder
+
+    inspect_folder(engine_dir)
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--plan", "plan_name", type=click.Choice(PLAN_NAMES), default="hybrid", show_default=True)
+@_one_line_errors
+def verify(engine_dir, device, steps, plan_name):
+    """Check every engine and one end-to-end run against PyTorch; non-zero exit past tolerance."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hs_runtime.errors import ToleranceError
+    from .verify import verify as run_verify
+
+    checks = run_verify(engine_dir, device, steps, plan_name)
+    table = Table(title=f"verify {engine_dir}")
+    for column in ("check", "max abs", "relative", "tolerance", "result"):
+        table.add_column(column, justify="left" if column == "check" else "right")
+    for c in checks:
+        table.add_row(c.name, f"{c.max_abs:.2e}", f"{c.rel:.2e}", f"{c.tolerance:g}", "ok" if c.ok else "FAIL")
+    Console().print(table)
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        raise ToleranceError(f"verification failed: {', '.join(failed)} past tolerance")
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
 
 
 if __name__ == "__main__":

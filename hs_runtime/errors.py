@@ -36,6 +36,10 @@ class BuildError(HybridStitchError):
     """An engine build failed or its backend is not installed."""
 
 
+class ConcurrencyError(HybridStitchError, RuntimeError):
+    """A runtime was used from two threads at once."""
+
+
 class ToleranceError(HybridStitchError):
     """An engine disagrees with its PyTorch reference beyond tolerance."""
 

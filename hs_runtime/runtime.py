@@ -42,6 +42,22 @@ class HybridStitchRuntime:
         check_pair(small_model.config, large_model.config)
         return cls(torch_engines(small_model, large_model, device, torch_dtype), pipeline_source, max_sequence_length)
 
+    @classmethod
+    def from_dir(cls, folder, backend: str | None = None, device="cpu", pipeline_source=None) -> "HybridStitchRuntime":
+        """Loads an engine folder made by ``hs-export build``; no other flags needed.
+
+        Args:
+            backend: the folder's own backend by default; ``torch`` runs the PyTorch graphs of
+                the models the manifest names (a reference, or a GPU fast path).
+            pipeline_source: text encoders + VAE folder; defaults to the manifest's.
+        """
+        from .backends.loading import engines_from_manifest
+        from .manifest import Manifest
+
+        manifest = Manifest.load(folder)
+        engines = engines_from_manifest(manifest, backend or manifest.backend, torch.device(device))
+        return cls(engines, pipeline_source or manifest.data.get("pipeline"), manifest.build["max_sequence_length"], manifest)
+
     def sampler(self, guidance_scale: float = 7.0, shift: float = 3.0) -> StitchedSampler:
         return StitchedSampler(self.engines, guidance_scale, shift)
 

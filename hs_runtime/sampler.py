@@ -129,7 +129,15 @@ class StitchedSampler:
         return self.engines[graph](feeds, outputs)
 
     def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False) -> DenoiseResult:
-        """Denoises ``latents [P, C, H, W]`` (initial noise) through every step of ``plan``."""
+        """Denoises ``latents [P, C, H, W]`` (initial noise) through every step of ``plan``.
+
+        Raises:
+            ConcurrencyError: if the same engines are already serving another thread.
+        """
+        with self.engines.exclusive():
+            return self._denoise(plan, latents, conditioning, profile)
+
+    def _denoise(self, plan, latents, conditioning, profile) -> DenoiseResult:
         device, dtype, cfg = self.engines.device, self.engines.dtype, self.cfg
         if latents.shape[0] != conditioning.prompts:
             raise ShapeError(describe("latents and prompt embeddings disagree on prompt count", got=(latents.shape[0], conditioning.prompts)))

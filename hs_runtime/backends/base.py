@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Protocol
 
+import threading
+from contextlib import contextmanager
+
 import torch
 
 from ..contract import GraphSpec, ModelDims
+from ..errors import ConcurrencyError, describe
 
 
 class Engine(Protocol):
@@ -24,13 +28,28 @@ class Engine(Protocol):
 
 
 class EngineSet:
-    """The three engines of one build, with the device and float dtype they exchange tensors in."""
+    """The three engines of one build, with the device and float dtype they exchange tensors in.
+
+    Not thread-safe: TensorRT contexts and reused output buffers serve one request at a time.
+    :meth:`exclusive` makes a second concurrent user fail loudly instead of corrupting them.
+    """
 
     def __init__(self, engines: Mapping[str, Engine], device: torch.device, dtype: torch.dtype, backend: str):
         self.engines = dict(engines)
         self.device = torch.device(device)
         self.dtype = dtype
         self.backend = backend
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def exclusive(self):
+        """Held for one whole denoise; raises :class:`ConcurrencyError` if already held."""
+        if not self._lock.acquire(blocking=False):
+            raise ConcurrencyError(describe("this runtime is already running a request in another thread", fix="create one runtime per thread (engines cannot be shared)"))
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def __getitem__(self, name: str) -> Engine:
         return self.engines[name]

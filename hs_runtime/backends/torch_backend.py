@@ -33,10 +33,17 @@ class TorchEngine:
         return {n: t for n, t in zip(self.spec.output_names, result) if n in wanted}
 
 
+def _to(model, device, dtype):
+    """Moves a model; casts only when needed (diffusers warns on every ``.to(dtype)``)."""
+    model = model.to(device)
+    if model.dtype != dtype:
+        model = model.to(dtype)
+    return model.eval()
+
+
 def torch_engines(small, large, device="cpu", dtype=torch.float32) -> EngineSet:
     """An :class:`EngineSet` over a loaded small/large ``SD3Transformer2DModel`` pair."""
-    small = small.to(device=device, dtype=dtype).eval()
-    large = large.to(device=device, dtype=dtype).eval()
+    small, large = (_to(m, device, dtype) for m in (small, large))
     dims = {"small": ModelDims.from_config(small.config), "large": ModelDims.from_config(large.config)}
     engines = {
         name: TorchEngine(module, dims["small" if name.startswith("small") else "large"])

@@ -1,0 +1,103 @@
+"""``onnxruntime`` backend: CPU or CUDA execution provider.
+
+On CUDA, inputs and outputs are bound to torch device tensors (I/O binding), so no step copies
+through the host; output buffers are allocated from the contract's shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from ..contract import GRAPH_SPECS, ModelDims
+from ..errors import BuildError, ManifestError, describe
+
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BuildError(describe("onnxruntime is not installed", fix="pip install onnxruntime (CPU) or 'hybridstitch[gpu]' (CUDA)")) from exc
+    return onnxruntime
+
+
+def session_options(settings: Mapping):
+    """``onnxruntime.SessionOptions`` from the JSON settings saved beside the engines."""
+    ort = _import_ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings.get("graph_optimization_level", "ORT_ENABLE_ALL"))
+    options.intra_op_num_threads = int(settings.get("intra_op_num_threads", 0))
+    options.log_severity_level = int(settings.get("log_severity_level", 3))
+    return options
+
+
+def providers_for(device: torch.device) -> list:
+    ort = _import_ort()
+    available = ort.get_available_providers()
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise BuildError(
+                describe("ONNX Runtime has no CUDA execution provider here", got=available, fix="pip install 'hybridstitch[gpu]' (onnxruntime-gpu), or run with --device cpu")
+            )
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtEngine:
+    """One graph in an ``onnxruntime.InferenceSession``."""
+
+    def __init__(self, path: Path, graph: str, dims: ModelDims, device: torch.device, settings: Mapping | None = None):
+        ort = _import_ort()
+        if not Path(path).is_file():
+            raise ManifestError(describe(f"engine file missing for {graph}", got=str(path), fix="rebuild with hs-export build --force"))
+        self.spec = GRAPH_SPECS[graph]
+        self.dims = dims
+        self.device = torch.device(device)
+        self.session = ort.InferenceSession(str(path), session_options(settings or {}), providers=providers_for(self.device))
+        self._float_dtype = {i.name: i.type for i in self.session.get_inputs()}
+
+    def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        wanted = list(outputs) if outputs is not None else list(self.spec.output_names)
+        if self.device.type == "cuda":
+            return self._run_bound(feeds, wanted)
+        arrays = {name: feeds[name].detach().cpu().numpy() for name in self.spec.input_names}
+        results = self.session.run(wanted, arrays)
+        return {name: torch.from_numpy(r) for name, r in zip(wanted, results)}
+
+    def _run_bound(self, feeds: Mapping[str, torch.Tensor], wanted: list[str]) -> dict[str, torch.Tensor]:
+        binding = self.session.io_binding()
+        device_id = self.device.index or 0
+        keep = []
+        for name in self.spec.input_names:
+            tensor = feeds[name].contiguous()
+            keep.append(tensor)
+            binding.bind_input(name, "cuda", device_id, _NP[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        sizes = self._sizes(feeds)
+        shapes = self.spec.shapes(self.dims, sizes)
+        out_dtype = feeds[self.spec.inputs[0].name].dtype
+        results = {}
+        for name in wanted:
+            buffer = torch.empty(shapes[name], dtype=out_dtype, device=self.device)
+            binding.bind_output(name, "cuda", device_id, _NP[out_dtype], list(buffer.shape), buffer.data_ptr())
+            results[name] = buffer
+        self.session.run_with_iobinding(binding)
+        return results
+
+    def _sizes(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Dynamic axis values read off the feeds (batch, height, tokens, …)."""
+        sizes = {}
+        for tensor in self.spec.inputs:
+            for axis, size in zip(tensor.axes, feeds[tensor.name].shape):
+                sizes.setdefault(axis, int(size))
+        return sizes
+
+
+def load_settings(folder: Path) -> dict:
+    path = Path(folder) / "ort_session.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

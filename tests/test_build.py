@@ -1,0 +1,121 @@
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hs_export.build import BuildConfig, build
+from hs_export.cli import main
+from hs_export.onnx_export import dummy_inputs
+from hs_export.sources import resolve_models
+from hs_runtime.backends.onnxruntime_backend import OrtEngine
+from hs_runtime.contract import GRAPH_NAMES, GRAPH_SPECS
+from hs_runtime.errors import BuildError, ManifestError
+from hs_runtime.graphs import build_graphs
+from hs_runtime.manifest import Manifest
+
+QUIET = dict(log=lambda *_: None)
+
+
+def test_manifest_records_the_build(tiny_engine_dir):
+    manifest = Manifest.load(tiny_engine_dir)
+    data = manifest.data
+    assert data["schema_version"] == 1 and data["complete"]
+    assert set(data["graphs"]) == set(GRAPH_NAMES)
+    assert {"torch", "onnx", "onnxruntime"} <= set(data["versions"])
+    for role in ("small", "large"):
+        assert len(data["models"][role]["sha256"]) == 64 and data["models"][role]["config"]["num_layers"] == 2
+    tokens = data["graphs"]["large.tokens"]
+    assert tokens["dynamic_axes"]["patches"] == {"0": "batch", "1": "tokens"}
+    assert tokens["dynamic_axes"]["kv_context"] == {"2": "batch", "3": "context_tokens"}
+    for graph in data["graphs"].values():
+        assert graph["onnx"]["parity"]["rel"] <= 1e-4
+    assert data["default_plan"]["name"] == "hybrid"
+
+
+def test_onnx_parity_with_dynamic_token_counts_in_one_session(tiny_engine_dir, tiny_models):
+    manifest = Manifest.load(tiny_engine_dir)
+    graphs = build_graphs(*tiny_models)
+    dims = manifest.dims("large")
+    engine = OrtEngine(manifest.onnx_path("large.tokens"), "large.tokens", dims, torch.device("cpu"))
+    for n in (1, 7, 33, 64):  # several N (and M = 64 − N) through one session
+        feeds = dummy_inputs(GRAPH_SPECS["large.tokens"], dims, {"batch": 2, "height": 16, "width": 16, "text_tokens": 85, "tokens": n}, seed=n)
+        with torch.no_grad():
+            ref = graphs["large.tokens"](*feeds.values())
+        got = engine(feeds)["velocity_tokens"]
+        assert got.shape == (2, n, 64)
+        assert (got - ref).abs().max() / ref.abs().max() <= 1e-4
+    # the full graphs are dynamic in batch and resolution too
+    engine = OrtEngine(manifest.onnx_path("small.full"), "small.full", manifest.dims("small"), torch.device("cpu"))
+    feeds = dummy_inputs(GRAPH_SPECS["small.full"], manifest.dims("small"), {"batch": 4, "height": 8, "width": 12, "text_tokens": 85})
+    with torch.no_grad():
+        ref = graphs["small.full"](*feeds.values())
+    assert (engine(feeds)["velocity"] - ref).abs().max() / ref.abs().max() <= 1e-4
+
+
+def test_cli_inspect_and_verify(tiny_engine_dir):
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", str(tiny_engine_dir)])
+    assert result.exit_code == 0, result.output
+    for name in GRAPH_NAMES:
+        assert name in result.output
+    result = runner.invoke(main, ["verify", str(tiny_engine_dir), "--steps", "4"])
+    assert result.exit_code == 0, result.output
+    assert "end-to-end hybrid" in result.output and "FAIL" not in result.output
+
+
+def test_second_build_skips_and_force_rebuilds(tiny_engine_dir):
+    selection = resolve_models("tiny", None, None, None, **QUIET)
+    messages = []
+    report = build(selection, BuildConfig(out=tiny_engine_dir), log=messages.append)
+    assert report.skipped and any("up to date" in m for m in messages)
+    before = (tiny_engine_dir / "manifest.json").stat().st_mtime_ns
+    report = build(selection, BuildConfig(out=tiny_engine_dir, force=True), **QUIET)
+    assert not report.skipped and (tiny_engine_dir / "manifest.json").stat().st_mtime_ns != before
+    Manifest.load(tiny_engine_dir)
+
+
+def test_folder_built_for_something_else_is_left_alone(tiny_engine_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_engine_dir, other)
+    selection = resolve_models("tiny", None, None, None, **QUIET)
+    with pytest.raises(BuildError, match="built for something else"):
+        build(selection, BuildConfig(out=other, mask_ratio=0.5), **QUIET)
+    assert json.loads((other / "manifest.json").read_text()) == json.loads((tiny_engine_dir / "manifest.json").read_text())
+
+
+def test_foreign_and_unwritable_out_folders(tiny_paths, tmp_path):
+    runner = CliRunner()
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    result = runner.invoke(main, ["build", "--preset", "tiny", "--out", str(foreign)])
+    assert result.exit_code == 1 and "refusing to overwrite" in result.output
+    assert (foreign / "holiday.jpg").read_bytes() == b"x"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = runner.invoke(main, ["build", "--preset", "tiny", "--out", str(blocker / "engines")])
+    assert result.exit_code == 1 and "writable --out" in result.output and "Traceback" not in result.output
+
+
+def test_missing_model_path(tmp_path):
+    result = CliRunner().invoke(main, ["build", "--small", str(tmp_path / "no"), "--large", str(tmp_path / "no"), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 1 and "model path does not exist" in result.output
+
+
+def test_tensorrt_missing_keeps_onnx(tiny_paths, tmp_path):
+    pytest.importorskip("polygraphy")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    out = tmp_path / "trt"
+    result = CliRunner().invoke(main, ["build", "--preset", "tiny", "--backend", "tensorrt", "--out", str(out)])
+    assert result.exit_code == 1
+    assert "TensorRT is not installed" in result.output and "ONNX files were kept" in result.output
+    assert all((out / "onnx" / f"{g}.onnx").is_file() for g in GRAPH_NAMES)
+    with pytest.raises(ManifestError, match="did not finish"):
+        Manifest.load(out)
