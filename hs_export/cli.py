@@ -24,6 +24,21 @@ def _build_defaults():
 _BUILD_DEFAULTS = _build_defaults()
 
 
+def _bench_defaults():
+    from .bench import BenchConfig
+
+    return BenchConfig()
+
+
+_BENCH_DEFAULTS = _bench_defaults()
+
+
+def _preset_names():
+    from hs_runtime.presets import PRESET_NAMES
+
+    return PRESET_NAMES
+
+
 def _one_line_errors(fn):
     """Turns toolkit errors into one ``Error: …`` line and exit code 1, never a traceback."""
 
@@ -176,6 +191,62 @@ def verify(engine_dir, device, steps, plan_name):
     failed = [c.name for c in checks if not c.ok]
     if failed:
         raise ToleranceError(f"verification failed: {', '.join(failed)} past tolerance")
+
+
+@main.command()
+@click.argument("engine_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(_preset_names()), default=None, help="Random-weight models of a preset (no engine folder needed for torch).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: the folder's backend, or torch with --preset.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="torch backend precision.")
+@click.option("--plans", default=",".join(_BENCH_DEFAULTS.plans), show_default=True)
+@click.option("--steps", type=int, default=_BENCH_DEFAULTS.steps, show_default=True)
+@click.option("--warmup", type=int, default=_BENCH_DEFAULTS.warmup, show_default=True)
+@click.option("--repeat", type=int, default=_BENCH_DEFAULTS.repeat, show_default=True)
+@click.option("--prompts", type=int, default=_BENCH_DEFAULTS.prompts, show_default=True)
+@click.option("--height", type=int, default=None, help="Pixels (presets only; default: the preset's).")
+@click.option("--width", type=int, default=None)
+@click.option("--sweep-ratio", default="", help="Comma-separated mask ratios to sweep, e.g. 0.1,0.2,0.3,0.4,0.5.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG of speedup vs. mask ratio (needs --sweep-ratio).")
+@plan_options
+@_one_line_errors
+def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repeat, prompts, height, width, sweep_ratio, json_path, plot_path, **plan_kwargs):
+    """Latency of every plan vs. the large model, per stage, next to the FLOP ideal."""
+    from rich.console import Console
+
+    from hs_runtime.errors import ConfigError, describe
+    from hs_runtime.plans import PLAN_NAMES as names
+
+    from .bench import BenchConfig, plot_sweep, run_bench, summary_table, write_json
+    from .sources import bench_engines
+
+    plan_list = tuple(p.strip() for p in plans.split(",") if p.strip())
+    unknown = [p for p in plan_list if p not in names]
+    if unknown:
+        raise ConfigError(describe("unknown plan in --plans", got=unknown, expected=" | ".join(names)))
+    try:
+        ratios = tuple(float(r) for r in sweep_ratio.split(",") if r.strip())
+    except ValueError:
+        raise ConfigError(describe("--sweep-ratio takes comma-separated numbers", got=sweep_ratio)) from None
+    if plot_path and not ratios:
+        raise ConfigError(describe("--plot draws the ratio sweep", fix="add --sweep-ratio 0.1,0.2,0.3,0.4,0.5"))
+    if repeat < 1 or warmup < 0:
+        raise ConfigError(describe("--repeat must be >= 1 and --warmup >= 0", got=(repeat, warmup)))
+    plan_config = plan_config_from(plan_kwargs)
+    for ratio in ratios:
+        MaskConfig(ratio=ratio)  # validates
+    engines, latent, text_tokens = bench_engines(engine_dir, preset, backend, device, dtype, prompts, height, width, plan_config.mask.ratio, log=_log)
+    config = BenchConfig(plans=plan_list, steps=steps, warmup=warmup, repeat=repeat, prompts=prompts, sweep_ratios=ratios)
+    report = run_bench(engines, latent[0], latent[1], text_tokens, config, plan_config, log=_log)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)  # logs and CI: keep the table on one line per plan
+    console.print(summary_table(report))
+    if json_path:
+        _log(f"wrote {write_json(report, json_path)}")
+    if plot_path:
+        _log(f"wrote {plot_sweep(report, plot_path)}")
 
 
 def _log(message: str) -> None:

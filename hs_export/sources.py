@@ -57,3 +57,45 @@ def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend
         selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=selection.max_sequence_length
     )
     return runtime, (selection.height, selection.width)
+
+
+def bench_engines(engine_dir, preset, backend, device, dtype, prompts, height, width, mask_ratio, log=print):
+    """Engines to benchmark, their latent size and text-token count.
+
+    An engine folder is used as built. A preset runs on the torch backend with random weights
+    made in memory on ``device`` (the real SD3.5 sizes never touch the disk); for ONNX Runtime or
+    TensorRT it is built first under ``engines/`` (skipped when up to date).
+    """
+    import torch
+
+    from hs_runtime.backends.torch_backend import torch_engines
+    from hs_runtime.presets import random_transformer
+    from hs_runtime.runtime import DTYPES
+
+    if (engine_dir is None) == (preset is None):
+        raise ConfigError(describe("bench needs an engine folder or --preset, not both", fix="hs-export bench engines/tiny, or hs-export bench --preset bench"))
+    if engine_dir is not None:
+        runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device)
+        shape = runtime.manifest.shape
+        if shape.prompts != prompts:
+            raise ConfigError(describe("--prompts differs from the engine build", got=prompts, expected=shape.prompts))
+        return runtime.engines, (shape.latent_height, shape.latent_width), shape.text_tokens
+    spec = get_preset(preset)
+    height, width = height or spec.height, width or spec.width
+    for name, value in (("height", height), ("width", width)):
+        if value % 16:
+            raise ConfigError(describe(f"{name} must be a multiple of 16", got=value))
+    if backend in (None, "torch"):
+        log(f"preset {preset}: random weights in memory on {device} ({dtype})")
+        torch_dtype = DTYPES[dtype]
+        small = random_transformer(spec.small, spec.seed + 1, torch_dtype, device)
+        large = random_transformer(spec.large, spec.seed + 2, torch_dtype, device)
+        return torch_engines(small, large, torch.device(device), torch_dtype), (height // 8, width // 8), spec.text_tokens
+    from .build import BuildConfig, build
+
+    selection = resolve_models(preset, None, None, None, log=log)
+    out = Path("engines") / f"{preset}-{backend}"
+    config = BuildConfig(out=out, backend=backend, precision=dtype, height=height, width=width, prompts=prompts, mask_ratio=mask_ratio)
+    build(selection, config, log=log)
+    runtime = HybridStitchRuntime.from_dir(out, device=device)
+    return runtime.engines, (height // 8, width // 8), spec.text_tokens

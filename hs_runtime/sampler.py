@@ -56,9 +56,14 @@ class Conditioning:
 
 @dataclass
 class StageTimes:
-    """Seconds per stage; ``overhead`` is everything outside graph calls (gather, merge, Euler)."""
+    """Seconds per stage; ``overhead`` is everything outside graph calls (gather, merge, Euler).
+
+    ``seconds`` holds graph-call time per stage, ``step_seconds`` the wall time of whole steps
+    per action, so the overhead inside one stage is ``step_seconds[a] − graph time of a``.
+    """
 
     seconds: dict = field(default_factory=lambda: defaultdict(float))
+    step_seconds: dict = field(default_factory=lambda: defaultdict(float))
     total: float = 0.0
 
     @property
@@ -153,6 +158,7 @@ class StitchedSampler:
         start = clock.now()
         masks: list[TokenMask] = []
         hybrid_inputs = None  # (complex_idx, token_pos, kv_context) for the CFG batch
+        step_start = start
         for i, action in enumerate(plan.actions):
             sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
             x_in = torch.cat([x, x]) if cfg else x
@@ -195,6 +201,10 @@ class StitchedSampler:
                 merged = scatter_tokens(patchify(v_small, p), complex_idx[:n_prompts], v_tokens)
                 v = unpatchify(merged, x.shape[1], height, width, p)
             x = euler_step(x, v, sigma, sigma_next)
+            if profile:
+                step_end = clock.now()
+                clock.times.step_seconds[action] += step_end - step_start
+                step_start = step_end
         clock.times.total = clock.now() - start if profile else 0.0
         return DenoiseResult(latents=x, masks=masks, times=clock.times)
 

@@ -34,7 +34,11 @@ def engines_from_manifest(manifest, backend: str, device: torch.device) -> Engin
     elif backend == "tensorrt":
         from .tensorrt_backend import TrtEngine
 
-        engines = {name: TrtEngine(manifest.engine_path(name), name, dims[role_of[name]], device, manifest.graph(name)["profiles"]) for name in GRAPH_NAMES}
+        built_with = f"TensorRT {manifest.data['versions'].get('tensorrt')}"
+        engines = {
+            name: TrtEngine(manifest.engine_path(name), name, dims[role_of[name]], device, manifest.graph(name)["profiles"], built_with)
+            for name in GRAPH_NAMES
+        }
         inner = EngineSet(engines, device, torch.float32, backend)
     else:
         raise ManifestError(describe("unknown backend", got=repr(backend), expected="torch | onnxruntime | tensorrt"))

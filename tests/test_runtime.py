@@ -1,0 +1,118 @@
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hs_export.cli import main
+from hs_runtime import HybridStitchRuntime
+from hs_runtime.errors import ConcurrencyError, ManifestError, ShapeError
+from hs_runtime.pipeline import initial_latents
+from hs_runtime.plans import PLAN_NAMES, PlanConfig, make_plan
+from hs_runtime.sampler import Conditioning
+
+STEPS = 6
+
+
+def _conditioning(tiny_conditioning, prompts=1):
+    c = tiny_conditioning
+    return Conditioning(c.prompt_embeds[:prompts], c.pooled_prompt_embeds[:prompts], c.negative_prompt_embeds[:prompts], c.negative_pooled_prompt_embeds[:prompts])
+
+
+@pytest.mark.parametrize("name", PLAN_NAMES)
+def test_onnxruntime_engines_match_torch_for_every_plan(name, tiny_engine_dir, tiny_conditioning):
+    ort = HybridStitchRuntime.from_dir(tiny_engine_dir)
+    ref = HybridStitchRuntime.from_dir(tiny_engine_dir, backend="torch")
+    assert ort.engines.backend == "onnxruntime" and ref.engines.backend == "torch"
+    plan = make_plan(name, STEPS, PlanConfig(refresh_every=2))
+    latents = initial_latents(1, 128, 128, seed=5)
+    cond = _conditioning(tiny_conditioning)
+    got = ort.denoise(plan, latents, cond).latents
+    want = ref.denoise(plan, latents, cond).latents
+    assert (got - want).abs().max() / want.abs().max() <= 1e-4
+
+
+def _runtime_and_inputs(tiny_engine_dir, tiny_conditioning):
+    return HybridStitchRuntime.from_dir(tiny_engine_dir), _conditioning(tiny_conditioning)
+
+
+def test_resolution_outside_profiles(tiny_engine_dir, tiny_conditioning):
+    runtime, cond = _runtime_and_inputs(tiny_engine_dir, tiny_conditioning)
+    with pytest.raises(ShapeError, match=r"hidden_states outside the built profiles.*rebuild with: hs-export build --preset tiny"):
+        runtime.denoise(make_plan("large", 2), initial_latents(1, 256, 128, 0), cond)
+
+
+def test_prompt_count_outside_profiles(tiny_engine_dir, tiny_conditioning):
+    runtime = HybridStitchRuntime.from_dir(tiny_engine_dir)
+    with pytest.raises(ShapeError, match=r"outside the built profiles.*--prompts 1"):
+        runtime.denoise(make_plan("small", 2), initial_latents(2, 128, 128, 0), _conditioning(tiny_conditioning, prompts=2))
+
+
+def test_wrong_embedding_width(tiny_engine_dir, tiny_conditioning):
+    runtime, cond = _runtime_and_inputs(tiny_engine_dir, tiny_conditioning)
+    wide = Conditioning(torch.zeros(1, 85, 4096), cond.pooled_prompt_embeds, torch.zeros(1, 85, 4096), cond.negative_pooled_prompt_embeds)
+    with pytest.raises(ShapeError, match=r"encoder_hidden_states axis 'joint_dim'.*expected \('batch', 'text_tokens', 32\)"):
+        runtime.denoise(make_plan("large", 2), initial_latents(1, 128, 128, 0), wide)
+
+
+def test_folder_missing_a_graph(tiny_engine_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_engine_dir, broken)
+    (broken / "engines" / "large.tokens.ort.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"missing graph\(s\) \['large.tokens'\].*rebuild with"):
+        HybridStitchRuntime.from_dir(broken)
+
+
+def test_manifest_of_another_schema_version(tiny_engine_dir, tmp_path):
+    other = tmp_path / "v2"
+    shutil.copytree(tiny_engine_dir, other)
+    data = json.loads((other / "manifest.json").read_text())
+    data["schema_version"] = 2
+    (other / "manifest.json").write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["generate", str(other), "--prompt", "x", "--steps", "2"])
+    assert result.exit_code == 1
+    assert "schema version mismatch" in result.output and "got 2" in result.output and "expected 1" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_not_an_engine_folder(tmp_path):
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        HybridStitchRuntime.from_dir(tmp_path)
+
+
+def test_generate_on_engines_with_compare(tiny_engine_dir, tmp_path):
+    out = tmp_path / "img.png"
+    result = CliRunner().invoke(main, ["generate", str(tiny_engine_dir), "--prompt", "a red cat", "--steps", "4", "--out", str(out), "--compare"])
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime" in result.output
+    from PIL import Image
+
+    assert Image.open(tmp_path / "img_compare.png").size == (384, 128)
+
+
+def test_two_threads_on_one_runtime_fail_loudly(tiny_engine_dir, tiny_conditioning):
+    runtime, cond = _runtime_and_inputs(tiny_engine_dir, tiny_conditioning)
+    errors = []
+    with runtime.engines.exclusive():  # as if another thread were mid-request
+        thread = threading.Thread(target=lambda: _catch(errors, runtime, cond))
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and isinstance(errors[0], ConcurrencyError)
+    runtime.denoise(make_plan("small", 1), initial_latents(1, 128, 128, 0), cond)  # free again
+
+
+def _catch(errors, runtime, cond):
+    try:
+        runtime.denoise(make_plan("small", 1), initial_latents(1, 128, 128, 0), cond)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        errors.append(exc)
+
+
+def test_import_is_thin():
+    import subprocess
+    import sys
+
+    code = "import sys, hs_runtime; print(sorted(m for m in ('diffusers','transformers','onnxruntime','tensorrt','onnx') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
