@@ -188,3 +188,19 @@ def write_json(report: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
+
+
+def append_markdown(report: dict, path: Path, title: str) -> Path:
+    """Appends one dated section (device, versions, table) to a Markdown file."""
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
+    section = (
+        f"\n### {title} — {report['date'][:10]}\n\n"
+        f"Device: {report['device']}. {report['steps']} steps, {report['prompts']} prompt(s) with CFG, "
+        f"latent {report['latent'][0]}×{report['latent'][1]} ({report['image_tokens']} image + {report['text_tokens']} text tokens), "
+        f"median of {report['repeat']} after {report['warmup']} warm-up. Versions: {versions}.\n\n"
+        + markdown_table(report)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(section)
+    return path

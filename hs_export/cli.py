@@ -209,16 +209,17 @@ def verify(engine_dir, device, steps, plan_name):
 @click.option("--sweep-ratio", default="", help="Comma-separated mask ratios to sweep, e.g. 0.1,0.2,0.3,0.4,0.5.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG of speedup vs. mask ratio (needs --sweep-ratio).")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None, help="Append the table, with date, device and versions, to this Markdown file.")
 @plan_options
 @_one_line_errors
-def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repeat, prompts, height, width, sweep_ratio, json_path, plot_path, **plan_kwargs):
+def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repeat, prompts, height, width, sweep_ratio, json_path, plot_path, markdown_path, **plan_kwargs):
     """Latency of every plan vs. the large model, per stage, next to the FLOP ideal."""
     from rich.console import Console
 
     from hs_runtime.errors import ConfigError, describe
     from hs_runtime.plans import PLAN_NAMES as names
 
-    from .bench import BenchConfig, plot_sweep, run_bench, summary_table, write_json
+    from .bench import BenchConfig, append_markdown, plot_sweep, run_bench, summary_table, write_json
     from .sources import bench_engines
 
     plan_list = tuple(p.strip() for p in plans.split(",") if p.strip())
@@ -247,6 +248,9 @@ def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repe
         _log(f"wrote {write_json(report, json_path)}")
     if plot_path:
         _log(f"wrote {plot_sweep(report, plot_path)}")
+    if markdown_path:
+        title = f"{preset or engine_dir}, {report['backend']} {report['dtype']}"
+        _log(f"appended to {append_markdown(report, markdown_path, title)}")
 
 
 def _log(message: str) -> None:
