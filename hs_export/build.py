@@ -272,10 +272,14 @@ def _export_all(graphs, dims, shape: BuildShape, config: BuildConfig, work: Path
         d = dims[role]
         sizes = onnx_export.export_sizes(d, shape.latent_height, shape.latent_width, shape.text_tokens, shape.batch)
         path = onnx_dir / f"{name}.onnx"
-        with phases("export", f"{name} → {path.name}"):
-            onnx_export.export_graph(module, d, sizes, path, config.opset, dtype)
-        with phases("fold", f"{name}: cleanup + constant folding"):
-            onnx_export.fold_and_check(path)
+        scratch = onnx_dir / f".{name}.export"  # per graph: big exports write a file per tensor
+        try:
+            with phases("export", f"{name} → {path.name}"):
+                raw = onnx_export.export_graph(module, d, sizes, scratch / "model.onnx", config.opset, dtype)
+            with phases("fold", f"{name}: cleanup, constant folding, onnx.checker, shape inference"):
+                onnx_export.fold_and_check(raw, path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         with phases("check", f"{name}: ONNX Runtime vs PyTorch on fresh inputs"):
             parity = onnx_export.check_parity(name, module, OrtEngine(path, name, d, torch.device("cpu")), d, _parity_sizes(d, shape), dtype)
         rtol = GRAPH_SPECS[name].rtol if dtype == torch.float32 else 2e-2

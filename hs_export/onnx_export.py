@@ -43,7 +43,8 @@ def export_sizes(dims: ModelDims, latent_height: int, latent_width: int, text_to
 def export_graph(module: torch.nn.Module, dims: ModelDims, sizes: dict, path: Path, opset: int = 17, dtype=torch.float32) -> Path:
     """``torch.onnx.export`` (TorchScript exporter) with the contract's names and dynamic axes.
 
-    Weights go to external data when the model passes 2 GB, as the protobuf format requires.
+    Past 2 GB the exporter writes one external file per tensor beside ``path``: give each graph a
+    scratch folder of its own and let :func:`fold_and_check` consolidate.
     """
     spec = GRAPH_SPECS[module.graph_name]
     feeds = dummy_inputs(spec, dims, sizes, dtype)
@@ -65,27 +66,31 @@ def export_graph(module: torch.nn.Module, dims: ModelDims, sizes: dict, path: Pa
                 external_data=large,
             )
     except Exception as exc:  # torch raises many types here; all mean the same to the user
-        raise ExportError(describe(f"torch.onnx.export of {spec.name} failed", got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", fix=f"try another --opset (now {opset})")) from exc
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ExportError(describe(f"torch.onnx.export of {spec.name} failed", got=f"{type(exc).__name__}: {first}", fix=f"try another --opset (now {opset})")) from exc
     return path
 
 
-def fold_and_check(path: Path) -> Path:
-    """Cleans up and folds constants with Polygraphy, then runs ``onnx.checker`` and shape inference."""
-    import onnx
-    from polygraphy.backend.onnx import fold_constants, onnx_from_path, save_onnx
-    from polygraphy.logger import G_LOGGER
-
+def fold_and_check(source: Path, path: Path) -> Path:
+    """Cleans up and folds constants with Polygraphy, saves to ``path`` (weights in one
+    ``path.data`` file when the model passes 2 GB), then runs ``onnx.checker`` and shape inference.
+    """
     import logging
 
+    import onnx
     import onnxruntime
+    from polygraphy.backend.onnx import fold_constants, onnx_from_path
+    from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     onnxruntime.set_default_logger_severity(3)
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
-    external = _has_external_data(path)
+    external = _has_external_data(source)
     with contextlib.redirect_stdout(io.StringIO()):  # symbolic shape inference prints sympy doubts
-        model = fold_constants(onnx_from_path(str(path)), error_ok=False)
-    save_onnx(model, str(path), external_data_path=path.name + ".data" if external else None)
+        model = fold_constants(onnx_from_path(str(source)), error_ok=False)
+    # onnx.save_model moves tensors out before serialising, so it works past protobuf's 2 GB.
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+    del model
     try:
         onnx.checker.check_model(str(path))
         onnx.shape_inference.infer_shapes_path(str(path))

@@ -112,4 +112,6 @@ def random_transformer(config: dict, seed: int, dtype: torch.dtype = torch.float
     torch.manual_seed(seed)
     with torch.device(device):
         model = SD3Transformer2DModel(**config)
-    return model.to(dtype).eval()
+    if model.dtype != dtype:
+        model = model.to(dtype)
+    return model.eval()

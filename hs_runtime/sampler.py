@@ -147,10 +147,12 @@ class StitchedSampler:
         if latents.shape[0] != conditioning.prompts:
             raise ShapeError(describe("latents and prompt embeddings disagree on prompt count", got=(latents.shape[0], conditioning.prompts)))
         sigmas, timesteps = flow_match_sigmas(plan.steps, self.shift)
-        sigma_list = sigmas.tolist()  # host copy once, so the loop never syncs for the schedule
+        sigma_list = sigmas.tolist()  # host floats for the Euler update: no device reads in the loop
+        timesteps = timesteps.to(device)  # one copy up front, not one per step
         embeds, pooled = conditioning.batch(cfg, device, dtype)
         x = latents.to(device=device, dtype=torch.float32)
         _, _, height, width = x.shape
+        self._check_resolution(height, width)
         p = self.large_dims.patch_size
         positions = position_ids(height, width, p, self.large_dims.pos_embed_max_size, device=device)
 
@@ -162,7 +164,7 @@ class StitchedSampler:
         for i, action in enumerate(plan.actions):
             sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
             x_in = torch.cat([x, x]) if cfg else x
-            t = timesteps[i].expand(x_in.shape[0]).to(device)
+            t = timesteps[i].expand(x_in.shape[0])
             full_feeds = {
                 "hidden_states": x_in.to(dtype),
                 "encoder_hidden_states": embeds,
@@ -207,6 +209,18 @@ class StitchedSampler:
                 step_start = step_end
         clock.times.total = clock.now() - start if profile else 0.0
         return DenoiseResult(latents=x, masks=masks, times=clock.times)
+
+    def _check_resolution(self, height: int, width: int) -> None:
+        for role, dims in (("small", self.small_dims), ("large", self.large_dims)):
+            grid = max(height, width) // dims.patch_size
+            if height % dims.patch_size or width % dims.patch_size or grid > dims.pos_embed_max_size:
+                raise ShapeError(
+                    describe(
+                        f"latent {height}×{width} does not fit the {role} model",
+                        got=f"{grid} patches per side",
+                        expected=f"a multiple of {dims.patch_size} with at most {dims.pos_embed_max_size} patches per side (image <= {dims.pos_embed_max_size * dims.patch_size * 8} px)",
+                    )
+                )
 
     def _capture(self, plan, x, v_large, sigma, full_feeds, kv_cache, positions):
         """Mask at a capture step, then the hybrid stage's fixed inputs, gathered once per mask."""

@@ -56,5 +56,7 @@ def test_hybrid_differs_from_small_and_large(tiny_torch_engines, tiny_conditioni
 def test_bad_sizes(tiny_torch_engines, tiny_conditioning):
     with pytest.raises(ShapeError, match="multiple of 16"):
         initial_latents(1, 120, 128, 0)
+    with pytest.raises(ShapeError, match="does not fit the small model"):
+        StitchedSampler(tiny_torch_engines).denoise(make_plan("large", 2), initial_latents(2, 512, 128, 0), tiny_conditioning)
     with pytest.raises(ShapeError, match="prompt count"):
         StitchedSampler(tiny_torch_engines).denoise(make_plan("large", 2), initial_latents(1, 128, 128, 0), tiny_conditioning)
