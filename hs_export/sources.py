@@ -52,6 +52,10 @@ def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend
         return runtime, (build["height"], build["width"])
     if backend not in (None, "torch"):
         raise ConfigError(describe(f"backend {backend} runs engines", fix="build them with `hs-export build` and pass the engine folder"))
+    if preset and not get_preset(preset).text_pipeline and pipeline_src is None:
+        raise ConfigError(
+            describe(f"preset {preset} has random weights and no text encoders or VAE", fix=f"benchmark it with hs-export bench --preset {preset}, or generate from real weights with --small/--large/--pipeline")
+        )
     selection = resolve_models(preset, small_src, large_src, pipeline_src)
     runtime = HybridStitchRuntime.from_models(
         selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=selection.max_sequence_length

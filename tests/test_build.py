@@ -119,3 +119,20 @@ def test_tensorrt_missing_keeps_onnx(tiny_paths, tmp_path):
     assert all((out / "onnx" / f"{g}.onnx").is_file() for g in GRAPH_NAMES)
     with pytest.raises(ManifestError, match="did not finish"):
         Manifest.load(out)
+
+
+def test_fp16_onnxruntime_build_verifies(tiny_paths, tmp_path):
+    from hs_export.verify import verify
+
+    selection = resolve_models("tiny", None, None, None, **QUIET)
+    build(selection, BuildConfig(out=tmp_path / "fp16", precision="fp16"), **QUIET)
+    manifest = Manifest.load(tmp_path / "fp16")
+    assert manifest.data["io_dtype"] == "fp16" and manifest.build["precision"] == "fp16"
+    checks = verify(tmp_path / "fp16", steps=6)
+    assert all(c.ok for c in checks), checks
+    assert 0 < checks[-1].rel  # really reduced precision, not the fp32 graph again
+
+
+def test_bf16_needs_tensorrt(tmp_path):
+    result = CliRunner().invoke(main, ["build", "--preset", "tiny", "--precision", "bf16", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "bf16 engines need TensorRT" in result.output
