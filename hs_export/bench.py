@@ -19,7 +19,8 @@ import torch
 
 from hs_runtime.contract import LARGE_FULL, SMALL_FULL
 from hs_runtime.flops import ideal_speedup, plan_flops
-from hs_runtime.plans import PlanConfig, make_plan, with_mask
+from hs_runtime.errors import ConfigError, describe
+from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan, with_mask
 from hs_runtime.sampler import STAGES, Conditioning, StitchedSampler
 
 from .build import library_versions
@@ -37,6 +38,15 @@ class BenchConfig:
     guidance_scale: float = 7.0
     seed: int = 0
     sweep_ratios: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        unknown = [p for p in self.plans if p not in PLAN_NAMES]
+        if unknown or not self.plans:
+            raise ConfigError(describe("unknown plan in --plans", got=unknown or "none", expected=" | ".join(PLAN_NAMES)))
+        if self.repeat < 1 or self.warmup < 0 or self.steps < 1:
+            raise ConfigError(describe("need repeat >= 1, warmup >= 0 and steps >= 1", got=(self.repeat, self.warmup, self.steps)))
+        for ratio in self.sweep_ratios:
+            MaskConfig(ratio=ratio)  # raises ConfigError outside (0, 1]
 
 
 def random_conditioning(prompts: int, text_tokens: int, joint_dim: int, pooled_dim: int, device, seed: int) -> Conditioning:

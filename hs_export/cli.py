@@ -10,33 +10,17 @@ import click
 
 from hs_runtime.errors import HybridStitchError
 from hs_runtime.plans import MASK_SIGNALS, PLAN_NAMES, MaskConfig, PlanConfig
+from hs_runtime.presets import PRESET_NAMES
+
+from .bench import BenchConfig
+from .build import BuildConfig
 
 _PLAN_DEFAULTS = PlanConfig()
 _MASK_DEFAULTS = MaskConfig()
 
 
-def _build_defaults():
-    from .build import BuildConfig
-
-    return BuildConfig()
-
-
-_BUILD_DEFAULTS = _build_defaults()
-
-
-def _bench_defaults():
-    from .bench import BenchConfig
-
-    return BenchConfig()
-
-
-_BENCH_DEFAULTS = _bench_defaults()
-
-
-def _preset_names():
-    from hs_runtime.presets import PRESET_NAMES
-
-    return PRESET_NAMES
+_BUILD_DEFAULTS = BuildConfig()
+_BENCH_DEFAULTS = BenchConfig()
 
 
 def _one_line_errors(fn):
@@ -81,8 +65,6 @@ def plan_config_from(kwargs: dict) -> PlanConfig:
 
 def model_options(fn):
     """``--preset`` or ``--small/--large`` (+ ``--pipeline``) model selection."""
-    from hs_runtime.presets import PRESET_NAMES
-
     options = [
         click.option("--preset", type=click.Choice(PRESET_NAMES), default=None, help="A built-in small/large pair."),
         click.option("--small", "small_src", default=None, help="Small model: diffusers folder or hub id."),
@@ -119,7 +101,11 @@ def main():
 @plan_options
 @_one_line_errors
 def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, plan_name, prompts, negative_prompt, steps, seed, height, width, guidance_scale, device, dtype, out, compare, **plan_kwargs):
-    """Prompt → image with any plan, on PyTorch models or on an engine folder."""
+    """Generate an image with any plan.
+
+    Runs on an engine folder (ENGINE_DIR) or on PyTorch models (--preset or --small/--large) and
+    prints per-stage timings.
+    """
     from .generate import run_generate
     from .sources import open_runtime
 
@@ -148,8 +134,12 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
 @click.option("--force", is_flag=True, help="Rebuild even if up to date; replace a folder built for something else.")
 @_one_line_errors
 def build(preset, small_src, large_src, pipeline_src, out, **options):
-    """Export the three graphs to ONNX and build engines with a manifest."""
-    from .build import BuildConfig, build as run_build
+    """Export the three graphs to ONNX and build engines.
+
+    Writes ONNX files, one engine per graph and manifest.json into --out; a repeat build with the
+    same inputs is skipped.
+    """
+    from .build import build as run_build
     from .sources import resolve_models
 
     selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log)
@@ -161,7 +151,10 @@ def build(preset, small_src, large_src, pipeline_src, out, **options):
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @_one_line_errors
 def inspect(engine_dir):
-    """Show graphs, I/O, profiles, precision, versions and sizes of an engine folder."""
+    """Show what an engine folder holds.
+
+    Graphs, I/O names and shapes, profiles, precision, library versions and file sizes.
+    """
     from .inspect import inspect_folder
 
     inspect_folder(engine_dir)
@@ -174,11 +167,15 @@ def inspect(engine_dir):
 @click.option("--plan", "plan_name", type=click.Choice(PLAN_NAMES), default="hybrid", show_default=True)
 @_one_line_errors
 def verify(engine_dir, device, steps, plan_name):
-    """Check every engine and one end-to-end run against PyTorch; non-zero exit past tolerance."""
+    """Check engines against PyTorch.
+
+    Every engine on fresh random inputs, then one end-to-end run; exits non-zero past tolerance.
+    """
     from rich.console import Console
     from rich.table import Table
 
     from hs_runtime.errors import ToleranceError
+
     from .verify import verify as run_verify
 
     checks = run_verify(engine_dir, device, steps, plan_name)
@@ -195,7 +192,7 @@ def verify(engine_dir, device, steps, plan_name):
 
 @main.command()
 @click.argument("engine_dir", required=False, type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(_preset_names()), default=None, help="Random-weight models of a preset (no engine folder needed for torch).")
+@click.option("--preset", type=click.Choice(PRESET_NAMES), default=None, help="Random-weight models of a preset (no engine folder needed for torch).")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: the folder's backend, or torch with --preset.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="torch backend precision.")
@@ -213,32 +210,28 @@ def verify(engine_dir, device, steps, plan_name):
 @plan_options
 @_one_line_errors
 def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repeat, prompts, height, width, sweep_ratio, json_path, plot_path, markdown_path, **plan_kwargs):
-    """Latency of every plan vs. the large model, per stage, next to the FLOP ideal."""
+    """Benchmark every plan against the large model.
+
+    Per plan: latency (median, min, max), speedup vs. large measured in the same run, the FLOP
+    ideal, efficiency, per-stage seconds, overhead and peak memory.
+    """
     from rich.console import Console
 
     from hs_runtime.errors import ConfigError, describe
-    from hs_runtime.plans import PLAN_NAMES as names
 
-    from .bench import BenchConfig, append_markdown, plot_sweep, run_bench, summary_table, write_json
+    from .bench import append_markdown, plot_sweep, run_bench, summary_table, write_json
     from .sources import bench_engines
 
     plan_list = tuple(p.strip() for p in plans.split(",") if p.strip())
-    unknown = [p for p in plan_list if p not in names]
-    if unknown:
-        raise ConfigError(describe("unknown plan in --plans", got=unknown, expected=" | ".join(names)))
     try:
         ratios = tuple(float(r) for r in sweep_ratio.split(",") if r.strip())
     except ValueError:
         raise ConfigError(describe("--sweep-ratio takes comma-separated numbers", got=sweep_ratio)) from None
     if plot_path and not ratios:
         raise ConfigError(describe("--plot draws the ratio sweep", fix="add --sweep-ratio 0.1,0.2,0.3,0.4,0.5"))
-    if repeat < 1 or warmup < 0:
-        raise ConfigError(describe("--repeat must be >= 1 and --warmup >= 0", got=(repeat, warmup)))
     plan_config = plan_config_from(plan_kwargs)
-    for ratio in ratios:
-        MaskConfig(ratio=ratio)  # validates
-    engines, latent, text_tokens = bench_engines(engine_dir, preset, backend, device, dtype, prompts, height, width, plan_config.mask.ratio, log=_log)
     config = BenchConfig(plans=plan_list, steps=steps, warmup=warmup, repeat=repeat, prompts=prompts, sweep_ratios=ratios)
+    engines, latent, text_tokens = bench_engines(engine_dir, preset, backend, device, dtype, prompts, height, width, plan_config.mask.ratio, log=_log)
     report = run_bench(engines, latent[0], latent[1], text_tokens, config, plan_config, log=_log)
     console = Console()
     if not console.is_terminal:
