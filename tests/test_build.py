@@ -136,3 +136,18 @@ def test_fp16_onnxruntime_build_verifies(tiny_paths, tmp_path):
 def test_bf16_needs_tensorrt(tmp_path):
     result = CliRunner().invoke(main, ["build", "--preset", "tiny", "--precision", "bf16", "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "bf16 engines need TensorRT" in result.output
+
+
+def test_verify_fails_when_engines_and_models_disagree(tiny_engine_dir, tmp_path):
+    from hs_runtime.presets import PRESETS, random_transformer
+
+    other = tmp_path / "other-weights"
+    random_transformer(PRESETS["tiny"].large, seed=99).save_pretrained(other)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_engine_dir, tampered)
+    data = json.loads((tampered / "manifest.json").read_text())
+    data["models"]["large"]["source"] = str(other)  # the torch reference is now another model
+    (tampered / "manifest.json").write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["verify", str(tampered), "--steps", "4"])
+    assert result.exit_code == 1
+    assert "FAIL" in result.output and "verification failed" in result.output

@@ -60,3 +60,11 @@ def test_bad_sizes(tiny_torch_engines, tiny_conditioning):
         StitchedSampler(tiny_torch_engines).denoise(make_plan("large", 2), initial_latents(2, 512, 128, 0), tiny_conditioning)
     with pytest.raises(ShapeError, match="prompt count"):
         StitchedSampler(tiny_torch_engines).denoise(make_plan("large", 2), initial_latents(1, 128, 128, 0), tiny_conditioning)
+
+
+@pytest.mark.parametrize("mask", [MaskConfig(0.3, "detail"), MaskConfig(0.3, "disagreement", dilate=True)])
+def test_mask_variants_run_end_to_end(mask, tiny_torch_engines, tiny_conditioning):
+    plan = make_plan("hybrid", STEPS, PlanConfig(mask=mask))
+    result = StitchedSampler(tiny_torch_engines, 7.0).denoise(plan, initial_latents(2, 128, 128, 0), tiny_conditioning)
+    assert torch.isfinite(result.latents).all()
+    assert result.masks[0].complex_idx.shape == (2, 20)  # ceil(0.3 · 64) tokens per prompt
