@@ -61,6 +61,8 @@ class BuildConfig:
     vae_scale_factor: int = 8
 
     def validate(self) -> None:
+        if self.out is None:
+            raise ConfigError(describe("no output folder", fix="set BuildConfig(out=...) or pass --out"))
         if self.backend not in BACKENDS:
             raise ConfigError(describe("unknown backend", got=repr(self.backend), expected=" | ".join(BACKENDS)))
         if self.precision not in ("fp32", "fp16", "bf16"):
