@@ -25,6 +25,7 @@ from hs_runtime.errors import BuildError, ConfigError, ManifestError, ToleranceE
 from hs_runtime.graphs import build_graphs
 from hs_runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, write_manifest
 from hs_runtime.models import check_pair, load_transformer, resolve_transformer_source
+from hs_runtime.pipeline import check_image_size
 from hs_runtime.plans import PlanConfig
 from hs_runtime.profiles import BuildShape, graph_profiles
 
@@ -71,11 +72,7 @@ class BuildConfig:
             raise ConfigError(describe("bf16 engines need TensorRT", got="--backend onnxruntime --precision bf16", fix="use --precision fp32|fp16 or --backend tensorrt"))
         if not 0.0 < self.mask_ratio <= 1.0:
             raise ConfigError(describe("mask ratio out of range", got=self.mask_ratio, expected="a value in (0, 1]"))
-        multiple = 2 * self.vae_scale_factor
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value <= 0 or value % multiple):
-                raise ConfigError(describe(f"{name} must be a positive multiple of {multiple}", got=value))
+        check_image_size(self.height, self.width, self.vae_scale_factor)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hs_runtime.errors import ConfigError, describe
+from hs_runtime.pipeline import check_image_size
 from hs_runtime.presets import get_preset
 from hs_runtime.runtime import HybridStitchRuntime
 
@@ -86,9 +87,7 @@ def bench_engines(engine_dir, preset, backend, device, dtype, prompts, height, w
         return runtime.engines, (shape.latent_height, shape.latent_width), shape.text_tokens
     spec = get_preset(preset)
     height, width = height or spec.height, width or spec.width
-    for name, value in (("height", height), ("width", width)):
-        if value % 16:
-            raise ConfigError(describe(f"{name} must be a multiple of 16", got=value))
+    check_image_size(height, width)
     if backend in (None, "torch"):
         log(f"preset {preset}: random weights in memory on {device} ({dtype})")
         torch_dtype = DTYPES[dtype]

@@ -10,8 +10,9 @@ from hs_runtime.backends.loading import engines_from_manifest
 from hs_runtime.contract import GRAPH_NAMES, GRAPH_SPECS
 from hs_runtime.manifest import Manifest
 from hs_runtime.plans import make_plan
-from hs_runtime.sampler import Conditioning, StitchedSampler
+from hs_runtime.sampler import StitchedSampler
 
+from .bench import random_conditioning
 from .onnx_export import check_parity, compare_outputs
 
 E2E_RTOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1}
@@ -28,19 +29,6 @@ class Check:
     @property
     def ok(self) -> bool:
         return self.rel <= self.tolerance
-
-
-def random_conditioning(manifest: Manifest, seed: int = 0) -> Conditioning:
-    """Prompt embeddings of the built shape, random (verification needs no text encoders)."""
-    shape, dims = manifest.shape, manifest.dims("large")
-    g = torch.Generator().manual_seed(seed)
-    p = shape.prompts
-
-    def embeds():
-        return torch.randn(p, shape.text_tokens, dims.joint_attention_dim, generator=g), torch.randn(p, dims.pooled_projection_dim, generator=g)
-
-    (e, pooled), (ne, npooled) = embeds(), embeds()
-    return Conditioning(e, pooled, ne, npooled)
 
 
 def verify(folder, device="cpu", steps: int = 8, plan_name: str = "hybrid") -> list[Check]:
@@ -62,7 +50,8 @@ def verify(folder, device="cpu", steps: int = 8, plan_name: str = "hybrid") -> l
         tol = GRAPH_SPECS[name].rtol if precision == "fp32" else GRAPH_RTOL_REDUCED
         checks.append(Check(f"{name} vs torch", parity.max_abs, parity.rel, tol))
     plan = make_plan(plan_name, steps)
-    conditioning = random_conditioning(manifest)
+    large = manifest.dims("large")
+    conditioning = random_conditioning(shape.prompts, shape.text_tokens, large.joint_attention_dim, large.pooled_projection_dim, "cpu", seed=0)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(shape.prompts, manifest.dims("large").in_channels, shape.latent_height, shape.latent_width, generator=g)
     got = StitchedSampler(engines).denoise(plan, latents, conditioning).latents

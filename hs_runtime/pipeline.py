@@ -57,11 +57,17 @@ class TextAndVae:
         return self.pipe.image_processor.postprocess(image, output_type="pil")
 
 
+def check_image_size(height: int, width: int, vae_scale_factor: int = 8, patch_size: int = 2) -> None:
+    """Pixels must map to whole latent patches: a positive multiple of ``vae_scale · patch`` (16)."""
+    multiple = vae_scale_factor * patch_size
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value <= 0 or value % multiple):
+            raise ShapeError(describe(f"{name} must be a positive multiple of {multiple}", got=value))
+
+
 def initial_latents(prompts: int, height: int, width: int, seed: int, vae_scale_factor: int = 8, channels: int = 16) -> torch.Tensor:
     """Seeded noise ``[P, C, H/8, W/8]`` drawn on the CPU, as diffusers does with a CPU generator."""
-    for name, value in (("height", height), ("width", width)):
-        if value % (vae_scale_factor * 2) != 0 or value <= 0:
-            raise ShapeError(describe(f"{name} must be a positive multiple of {vae_scale_factor * 2}", got=value))
+    check_image_size(height, width, vae_scale_factor)
     generator = torch.Generator("cpu").manual_seed(seed)
     shape = (prompts, channels, height // vae_scale_factor, width // vae_scale_factor)
     return torch.randn(shape, generator=generator, dtype=torch.float32)

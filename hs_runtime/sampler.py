@@ -186,8 +186,10 @@ class StitchedSampler:
                 v = guide(out["velocity"].float(), self.guidance_scale, cfg)
             else:  # hybrid
                 complex_idx, token_pos, kv_context = hybrid_inputs
+                n_prompts = x.shape[0]
+                patches = gather_tokens(patchify(x, p), complex_idx[:n_prompts]).to(dtype)
                 token_feeds = {
-                    "patches": gather_tokens(patchify(x_in, p), complex_idx).to(dtype),
+                    "patches": torch.cat([patches, patches]) if cfg else patches,
                     "token_pos": token_pos,
                     "kv_context": kv_context,
                     "encoder_hidden_states": embeds,
@@ -199,7 +201,6 @@ class StitchedSampler:
                     v_tokens = self._call(LARGE_TOKENS, token_feeds)["velocity_tokens"]
                 v_small = guide(v_small.float(), self.guidance_scale, cfg)
                 v_tokens = guide(v_tokens.float(), self.guidance_scale, cfg)
-                n_prompts = x.shape[0]
                 merged = scatter_tokens(patchify(v_small, p), complex_idx[:n_prompts], v_tokens)
                 v = unpatchify(merged, x.shape[1], height, width, p)
             x = euler_step(x, v, sigma, sigma_next)

@@ -51,6 +51,6 @@ def scatter_tokens(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tens
 
 def gather_kv(kv_cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``kv_cache [L, 2, B, N_img, D]``, ``index [B, M]`` → ``kv_context [L, 2, B, M, D]``."""
-    l, two, b, _, d = kv_cache.shape
-    idx = index[None, None, :, :, None].expand(l, two, b, index.shape[1], d)
+    entries, two, b, _, d = kv_cache.shape
+    idx = index[None, None, :, :, None].expand(entries, two, b, index.shape[1], d)
     return torch.gather(kv_cache, 3, idx)

@@ -1,7 +1,6 @@
 """CUDA and TensorRT runs; skipped with the reason where the hardware or library is absent."""
 
 import pytest
-import torch
 
 from hs_runtime import HybridStitchRuntime
 from hs_runtime.pipeline import initial_latents
