@@ -10,7 +10,7 @@ from hs_runtime.backends.onnxruntime_backend import session_options
 # Extended (not ALL) offline: layout-specific rewrites of ENABLE_ALL tie a saved model to the
 # build host's CPU; the runtime applies them at load time instead.
 OFFLINE_LEVEL = "ORT_ENABLE_EXTENDED"
-RUNTIME_SETTINGS = {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0, "log_severity_level": 3}
+RUNTIME_SETTINGS = {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0, "intra_op_allow_spinning": False, "log_severity_level": 3}
 
 
 def optimize_model(onnx_path: Path, engine_path: Path, external_data: bool) -> Path:
