@@ -116,3 +116,20 @@ def test_import_is_thin():
 
     code = "import sys, hs_runtime; print(sorted(m for m in ('diffusers','transformers','onnxruntime','tensorrt','onnx') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_dynamic_shape_build_serves_other_resolutions(tiny_paths, tiny_conditioning, tmp_path):
+    from hs_export.build import BuildConfig, build
+    from hs_export.sources import resolve_models
+
+    selection = resolve_models("tiny", None, None, None, log=lambda *_: None)
+    build(selection, BuildConfig(out=tmp_path / "dyn", dynamic_shape=True, token_buckets=2), log=lambda *_: None)
+    ort = HybridStitchRuntime.from_dir(tmp_path / "dyn")
+    ref = HybridStitchRuntime.from_dir(tmp_path / "dyn", backend="torch")
+    plan = make_plan("hybrid", STEPS)
+    latents = initial_latents(1, 192, 96, seed=2)  # 24×12 latent: inside half..twice of 16×16
+    cond = _conditioning(tiny_conditioning)
+    got, want = ort.denoise(plan, latents, cond).latents, ref.denoise(plan, latents, cond).latents
+    assert (got - want).abs().max() / want.abs().max() <= 1e-4
+    with pytest.raises(ShapeError, match="outside the built profiles"):
+        ort.denoise(plan, initial_latents(1, 48, 128, 0), cond)  # 6 rows: below half of 16
