@@ -110,8 +110,13 @@ def random_transformer(config: dict, seed: int, dtype: torch.dtype = torch.float
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = SD3Transformer2DModel(**config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: SD3.5-large never exists in fp32
+    try:
+        with torch.device(device):
+            model = SD3Transformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
     if model.dtype != dtype:
         model = model.to(dtype)
     return model.eval()
