@@ -201,9 +201,7 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         check_pair(small.config, large.config)
         dims = {"small": ModelDims.from_config(small.config), "large": ModelDims.from_config(large.config)}
         for role, d in dims.items():
-            grid = max(shape.latent_height, shape.latent_width) // d.patch_size
-            if grid > d.pos_embed_max_size:
-                raise ConfigError(describe(f"{width}×{height} is too large for the {role} model's position table", got=f"{grid} patches", expected=f"<= {d.pos_embed_max_size}"))
+            d.check_latent(shape.latent_height, shape.latent_width, role)
         models = {
             role: {"source": src, "config": dict(m.config), "dims": dims[role].to_dict(), "sha256": weights_sha256(src, m)}
             for role, src, m in (("small", selection.small, small), ("large", selection.large, large))

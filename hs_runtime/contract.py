@@ -63,6 +63,19 @@ class ModelDims:
         """N_img for a latent of ``height × width``."""
         return (height // self.patch_size) * (width // self.patch_size)
 
+    def check_latent(self, height: int, width: int, role: str) -> None:
+        """Raises :class:`ShapeError` unless a ``height × width`` latent fits this model's patches
+        and position table."""
+        grid = max(height, width) // self.patch_size
+        if height % self.patch_size or width % self.patch_size or grid > self.pos_embed_max_size:
+            raise ShapeError(
+                describe(
+                    f"latent {height}×{width} does not fit the {role} model",
+                    got=f"{grid} patches per side",
+                    expected=f"a multiple of {self.patch_size} with at most {self.pos_embed_max_size} patches per side (image <= {self.pos_embed_max_size * self.patch_size * 8} px)",
+                )
+            )
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -152,7 +152,8 @@ class StitchedSampler:
         embeds, pooled = conditioning.batch(cfg, device, dtype)
         x = latents.to(device=device, dtype=torch.float32)
         _, _, height, width = x.shape
-        self._check_resolution(height, width)
+        self.small_dims.check_latent(height, width, "small")
+        self.large_dims.check_latent(height, width, "large")
         p = self.large_dims.patch_size
         positions = position_ids(height, width, p, self.large_dims.pos_embed_max_size, device=device)
 
@@ -210,18 +211,6 @@ class StitchedSampler:
                 step_start = step_end
         clock.times.total = clock.now() - start if profile else 0.0
         return DenoiseResult(latents=x, masks=masks, times=clock.times)
-
-    def _check_resolution(self, height: int, width: int) -> None:
-        for role, dims in (("small", self.small_dims), ("large", self.large_dims)):
-            grid = max(height, width) // dims.patch_size
-            if height % dims.patch_size or width % dims.patch_size or grid > dims.pos_embed_max_size:
-                raise ShapeError(
-                    describe(
-                        f"latent {height}×{width} does not fit the {role} model",
-                        got=f"{grid} patches per side",
-                        expected=f"a multiple of {dims.patch_size} with at most {dims.pos_embed_max_size} patches per side (image <= {dims.pos_embed_max_size * dims.patch_size * 8} px)",
-                    )
-                )
 
     def _capture(self, plan, x, v_large, sigma, full_feeds, kv_cache, positions):
         """Mask at a capture step, then the hybrid stage's fixed inputs, gathered once per mask."""

@@ -65,7 +65,6 @@ class OrtEngine:
         self.dims = dims
         self.device = torch.device(device)
         self.session = ort.InferenceSession(str(path), session_options(settings or {}), providers=providers_for(self.device))
-        self._float_dtype = {i.name: i.type for i in self.session.get_inputs()}
 
     def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         wanted = list(outputs) if outputs is not None else list(self.spec.output_names)
