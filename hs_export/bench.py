@@ -22,13 +22,18 @@ from hs_runtime.flops import ideal_speedup, plan_flops
 from hs_runtime.errors import ConfigError, describe
 from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan, with_mask
 from hs_runtime.sampler import STAGES, Conditioning, StitchedSampler
+from hs_runtime.validation import check_int, check_number, check_seed
 
 from .build import library_versions
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Bench settings; CLI defaults come from here."""
+    """Bench settings; CLI defaults come from here.
+
+    Attributes:
+        check_finite: the sampler's per-step NaN/inf record (off only to measure its cost).
+    """
 
     plans: tuple[str, ...] = ("large", "small", "tstitch", "srdiff", "hybrid")
     steps: int = 28
@@ -38,6 +43,7 @@ class BenchConfig:
     guidance_scale: float = 7.0
     seed: int = 0
     sweep_ratios: tuple[float, ...] = ()
+    check_finite: bool = True
 
     def __post_init__(self):
         unknown = [p for p in self.plans if p not in PLAN_NAMES]
@@ -45,6 +51,9 @@ class BenchConfig:
             raise ConfigError(describe("unknown plan in --plans", got=unknown or "none", expected=" | ".join(PLAN_NAMES)))
         if self.repeat < 1 or self.warmup < 0 or self.steps < 1:
             raise ConfigError(describe("need repeat >= 1, warmup >= 0 and steps >= 1", got=(self.repeat, self.warmup, self.steps)))
+        check_int("prompts", self.prompts)
+        check_seed(self.seed)
+        check_number("guidance scale", self.guidance_scale, minimum=0.0)
         for ratio in self.sweep_ratios:
             MaskConfig(ratio=ratio)  # raises ConfigError outside (0, 1]
 
@@ -68,6 +77,33 @@ def _median_times(runs: list[dict]) -> dict:
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
 
 
+def time_plans(denoise, plans: dict, latents, conditioning, warmup: int, repeat: int, device: torch.device, log=print) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Times every plan round-robin (all plans once per round), so machine noise lands on all
+    of them alike.
+
+    Args:
+        denoise: ``denoise(plan, latents, conditioning, profile=True) -> DenoiseResult``.
+
+    Returns:
+        Per plan name, the timed rounds' stage times (``StageTimes.as_dict()`` plus
+        ``step:<action>`` wall times); and per plan name the peak memory in bytes.
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in plans}
+    peaks: dict[str, int] = {}
+    for round_index in range(warmup + repeat):
+        timed = round_index >= warmup
+        for name, plan in plans.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            result = denoise(plan, latents, conditioning, profile=True)
+            if timed:
+                times = result.times
+                runs[name].append({**times.as_dict(), **{f"step:{a}": s for a, s in times.step_seconds.items()}})
+                peaks[name] = max(peaks.get(name, 0), _peak_memory(device)[0])
+        log(f"{'warm-up' if not timed else 'timed'} round {round_index + 1}/{warmup + repeat} done")
+    return runs, peaks
+
+
 def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, config: BenchConfig, plan_config: PlanConfig | None = None, log=print) -> dict:
     """Times every plan (and the ratio sweep) on one engine set; returns the JSON-ready report."""
     plan_config = plan_config or PlanConfig()
@@ -78,25 +114,12 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
     plans = {name: make_plan(name, config.steps, plan_config) for name in names}
     for ratio in config.sweep_ratios:
         plans[f"hybrid@{ratio:g}"] = with_mask(make_plan("hybrid", config.steps, plan_config), ratio=ratio)
-    sampler = StitchedSampler(engines, config.guidance_scale)
+    sampler = StitchedSampler(engines, config.guidance_scale, check_finite=config.check_finite)
     cond = random_conditioning(config.prompts, text_tokens, large_dims.joint_attention_dim, large_dims.pooled_projection_dim, device, config.seed)
     g = torch.Generator().manual_seed(config.seed)
     latents = torch.randn(config.prompts, large_dims.in_channels, latent_height, latent_width, generator=g)
 
-    runs: dict[str, list[dict]] = {name: [] for name in plans}
-    peaks: dict[str, int] = {}
-    for round_index in range(config.warmup + config.repeat):
-        timed = round_index >= config.warmup
-        for name, plan in plans.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            result = sampler.denoise(plan, latents, cond, profile=True)
-            if timed:
-                times = result.times
-                entry = {**times.as_dict(), **{f"step:{a}": s for a, s in times.step_seconds.items()}}
-                runs[name].append(entry)
-                peaks[name] = max(peaks.get(name, 0), _peak_memory(device)[0])
-        log(f"{'warm-up' if not timed else 'timed'} round {round_index + 1}/{config.warmup + config.repeat} done")
+    runs, peaks = time_plans(sampler.denoise, plans, latents, cond, config.warmup, config.repeat, device, log)
 
     baseline = statistics.median(r["total"] for r in runs["large"])
     report_plans = []

@@ -1,15 +1,19 @@
 """``hs-export build``: models → graphs → ONNX → engines → manifest, atomically.
 
 The engine folder is assembled in a sibling work folder and swapped in only when complete, so a
-folder is never half-overwritten. A second build with the same inputs (weights, configs, flags,
-library versions) finds the same fingerprint and skips.
+folder is never half-overwritten. A build interrupted by SIGINT removes its work folder; one killed
+outright leaves only the work folder, which the next build removes (its pid is gone). A second
+build with the same inputs (weights, configs, flags, library versions) finds the same fingerprint
+and skips.
 """
 
 from __future__ import annotations
 
 import datetime
+import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -21,19 +25,21 @@ import torch
 
 from hs_runtime import __version__
 from hs_runtime.contract import GRAPH_NAMES, GRAPH_SPECS, ModelDims
-from hs_runtime.errors import BuildError, ConfigError, ManifestError, ToleranceError, describe
+from hs_runtime.errors import BuildError, ConfigError, ManifestError, NumericalError, ToleranceError, describe
 from hs_runtime.graphs import build_graphs
-from hs_runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, write_manifest
+from hs_runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, artifact_records, write_manifest
 from hs_runtime.models import check_pair, load_transformer, resolve_transformer_source
 from hs_runtime.pipeline import check_image_size
 from hs_runtime.plans import PlanConfig
 from hs_runtime.profiles import BuildShape, graph_profiles
+from hs_runtime.validation import check_folder_path, check_int
 
 from . import onnx_export
 from .sources import ModelSelection
 
 BACKENDS = ("onnxruntime", "tensorrt")
 ENGINE_SUFFIX = {"onnxruntime": ".ort.onnx", "tensorrt": ".plan"}
+OPSETS = (14, 20)  # scaled_dot_product_attention exports from opset 14; torch's TorchScript exporter stops at 20
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,15 @@ class BuildConfig:
             raise ConfigError(describe("bf16 engines need TensorRT", got="--backend onnxruntime --precision bf16", fix="use --precision fp32|fp16 or --backend tensorrt"))
         if not 0.0 < self.mask_ratio <= 1.0:
             raise ConfigError(describe("mask ratio out of range", got=self.mask_ratio, expected="a value in (0, 1]"))
+        check_folder_path(self.out, "--out", fix="choose another --out")
+        check_int("vae scale factor", self.vae_scale_factor)
         check_image_size(self.height, self.width, self.vae_scale_factor)
+        check_int("prompts", self.prompts)
+        if self.text_tokens is not None:
+            check_int("text tokens", self.text_tokens)
+        check_int("opset", self.opset, *OPSETS)
+        check_int("token buckets", self.token_buckets)
+        check_int("builder optimization level", self.builder_optimization_level, 0, 5)
 
 
 @dataclass
@@ -144,7 +158,7 @@ class _Phases:
         self.log(f"[{phase}] {what} ({elapsed:.1f} s)")
 
 
-def check_out_folder(out: Path, fingerprint: str, force: bool) -> Manifest | None:
+def check_out_folder(out: Path, fingerprint: str, force: bool, log=print) -> Manifest | None:
     """Returns a complete, up-to-date manifest to skip with; raises for foreign folders."""
     if not out.exists():
         return None
@@ -157,14 +171,16 @@ def check_out_folder(out: Path, fingerprint: str, force: bool) -> Manifest | Non
         return None
     try:
         data = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         data = {}
+    data = data if isinstance(data, dict) else {}
     same = data.get("fingerprint") == fingerprint
     if same and data.get("complete") and not force:
         try:
             return Manifest.load(out)
-        except ManifestError:
-            return None  # files went missing: rebuild
+        except ManifestError as exc:
+            log(f"{out} is damaged, rebuilding it: {exc}")
+            return None
     if not same and not force:
         raise BuildError(
             describe(f"--out {out} holds engines built for something else", got=f"fingerprint {str(data.get('fingerprint'))[:12]}", expected=fingerprint[:12], fix="pass --force to replace them, or choose another --out")
@@ -183,14 +199,21 @@ def _ensure_writable(out: Path) -> None:
 
 
 def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildReport:
-    """Exports and builds an engine set for ``selection`` as ``config`` says."""
+    """Exports and builds an engine set for ``selection`` as ``config`` says.
+
+    Raises:
+        ConfigError: a setting out of range (checked before any model is loaded).
+        BuildError / ExportError / ToleranceError / NumericalError: the build failed; ``out``
+            is left as it was.
+    """
     config.validate()
     out = Path(config.out)
     _ensure_writable(out)
+    remove_stale_work(out, log)
     phases = _Phases(log)
-    height = config.height or selection.height
-    width = config.width or selection.width
-    text_tokens = config.text_tokens or (77 + selection.max_sequence_length)
+    height = selection.height if config.height is None else config.height
+    width = selection.width if config.width is None else config.width
+    text_tokens = config.text_tokens if config.text_tokens is not None else selection.clip_tokens + selection.max_sequence_length
     shape = BuildShape(
         prompts=config.prompts, latent_height=height // config.vae_scale_factor, latent_width=width // config.vae_scale_factor,
         text_tokens=text_tokens, mask_ratio=config.mask_ratio, dynamic_shape=config.dynamic_shape, token_buckets=config.token_buckets,
@@ -209,14 +232,15 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
     versions = library_versions()
     build_section = {
         "backend": config.backend, "precision": config.precision, "height": height, "width": width,
-        "shape": shape.to_dict(), "max_sequence_length": text_tokens - 77, "opset": config.opset,
+        "shape": shape.to_dict(), "max_sequence_length": text_tokens - selection.clip_tokens,
+        "clip_tokens": selection.clip_tokens, "preset": selection.preset, "opset": config.opset,
         "builder_optimization_level": config.builder_optimization_level,
         "command": rebuild_command(selection, config, height, width, text_tokens),
     }
     fingerprint = hashlib.sha256(
         json.dumps({"schema": SCHEMA_VERSION, "models": {r: (m["sha256"], m["config"]) for r, m in models.items()}, "build": build_section, "versions": versions}, sort_keys=True, default=str).encode()
     ).hexdigest()
-    existing = check_out_folder(out, fingerprint, config.force)
+    existing = check_out_folder(out, fingerprint, config.force, log)
     if existing is not None:
         log(f"{out} is up to date (same weights, configs, flags and library versions): skipping; pass --force to rebuild")
         return BuildReport(existing, True, phases.seconds)
@@ -232,12 +256,17 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "models": models, "pipeline": selection.pipeline, "build": build_section, "versions": versions,
         "io_dtype": "fp16" if export_dtype == torch.float16 else "fp32",
-        "default_plan": {"name": "hybrid", "config": _plan_config_dict(config.mask_ratio)}, "graphs": {},
+        "default_plan": {
+            "name": "hybrid", "config": _plan_config_dict(config.mask_ratio), "steps": selection.steps, "guidance_scale": selection.guidance_scale,
+        },
+        "graphs": {},
     }
     try:
         _export_all(graphs, dims, shape, config, work, manifest, phases, export_dtype)
         write_manifest(work, manifest)
         _build_engines(config, work, manifest, phases)
+        with phases("hash", "sizes and sha256 of every file, for load-time and verify checks"):
+            manifest["artifacts"] = artifact_records(work)
         manifest["complete"] = True
         write_manifest(work, manifest)
     except BuildError:
@@ -246,8 +275,10 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         else:
             shutil.rmtree(work, ignore_errors=True)
         raise
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt):
+            log(f"build interrupted: removed its work folder {work}; {out} is unchanged")
         raise
     _swap_in(work, out)
     log(f"engines ready in {out} ({sum(phases.seconds.values()):.1f} s)")
@@ -281,6 +312,9 @@ def _export_all(graphs, dims, shape: BuildShape, config: BuildConfig, work: Path
             parity = onnx_export.check_parity(name, module, OrtEngine(path, name, d, torch.device("cpu")), d, _parity_sizes(d, shape), dtype)
         rtol = GRAPH_SPECS[name].rtol if dtype == torch.float32 else 2e-2
         phases.log(f"        max abs {parity.max_abs:.2e}, relative {parity.rel:.2e} over {parity.cases} input(s) (tolerance {rtol:g})")
+        if math.isnan(parity.rel):
+            hint = "fp16 overflow? build with --precision fp32" if dtype == torch.float16 else "do the model weights hold NaN/inf? export from a clean checkpoint"
+            raise NumericalError(describe(f"{name} produced NaN/inf on random inputs (ONNX Runtime or PyTorch)", expected="finite outputs", fix=hint))
         if not parity.ok(rtol):
             raise ToleranceError(describe(f"ONNX {name} disagrees with PyTorch", got=f"relative error {parity.rel:.2e}", expected=f"<= {rtol:g}", fix="try another --opset"))
         spec = GRAPH_SPECS[name]
@@ -327,6 +361,36 @@ def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Pha
 def _size(path: Path) -> int:
     extra = path.with_name(path.name + ".data")
     return path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_work(out: Path, log=print) -> None:
+    """Cleans up after builds of ``out`` that were killed (SIGKILL, power loss).
+
+    Work folders ``.{name}.building-{pid}`` whose process is gone are removed. A folder set aside
+    by a swap cut short between its two renames (``.{name}.old-{pid}``) is put back if ``out`` is
+    missing, else removed. Folders of live builds are left alone.
+    """
+    for kind in ("building", "old"):
+        for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+            pid = path.name.rsplit("-", 1)[1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists():
+                os.replace(path, out)
+                log(f"restored {out} from {path}, set aside by an interrupted build (pid {pid})")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                log(f"removed stale work folder {path} from an interrupted build (pid {pid})")
 
 
 def _swap_in(work: Path, out: Path) -> None:

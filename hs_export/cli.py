@@ -8,18 +8,24 @@ from pathlib import Path
 
 import click
 
-from hs_runtime.errors import HybridStitchError
+from hs_runtime.errors import HybridStitchError, describe, first_line
 from hs_runtime.plans import MASK_SIGNALS, PLAN_NAMES, MaskConfig, PlanConfig
 from hs_runtime.presets import PRESET_NAMES
 
 from .bench import BenchConfig
 from .build import BuildConfig
+from .quality.runner import QualityConfig
+from .serve.bench_serve import ServeBenchConfig
+from .serve.server import ServeConfig
+from .shapes.train import ShapesTrainConfig
 
 _PLAN_DEFAULTS = PlanConfig()
 _MASK_DEFAULTS = MaskConfig()
 
 
 _BUILD_DEFAULTS = BuildConfig()
+_QUALITY_DEFAULTS = QualityConfig()
+_TRAIN_DEFAULTS = ShapesTrainConfig()
 _BENCH_DEFAULTS = BenchConfig()
 
 
@@ -32,6 +38,9 @@ def _one_line_errors(fn):
             return fn(*args, **kwargs)
         except HybridStitchError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a full disk, a read-only folder: what users meet, in one line too
+            where = f"I/O error on {exc.filename}" if exc.filename else "I/O error"
+            raise click.ClickException(describe(where, got=exc.strerror or first_line(exc), fix="free some space or choose another path")) from None
 
     return wrapper
 
@@ -47,6 +56,7 @@ def plan_options(fn):
         click.option("--small-fraction", type=float, default=_PLAN_DEFAULTS.small_fraction, show_default=True, help="tstitch: small-model share."),
         click.option("--srdiff-large-fraction", type=float, default=_PLAN_DEFAULTS.srdiff_large_fraction, show_default=True),
         click.option("--refresh-every", type=int, default=_PLAN_DEFAULTS.refresh_every, show_default=True, help="Dense large refresh every k hybrid steps (0: never)."),
+        click.option("--carry-offset/--no-carry-offset", default=_PLAN_DEFAULTS.carry_offset, show_default=True, help="Hybrid steps add the capture step's large − small offset outside the mask."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -59,7 +69,7 @@ def plan_config_from(kwargs: dict) -> PlanConfig:
     return PlanConfig(
         large_fraction=kwargs.pop("large_fraction"), hybrid_end=kwargs.pop("hybrid_end"),
         small_fraction=kwargs.pop("small_fraction"), srdiff_large_fraction=kwargs.pop("srdiff_large_fraction"),
-        refresh_every=kwargs.pop("refresh_every"), mask=mask,
+        refresh_every=kwargs.pop("refresh_every"), carry_offset=kwargs.pop("carry_offset"), mask=mask,
     )
 
 
@@ -80,6 +90,24 @@ def model_options(fn):
 @click.version_option(package_name="hybridstitch")
 def main():
     """Export, build, run and benchmark HybridStitch engines for SD3 / SD3.5."""
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """The CLI prints its own progress: no loading bars or info chatter from diffusers/transformers."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # diffusers/transformers only power the build side and prompt-to-image
+        pass
 
 
 @main.command()
@@ -89,11 +117,11 @@ def main():
 @click.option("--plan", "plan_name", type=click.Choice(PLAN_NAMES), default="hybrid", show_default=True)
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Repeat for several prompts.")
 @click.option("--negative-prompt", default=None)
-@click.option("--steps", type=int, default=28, show_default=True)
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the preset's or the build's, else 28).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--height", type=int, default=None, help="Pixels (default: the preset's or the build's).")
 @click.option("--width", type=int, default=None)
-@click.option("--guidance-scale", type=float, default=7.0, show_default=True)
+@click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the preset's or the build's, else 7.0).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="torch backend precision.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
@@ -110,10 +138,12 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
     from .sources import open_runtime
 
     plan_config = plan_config_from(plan_kwargs)
-    runtime, default_size = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype)
+    runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype)
     run_generate(
-        runtime, plan_name, plan_config, list(prompts), negative_prompt, steps, seed,
-        height or default_size[0], width or default_size[1], guidance_scale, out, compare,
+        runtime, plan_name, plan_config, list(prompts), negative_prompt,
+        defaults.steps if steps is None else steps, seed,
+        defaults.height if height is None else height, defaults.width if width is None else width,
+        defaults.guidance_scale if guidance_scale is None else guidance_scale, out, compare,
     )
 
 
@@ -125,7 +155,7 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
 @click.option("--height", type=int, default=None, help="Image pixels (default: the preset's, else 1024).")
 @click.option("--width", type=int, default=None)
 @click.option("--prompts", type=int, default=_BUILD_DEFAULTS.prompts, show_default=True, help="Prompts per call (CFG doubles the batch).")
-@click.option("--text-tokens", type=int, default=None, help="Text tokens (default: 77 + T5 length).")
+@click.option("--text-tokens", type=int, default=None, help="Text tokens (default: CLIP length + T5 length).")
 @click.option("--mask-ratio", type=float, default=_BUILD_DEFAULTS.mask_ratio, show_default=True, help="Planned mask ratio: large.tokens is tuned for it.")
 @click.option("--opset", type=int, default=_BUILD_DEFAULTS.opset, show_default=True)
 @click.option("--dynamic-shape", is_flag=True, help="Profiles over batch 1..prompts and half to twice the resolution.")
@@ -167,15 +197,17 @@ def inspect(engine_dir):
 @click.option("--plan", "plan_name", type=click.Choice(PLAN_NAMES), default="hybrid", show_default=True)
 @_one_line_errors
 def verify(engine_dir, device, steps, plan_name):
-    """Check engines against PyTorch.
+    """Check engine files and engines against PyTorch.
 
-    Every engine on fresh random inputs, then one end-to-end run; exits non-zero past tolerance.
+    Every file's sha256 against the build's record, every engine on fresh random inputs, then one
+    end-to-end run; exits non-zero on a changed file, NaN/inf or past tolerance.
     """
     from rich.console import Console
     from rich.table import Table
 
     from hs_runtime.errors import ToleranceError
 
+    from .verify import failure_message
     from .verify import verify as run_verify
 
     checks = run_verify(engine_dir, device, steps, plan_name)
@@ -183,11 +215,11 @@ def verify(engine_dir, device, steps, plan_name):
     for column in ("check", "max abs", "relative", "tolerance", "result"):
         table.add_column(column, justify="left" if column == "check" else "right")
     for c in checks:
-        table.add_row(c.name, f"{c.max_abs:.2e}", f"{c.rel:.2e}", f"{c.tolerance:g}", "ok" if c.ok else "FAIL")
+        table.add_row(*c.row())
     Console().print(table)
-    failed = [c.name for c in checks if not c.ok]
+    failed = failure_message(checks)
     if failed:
-        raise ToleranceError(f"verification failed: {', '.join(failed)} past tolerance")
+        raise ToleranceError(failed)
 
 
 @main.command()
@@ -207,9 +239,10 @@ def verify(engine_dir, device, steps, plan_name):
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG of speedup vs. mask ratio (needs --sweep-ratio).")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None, help="Append the table, with date, device and versions, to this Markdown file.")
+@click.option("--finite-check/--no-finite-check", default=_BENCH_DEFAULTS.check_finite, show_default=True, help="Per-step NaN/inf record (off only to measure its cost).")
 @plan_options
 @_one_line_errors
-def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repeat, prompts, height, width, sweep_ratio, json_path, plot_path, markdown_path, **plan_kwargs):
+def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repeat, prompts, height, width, sweep_ratio, json_path, plot_path, markdown_path, finite_check, **plan_kwargs):
     """Benchmark every plan against the large model.
 
     Per plan: latency (median, min, max), speedup vs. large measured in the same run, the FLOP
@@ -218,6 +251,7 @@ def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repe
     from rich.console import Console
 
     from hs_runtime.errors import ConfigError, describe
+    from hs_runtime.validation import check_output_file
 
     from .bench import append_markdown, plot_sweep, run_bench, summary_table, write_json
     from .sources import bench_engines
@@ -229,8 +263,11 @@ def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repe
         raise ConfigError(describe("--sweep-ratio takes comma-separated numbers", got=sweep_ratio)) from None
     if plot_path and not ratios:
         raise ConfigError(describe("--plot draws the ratio sweep", fix="add --sweep-ratio 0.1,0.2,0.3,0.4,0.5"))
+    for flag, path in (("--json", json_path), ("--plot", plot_path), ("--markdown", markdown_path)):
+        if path is not None:
+            check_output_file(path, flag)  # before the run, not after minutes of timing
     plan_config = plan_config_from(plan_kwargs)
-    config = BenchConfig(plans=plan_list, steps=steps, warmup=warmup, repeat=repeat, prompts=prompts, sweep_ratios=ratios)
+    config = BenchConfig(plans=plan_list, steps=steps, warmup=warmup, repeat=repeat, prompts=prompts, sweep_ratios=ratios, check_finite=finite_check)
     engines, latent, text_tokens = bench_engines(engine_dir, preset, backend, device, dtype, prompts, height, width, plan_config.mask.ratio, log=_log)
     report = run_bench(engines, latent[0], latent[1], text_tokens, config, plan_config, log=_log)
     console = Console()
@@ -244,6 +281,208 @@ def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repe
     if markdown_path:
         title = f"{preset or engine_dir}, {report['backend']} {report['dtype']}"
         _log(f"appended to {append_markdown(report, markdown_path, title)}")
+
+
+@main.command()
+@click.argument("engine_dir", required=False, type=click.Path(path_type=Path))
+@model_options
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: torch for models, the built backend for an engine folder.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="torch backend precision.")
+@click.option("--prompts", "prompts_source", default="8", show_default=True, help="N built-in prompts, or a text file with one prompt per line.")
+@click.option("--seeds", type=int, default=_QUALITY_DEFAULTS.seeds, show_default=True, help="Seeds 0 … K−1 per prompt.")
+@click.option("--plans", default=",".join(_QUALITY_DEFAULTS.plans), show_default=True, help="Named plans; large is always added as the reference.")
+@click.option("--sweep", "sweeps", multiple=True, help="FAMILY:KNOB=V1,V2[:KNOB=…] (repeatable; knobs crossed); 'standard' is the sweep of docs/quality.md.")
+@click.option("--steps", type=int, default=None, help="Default: the preset's or the build's.")
+@click.option("--guidance-scale", type=float, default=None, help="Default: the preset's or the build's.")
+@click.option("--height", type=int, default=None)
+@click.option("--width", type=int, default=None)
+@click.option("--batch", type=int, default=None, help="Prompts per denoise call (default: all).")
+@click.option("--warmup", type=int, default=_QUALITY_DEFAULTS.warmup, show_default=True)
+@click.option("--repeat", type=int, default=_QUALITY_DEFAULTS.repeat, show_default=True, help="Timed round-robin rounds.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None, help="Append the table, with date, device and versions.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG: distance to large vs. speedup, one front per family.")
+@click.option("--grid", "grid_path", type=click.Path(path_type=Path), default=None, help="PNG: rows = plans, columns = prompts, mask on hybrid rows.")
+@plan_options
+@_one_line_errors
+def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype, prompts_source, seeds, plans, sweeps, steps, guidance_scale, height, width, batch, warmup, repeat, json_path, markdown_path, plot_path, grid_path, **plan_kwargs):
+    """Measure what the speed costs: every plan against the large model's image.
+
+    Every plan renders the same prompts × seeds; each image is compared with the large plan's
+    image of the same prompt and seed (PSNR, SSIM, MS-SSIM, LPIPS where its weights are cached,
+    PSNR inside/outside the mask), and every plan is timed round-robin in the same run.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .quality import QualityConfig, load_prompts, run_quality
+    from .quality.report import append_markdown, plot_fronts, summary_table, write_grid, write_json
+    from .sources import open_runtime
+
+    from hs_runtime.validation import check_output_file
+
+    for path, what, suffixes in ((json_path, "--json", None), (markdown_path, "--markdown", None), (plot_path, "--plot", (".png",)), (grid_path, "--grid", (".png",))):
+        if path is not None:
+            check_output_file(path, what, suffixes)  # before the run, not after it
+    plan_config = plan_config_from(plan_kwargs)
+    config = QualityConfig(
+        plans=tuple(p.strip() for p in plans.split(",") if p.strip()), sweeps=tuple(sweeps), seeds=seeds, steps=steps,
+        guidance_scale=guidance_scale, height=height, width=width, batch=batch, warmup=warmup, repeat=repeat,
+    )
+    runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype)
+    prompts = load_prompts(prompts_source, defaults.preset)
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        def progress(total):
+            task = bar.add_task("rendering", total=total)
+            return lambda description: bar.update(task, advance=1, description=f"rendering {description}")
+
+        result = run_quality(runtime, defaults, prompts, config, plan_config, log=_log, progress=progress)
+    report = result["report"]
+    if json_path:  # the measurements first: nothing after the run may lose them
+        _log(f"wrote {write_json(report, json_path)}")
+    if markdown_path:
+        title = f"{defaults.preset or engine_dir or large_src}, {report['backend']}"
+        _log(f"appended to {append_markdown(report, markdown_path, title)}")
+    if plot_path:
+        _log(f"wrote {plot_fronts(report, plot_path)}")
+    if grid_path:
+        _log(f"wrote {write_grid(report, result['grid_images'], result['grid_masks'], grid_path)}")
+    out = Console() if Console().is_terminal else Console(width=170)
+    out.print(summary_table(report))
+
+
+@main.command("train-shapes")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for large/ (SD3 pipeline), small/transformer and training.json.")
+@click.option("--seed", type=int, default=_TRAIN_DEFAULTS.seed, show_default=True)
+@click.option("--scenes", type=int, default=_TRAIN_DEFAULTS.scenes, show_default=True, help="Training scenes (rendered and encoded once).")
+@click.option("--vae-steps", type=int, default=_TRAIN_DEFAULTS.vae_steps, show_default=True)
+@click.option("--small-steps", type=int, default=_TRAIN_DEFAULTS.small_steps, show_default=True)
+@click.option("--large-steps", type=int, default=_TRAIN_DEFAULTS.large_steps, show_default=True)
+@click.option("--batch", type=int, default=_TRAIN_DEFAULTS.batch, show_default=True)
+@click.option("--budget-minutes", type=float, default=_TRAIN_DEFAULTS.budget_minutes, show_default=True, help="A phase still running past this stops early (and says so).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Cache the trained VAE and encoded scenes here, to retrain only the transformers.")
+@_one_line_errors
+def train_shapes(out, **options):
+    """Train the shapes pair (VAE, small and large SD3 transformers) on CPU.
+
+    Procedural scenes, SD3's rectified-flow objective, fixed seeds, progress with loss; writes
+    fp16 weights read back with from_pretrained. The shipped weights came from the defaults:
+    hs-export train-shapes --out hs_export/shapes/model
+    """
+    from .shapes.train import ShapesTrainConfig, train_shapes as run_training
+
+    run_training(ShapesTrainConfig(out=out, **options), log=_log)
+
+
+_SERVE_DEFAULTS = ServeConfig()
+_SERVE_BENCH_DEFAULTS = ServeBenchConfig()
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--instances", type=int, default=_SERVE_DEFAULTS.instances, show_default=True, help="Model instances, each with its own runtime (engines, CUDA stream).")
+@click.option("--device", default=_SERVE_DEFAULTS.device, show_default=True, help="cpu or cuda:N (one server per GPU).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: the folder's own backend.")
+@click.option("--pipeline", "pipeline_src", default=None, help="Text encoders + VAE folder (default: the folder's).")
+@click.option("--host", default=_SERVE_DEFAULTS.host, show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--http-port", type=int, default=_SERVE_DEFAULTS.http_port, show_default=True)
+@click.option("--grpc-port", type=int, default=_SERVE_DEFAULTS.grpc_port, show_default=True)
+@click.option("--metrics-port", type=int, default=_SERVE_DEFAULTS.metrics_port, show_default=True)
+@click.option("--dynamic-batching/--no-dynamic-batching", default=_SERVE_DEFAULTS.dynamic_batching, show_default=True, help="Triton's dynamic batcher in front of the handlers.")
+@click.option("--max-queue-delay-ms", type=float, default=_SERVE_DEFAULTS.max_queue_delay_ms, show_default=True, help="How long the batcher may hold a request to fill a batch.")
+@click.option("--max-batch-size", type=int, default=None, help="Requests per execution (default: the prompts one engine call takes).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every batch and PyTriton's own messages.")
+@_one_line_errors
+def serve(engine_dir, pipeline_src, verbose, **options):
+    """Serve an engine folder on Triton Inference Server.
+
+    Binds hybridstitch (prompt → image) and hybridstitch_latents (embeddings + noise → latents)
+    behind Triton's dynamic batcher; KServe v2 over HTTP and gRPC, Prometheus metrics. Stops,
+    after finishing in-flight requests, on SIGTERM or Ctrl+C.
+    """
+    import logging
+
+    from .serve.server import serve as run_serve
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("hs_export.serve").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        logging.getLogger("pytriton").setLevel(logging.INFO)
+    run_serve(ServeConfig(engine_dir=engine_dir, pipeline=pipeline_src, **options), log=_log)
+
+
+@main.command()
+@click.option("--url", default=_SERVE_BENCH_DEFAULTS.url, show_default=True, help="http://HOST:PORT or grpc://HOST:PORT")
+@click.option("--prompt", required=True)
+@click.option("--negative-prompt", default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--plan", "plan_name", type=click.Choice(PLAN_NAMES), default=None, help="Default: the server's default plan.")
+@click.option("--steps", type=int, default=None, help="Default: the server's.")
+@click.option("--guidance-scale", type=float, default=None)
+@click.option("--mask-ratio", type=float, default=None)
+@click.option("--height", type=int, default=None, help="Pixels (default: the engines' build size).")
+@click.option("--width", type=int, default=None)
+@click.option("--timeout", "timeout_s", type=float, default=_SERVE_BENCH_DEFAULTS.timeout_s, show_default=True, help="Seconds one request may take, queueing included.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
+@_one_line_errors
+def client(url, prompt, negative_prompt, seed, plan_name, steps, guidance_scale, mask_ratio, height, width, timeout_s, out):
+    """Ask a running server for one image (KServe v2 via tritonclient)."""
+    from .serve.client import HybridStitchClient, check_request_values
+
+    check_request_values(prompt, seed, steps, guidance_scale, mask_ratio, height, width)  # before connecting
+    with HybridStitchClient(url, timeout_s) as remote:
+        result = remote.generate(prompt, seed, negative_prompt, plan_name, steps, guidance_scale, mask_ratio, height, width)
+    path = result.save(out)
+    _log("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in result.timings.items()))
+    click.echo(path)
+
+
+@main.command("bench-serve")
+@click.argument("url", default=_SERVE_BENCH_DEFAULTS.url)
+@click.option("--concurrency", default=",".join(map(str, _SERVE_BENCH_DEFAULTS.concurrency)), show_default=True, help="Comma-separated client concurrencies.")
+@click.option("--requests", type=int, default=_SERVE_BENCH_DEFAULTS.requests, show_default=True, help="Requests per concurrency level.")
+@click.option("--prompt", default=_SERVE_BENCH_DEFAULTS.prompt, show_default=True)
+@click.option("--plan", "plan_name", type=click.Choice(PLAN_NAMES), default=None, help="Default: the server's default plan.")
+@click.option("--steps", type=int, default=None, help="Per-request steps (default: the server's).")
+@click.option("--height", type=int, default=None)
+@click.option("--width", type=int, default=None)
+@click.option("--metrics-url", default=None, help="Triton's Prometheus endpoint (default: the URL's host, port 8002).")
+@click.option("--timeout", "timeout_s", type=float, default=_SERVE_BENCH_DEFAULTS.timeout_s, show_default=True)
+@click.option("--baseline", "baseline_path", type=click.Path(path_type=Path), default=None, help="JSON of an earlier run (e.g. batching off): adds the throughput ratio.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None, help="Append the table, with date and mode, to this Markdown file.")
+@_one_line_errors
+def bench_serve(url, concurrency, requests, prompt, plan_name, steps, height, width, metrics_url, timeout_s, baseline_path, json_path, markdown_path):
+    """Benchmark a running server: images/s and latency per concurrency.
+
+    Reports whether the server batches (its model config), p50/p95/p99 latency and the mean
+    Triton batch per concurrency level; --baseline adds the ratio to another run.
+    """
+    from rich.console import Console
+
+    from hs_runtime.errors import ConfigError, describe
+
+    from .serve import bench_serve as bs
+
+    try:
+        levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+    except ValueError:
+        raise ConfigError(describe("--concurrency takes comma-separated integers", got=concurrency)) from None
+    config = ServeBenchConfig(url=url, concurrency=levels, requests=requests, prompt=prompt, plan=plan_name, steps=steps, height=height, width=width, metrics_url=metrics_url, timeout_s=timeout_s)
+    baseline = bs.read_json(baseline_path) if baseline_path else None
+    report = bs.with_baseline(bs.run_bench_serve(config, log=_log), baseline)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)
+    console.print(bs.summary_table(report))
+    if json_path:
+        _log(f"wrote {bs.write_json(report, json_path)}")
+    if markdown_path:
+        _log(f"appended to {bs.append_markdown(report, markdown_path, f'bench-serve, {bs.mode(report)}')}")
 
 
 def _log(message: str) -> None:

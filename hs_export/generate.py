@@ -10,6 +10,7 @@ from rich.table import Table
 
 from hs_runtime.plans import make_plan
 from hs_runtime.sampler import STAGES
+from hs_runtime.validation import check_output_file
 
 console = Console(stderr=True)
 
@@ -25,13 +26,13 @@ def timing_table(title: str, times: dict, steps: int) -> Table:
     return table
 
 
-def mask_overlay(image, mask_grid: torch.Tensor):
+def mask_overlay(image, mask_grid: torch.Tensor, alpha: float = 0.5):
     """Tints the complex tokens of ``mask_grid [h, w]`` red on a copy of ``image``."""
     from PIL import Image
 
     overlay = Image.fromarray((mask_grid.float().cpu().numpy() * 255).astype("uint8")).resize(image.size, Image.NEAREST)
     red = Image.new("RGB", image.size, (255, 0, 0))
-    return Image.composite(Image.blend(image, red, 0.5), image, overlay)
+    return Image.composite(Image.blend(image, red, alpha), image, overlay)
 
 
 def side_by_side(images):
@@ -46,17 +47,28 @@ def side_by_side(images):
     return canvas
 
 
+def image_suffixes() -> tuple[str, ...]:
+    """File extensions PIL can write, the common ones first."""
+    from PIL import Image
+
+    Image.init()
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    common = tuple(e for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff") if e in writable)
+    return common + tuple(sorted(writable - set(common)))
+
+
 def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, steps, seed, height, width, guidance_scale, out: Path, compare: bool):
+    out = check_output_file(out, "--out", image_suffixes())
     plan = make_plan(plan_name, steps, plan_config)
     pipe = runtime.pipeline(guidance_scale)
     console.print(f"[bold]{plan.name}[/]: {plan.stages()} on {runtime.engines.backend} ({runtime.engines.device})")
     images, result = pipe(prompts, plan, height, width, seed, negative_prompt)
-    out = Path(out)
+    console.print(timing_table(f"{plan.name}: {steps} steps, {len(prompts)} prompt(s), {width}×{height}", result.times.as_dict(), steps))
+    if compare:  # every run before any file is written: a run that fails leaves nothing behind
+        baseline_images, baseline = pipe(prompts, make_plan("large", steps, plan_config), height, width, seed, negative_prompt)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = _save(images, out)
-    console.print(timing_table(f"{plan.name}: {steps} steps, {len(prompts)} prompt(s), {width}×{height}", result.times.as_dict(), steps))
     if compare:
-        baseline_images, baseline = pipe(prompts, make_plan("large", steps, plan_config), height, width, seed, negative_prompt)
         rows = []
         for i, (base, mine) in enumerate(zip(baseline_images, images)):
             panels = [base, mine]

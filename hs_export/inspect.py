@@ -18,6 +18,7 @@ def _range(bounds) -> str:
 
 
 def inspect_folder(folder) -> None:
+    """Prints what ``folder`` holds (after the manifest's own checks, file sizes included)."""
     manifest = Manifest.load(folder)
     console = Console()
     build, shape = manifest.build, manifest.shape
@@ -45,4 +46,10 @@ def inspect_folder(folder) -> None:
     for role in ("small", "large"):
         model = manifest.data["models"][role]
         console.print(f"{role}: {model['source']} (sha256 {model['sha256'][:12]})")
+    artifacts = manifest.artifacts
+    if artifacts:
+        total = sum(a["bytes"] for a in artifacts)
+        console.print(f"files: {len(artifacts)}, {_mib(total)}; sizes checked on load, sha256 by hs-export verify")
+    else:
+        console.print("files: no size/sha256 records (built before they existed); a --force rebuild adds them")
     console.print(f"rebuild: {manifest.rebuild_command}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,13 +128,16 @@ def parity_sizes(graph: str, dims: ModelDims, base: dict) -> list[dict]:
 
 
 def compare_outputs(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """``(max_abs, max_abs / max|ref|)`` over the outputs both hold."""
+    """``(max_abs, max_abs / max|ref|)`` over the outputs both hold; ``(nan, nan)`` if either side
+    holds NaN/inf, so a non-finite output never passes as "within tolerance"."""
     worst_abs, worst_rel = 0.0, 0.0
     for name, ref in reference.items():
         if name not in candidate:
             continue
         ref = ref.detach().float().cpu()
         got = candidate[name].detach().float().cpu()
+        if not (torch.isfinite(ref).all() and torch.isfinite(got).all()):
+            return math.nan, math.nan
         err = (ref - got).abs().max().item() if ref.numel() else 0.0
         scale = ref.abs().max().item() if ref.numel() else 1.0
         worst_abs = max(worst_abs, err)
@@ -153,5 +157,7 @@ def check_parity(graph: str, module: torch.nn.Module, engine, dims: ModelDims, b
         ref = dict(zip(spec.output_names, ref if isinstance(ref, tuple) else (ref,)))
         got = engine(feeds)
         a, r = compare_outputs(ref, got)
+        if math.isnan(r):  # non-finite outputs: no tolerance can pass them
+            return Parity(math.nan, math.nan, len(cases))
         worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
     return Parity(worst_abs, worst_rel, len(cases))

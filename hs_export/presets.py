@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from hs_runtime.errors import ModelLoadError, describe
 from hs_runtime.presets import PresetSpec, get_preset, random_transformer
 
 PRESET_FORMAT = 1
@@ -37,67 +38,88 @@ def default_preset_root() -> Path:
     return Path(os.environ.get("HS_PRESET_DIR", Path.home() / ".cache" / "hybridstitch" / "presets"))
 
 
-def _words() -> list[str]:
-    # A local vocabulary: letters, digits, punctuation and a few common prompt words.
-    return [
-        "a", "an", "the", "of", "in", "on", "with", "and", "photo", "painting", "cat", "dog", "city",
-        "night", "mountain", "lake", "red", "blue", "green", "portrait", "astronaut", "horse", "forest",
-    ]
+PROMPT_WORDS = (
+    "a", "an", "the", "of", "in", "on", "with", "and", "photo", "painting", "cat", "dog", "city",
+    "night", "mountain", "lake", "red", "blue", "green", "portrait", "astronaut", "horse", "forest",
+)
 
 
-def _clip_tokenizer():
+def clip_tokenizer(words=PROMPT_WORDS, max_length: int = 77):
+    """A CLIP BPE tokenizer from a local vocabulary: each of ``words`` is one token, anything
+    else falls back to single characters (so every prompt tokenizes, offline).
+
+    The merges come from training BPE on ``words`` (the ``tokenizers`` library), which keeps
+    them consistent: hand-written per-word merges collide across words that share letters.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
     symbols = [c for c in string.printable if not c.isspace()]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in symbols + [s + "</w>" for s in symbols] + [w + "</w>" for w in _words()]:
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1_000_000, min_frequency=1, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=symbols, end_of_word_suffix="</w>", show_progress=False,
+    )
+    bpe.train_from_iterator([" ".join(words)], trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for token in symbols + [c + "</w>" for c in symbols]:  # unknown words spell out, never hit <unk>
         vocab.setdefault(token, len(vocab))
-    merges = []
-    for word in _words():  # left-to-right merges so whole words become one token
-        for i in range(1, len(word)):
-            left, right = word[:i], word[i] + ("</w>" if i == len(word) - 1 else "")
-            merges.append((left, right))
-            vocab.setdefault(left + right, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def _t5_tokenizer():
+def t5_tokenizer(words=PROMPT_WORDS):
+    """A T5 sentencepiece tokenizer from a local vocabulary (whole words, then characters)."""
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + w, -3.0) for w in _words()]
+    pieces += [("▁" + w, -3.0) for w in words]
     pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def build_text_pipeline(large_transformer, seed: int):
-    """A tiny offline ``StableDiffusion3Pipeline`` around ``large_transformer`` (all ``.eval()``)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+def text_components(joint: int, pooled: int, seed: int, words=PROMPT_WORDS, clip_length: int = 77) -> dict:
+    """Tiny CLIP ×2 and T5 text encoders (random, ``.eval()``) with local tokenizers, as the
+    ``StableDiffusion3Pipeline`` keyword arguments. Text tokens = ``clip_length`` + T5 length."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    joint = large_transformer.config.joint_attention_dim
-    pooled = large_transformer.config.pooled_projection_dim
-    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    clip_tok, t5_tok = clip_tokenizer(words, clip_length), t5_tokenizer(words)
     torch.manual_seed(seed)
     clip_cfg = dict(
         vocab_size=len(clip_tok), hidden_size=joint // 2, intermediate_size=2 * joint, num_attention_heads=2,
-        num_hidden_layers=2, max_position_embeddings=77, projection_dim=pooled // 2, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        num_hidden_layers=2, max_position_embeddings=max(77, clip_length), projection_dim=pooled // 2, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)).eval()
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)).eval()
     text_encoder_3 = T5EncoderModel(
         T5Config(vocab_size=len(t5_tok), d_model=joint, d_ff=2 * joint, d_kv=joint // 2, num_layers=2, num_heads=2, decoder_start_token_id=0)
     ).eval()
+    return dict(
+        text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=clip_tok,
+        text_encoder_3=text_encoder_3, tokenizer_3=t5_tok,
+    )
+
+
+def build_text_pipeline(large_transformer, seed: int):
+    """A tiny offline ``StableDiffusion3Pipeline`` around ``large_transformer`` (all ``.eval()``)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    joint = large_transformer.config.joint_attention_dim
+    pooled = large_transformer.config.pooled_projection_dim
+    text = text_components(joint, pooled, seed)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
         sample_size=128, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305,
     ).eval()
-    return StableDiffusion3Pipeline(
-        transformer=large_transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=clip_tok,
-        text_encoder_3=text_encoder_3, tokenizer_3=t5_tok,
-    )
+    return StableDiffusion3Pipeline(transformer=large_transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, **text)
+
+
+# Trained presets ship their weights inside the package (fp16 safetensors), written by
+# ``hs-export train-shapes --out <this folder>/<name>``.
+SHIPPED_ROOT = Path(__file__).resolve().parent / "shapes" / "model"
 
 
 def preset_paths(spec: PresetSpec, root: Path) -> PresetPaths:
@@ -105,9 +127,22 @@ def preset_paths(spec: PresetSpec, root: Path) -> PresetPaths:
     return PresetPaths(folder, folder / "small" / "transformer", folder / "large", folder / "large" if spec.text_pipeline else None)
 
 
+def shipped_preset(spec: PresetSpec) -> PresetPaths:
+    """The paths of a trained preset's shipped weights; says how to retrain them if absent."""
+    paths = PresetPaths(SHIPPED_ROOT, SHIPPED_ROOT / "small" / "transformer", SHIPPED_ROOT / "large", SHIPPED_ROOT / "large")
+    if not (paths.small / "config.json").is_file() or not (paths.large / "model_index.json").is_file():
+        raise ModelLoadError(
+            describe(f"the trained '{spec.name}' weights are missing from {SHIPPED_ROOT}", fix=f"retrain them with: hs-export train-shapes --out {SHIPPED_ROOT}")
+        )
+    return paths
+
+
 def ensure_preset(name: str, root: Path | None = None, log=print) -> PresetPaths:
-    """Builds preset ``name`` under ``root`` once (seeded, so identical everywhere) and returns its paths."""
+    """Builds preset ``name`` under ``root`` once (seeded, so identical everywhere) and returns its
+    paths; a trained preset returns its shipped weights."""
     spec = get_preset(name)
+    if spec.trained:
+        return shipped_preset(spec)
     paths = preset_paths(spec, Path(root) if root else default_preset_root())
     marker = paths.root / _MARKER
     expected = {"format": PRESET_FORMAT, "name": spec.name, "small": spec.small, "large": spec.large, "seed": spec.seed}

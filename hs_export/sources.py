@@ -9,6 +9,18 @@ from hs_runtime.errors import ConfigError, describe
 from hs_runtime.pipeline import check_image_size
 from hs_runtime.presets import get_preset
 from hs_runtime.runtime import HybridStitchRuntime
+from hs_runtime.validation import check_device
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """What a run uses unless told otherwise: the preset's or the engine build's settings."""
+
+    height: int
+    width: int
+    steps: int = 28
+    guidance_scale: float = 7.0
+    preset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -22,6 +34,13 @@ class ModelSelection:
     width: int
     max_sequence_length: int
     preset: str | None = None
+    clip_tokens: int = 77  # CLIP tokenizer length: text tokens = clip_tokens + max_sequence_length
+    steps: int = 28
+    guidance_scale: float = 7.0
+
+    @property
+    def defaults(self) -> RunDefaults:
+        return RunDefaults(self.height, self.width, self.steps, self.guidance_scale, self.preset)
 
 
 def resolve_models(preset, small_src, large_src, pipeline_src, log=print) -> ModelSelection:
@@ -33,24 +52,39 @@ def resolve_models(preset, small_src, large_src, pipeline_src, log=print) -> Mod
 
         spec = get_preset(preset)
         paths = ensure_preset(preset, log=log)
-        pipeline = pipeline_src or (str(paths.pipeline) if paths.pipeline else None)
-        return ModelSelection(str(paths.small), str(paths.large), pipeline, spec.height, spec.width, spec.max_sequence_length, preset)
+        pipeline = pipeline_src if pipeline_src is not None else (str(paths.pipeline) if paths.pipeline else None)
+        return ModelSelection(
+            str(paths.small), str(paths.large), pipeline, spec.height, spec.width, spec.max_sequence_length, preset,
+            spec.clip_tokens, spec.steps, spec.guidance_scale,
+        )
     if not (small_src and large_src):
         raise ConfigError(describe("no models given", fix="pass --preset NAME, or both --small SRC and --large SRC"))
     pipeline = pipeline_src
     if pipeline is None and (Path(large_src) / "model_index.json").is_file():
         pipeline = large_src
-    return ModelSelection(small_src, large_src, pipeline, 1024, 1024, 256)
+    return ModelSelection(small_src, large_src, pipeline, 1024, 1024, 256, clip_tokens=clip_length(pipeline))
 
 
-def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype):
-    """A runtime and its default ``(height, width)``."""
+def clip_length(pipeline: str | None) -> int:
+    """The CLIP tokenizer length of a pipeline folder (SD3's is 77)."""
+    import json
+
+    config = Path(pipeline) / "tokenizer" / "tokenizer_config.json" if pipeline else None
+    if config is not None and config.is_file():
+        length = json.loads(config.read_text()).get("model_max_length")
+        if isinstance(length, int) and 0 < length <= 77:
+            return length
+    return 77
+
+
+def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype) -> tuple[HybridStitchRuntime, RunDefaults]:
+    """A runtime and the settings its models are meant for (size, steps, guidance)."""
     if engine_dir is not None:
         if preset or small_src or large_src:
             raise ConfigError(describe("an engine folder already names its models", fix="drop --preset/--small/--large"))
         runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device, pipeline_source=pipeline_src)
-        build = runtime.manifest.build
-        return runtime, (build["height"], build["width"])
+        build, plan = runtime.manifest.build, runtime.manifest.data.get("default_plan", {})
+        return runtime, RunDefaults(build["height"], build["width"], plan.get("steps", 28), plan.get("guidance_scale", 7.0), build.get("preset"))
     if backend not in (None, "torch"):
         raise ConfigError(describe(f"backend {backend} runs engines", fix="build them with `hs-export build` and pass the engine folder"))
     if preset and not get_preset(preset).text_pipeline and pipeline_src is None:
@@ -61,7 +95,7 @@ def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend
     runtime = HybridStitchRuntime.from_models(
         selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=selection.max_sequence_length
     )
-    return runtime, (selection.height, selection.width)
+    return runtime, selection.defaults
 
 
 def bench_engines(engine_dir, preset, backend, device, dtype, prompts, height, width, mask_ratio, log=print):
@@ -86,8 +120,10 @@ def bench_engines(engine_dir, preset, backend, device, dtype, prompts, height, w
             raise ConfigError(describe("--prompts differs from the engine build", got=prompts, expected=shape.prompts))
         return runtime.engines, (shape.latent_height, shape.latent_width), shape.text_tokens
     spec = get_preset(preset)
-    height, width = height or spec.height, width or spec.width
+    height = spec.height if height is None else height
+    width = spec.width if width is None else width
     check_image_size(height, width)
+    check_device(device)
     if backend in (None, "torch"):
         log(f"preset {preset}: random weights in memory on {device} ({dtype})")
         torch_dtype = DTYPES[dtype]

@@ -25,7 +25,7 @@ class ShapeError(HybridStitchError, ValueError):
 
 
 class ManifestError(HybridStitchError):
-    """An engine folder is missing, foreign, incomplete or of another schema version."""
+    """An engine folder is missing, foreign, incomplete, damaged or of another schema version."""
 
 
 class ExportError(HybridStitchError):
@@ -44,6 +44,14 @@ class ToleranceError(HybridStitchError):
     """An engine disagrees with its PyTorch reference beyond tolerance."""
 
 
+class EngineLoadError(HybridStitchError):
+    """An engine library (ONNX Runtime, TensorRT) refused an engine file: damaged, foreign or too new."""
+
+
+class NumericalError(HybridStitchError, ArithmeticError):
+    """A graph produced NaN or inf (fp16 overflow, non-finite weights or inputs)."""
+
+
 def describe(what: str, got: object = None, expected: object = None, fix: str | None = None) -> str:
     """Formats the one-line "what | got | expected | fix" message used across the toolkit."""
     parts = [what]
@@ -54,3 +62,11 @@ def describe(what: str, got: object = None, expected: object = None, fix: str | 
     if fix:
         parts.append(fix)
     return " | ".join(parts)
+
+
+def first_line(exc: BaseException) -> str:
+    """The library's own one-line reason for ``exc``: its first non-empty line, else its type."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -45,7 +45,7 @@ def plan_flops(plan: Plan, small: ModelDims, large: ModelDims, image_tokens: int
     small_full = transformer_flops(small, n, n, text_tokens)
     k = complex_token_count(plan.mask.ratio, n)
     large_tokens = transformer_flops(large, k, n, text_tokens)
-    needs_small_for_mask = plan.mask.signal == "disagreement"
+    needs_small_for_mask = plan.mask.signal == "disagreement" or plan.carry_offset
     captures = plan.count("capture")
     return PlanCost(
         large=large_full * (plan.count("large") + captures),

@@ -1,10 +1,14 @@
 """``manifest.json``: what an engine folder holds and what it was built for (DESIGN §3).
 
 The runtime is made from the folder alone; any mismatch names itself and the rebuild command.
+Every file of the folder is recorded with its size and sha256 (``artifacts``): loading checks the
+sizes (a ``stat`` per file), so a file cut short by a partial copy or a full disk is named before
+any engine library reads it; ``hs-export verify`` checks the hashes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -14,9 +18,29 @@ from pathlib import Path
 from .contract import GRAPH_NAMES, ModelDims
 from .errors import ManifestError, describe
 from .profiles import BuildShape
+from .validation import check_folder_path
 
+# Folders written before artifact records existed still load (sizes unchecked); no bump needed.
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+REQUIRED_KEYS = ("build", "models", "graphs")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB chunks (engines reach tens of GB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def artifact_records(folder: Path) -> list[dict]:
+    """``{"path", "bytes", "sha256"}`` for every file of an engine folder but the manifest itself
+    (engines, their ``.data`` files, ONNX files, session settings), in path order."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith("."))
+    return [{"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files]
 
 
 @dataclass
@@ -46,6 +70,47 @@ class Manifest:
     def shape(self) -> BuildShape:
         return BuildShape(**self.build["shape"])
 
+    @property
+    def artifacts(self) -> list[dict]:
+        """The recorded files (empty for folders built before records existed)."""
+        return list(self.data.get("artifacts", []))
+
+    @property
+    def damaged_fix(self) -> str:
+        return f"copy the whole folder again, or rebuild with: {self.rebuild_command} --force"
+
+    def check_sizes(self) -> None:
+        """Compares every recorded file's size with the disk (cheap: one ``stat`` each).
+
+        Raises:
+            ManifestError: naming the first missing or resized file, and the rebuild command.
+        """
+        for record in self.artifacts:
+            path = self.folder / record["path"]
+            if not path.is_file():
+                raise ManifestError(describe(f"damaged engine folder {self.folder}: {record['path']} is missing", expected=f"{record['bytes']} bytes as built", fix=self.damaged_fix))
+            size = path.stat().st_size
+            if size != record["bytes"]:
+                raise ManifestError(
+                    describe(
+                        f"damaged engine folder {self.folder}: {record['path']} has the wrong size", got=f"{size} bytes",
+                        expected=f"{record['bytes']} bytes as built (cut short by a partial copy or a full disk?)", fix=self.damaged_fix,
+                    )
+                )
+
+    def hash_problems(self) -> list[tuple[str, str | None]]:
+        """``(path, problem or None)`` per recorded file, comparing sha256 (reads every byte)."""
+        results = []
+        for record in self.artifacts:
+            path = self.folder / record["path"]
+            if not path.is_file():
+                results.append((record["path"], "missing"))
+            elif sha256_file(path) != record["sha256"]:
+                results.append((record["path"], "sha256 differs"))
+            else:
+                results.append((record["path"], None))
+        return results
+
     def dims(self, role: str) -> ModelDims:
         return ModelDims(**self.data["models"][role]["dims"])
 
@@ -63,10 +128,11 @@ class Manifest:
         """Reads and validates ``folder/manifest.json``.
 
         Raises:
-            ManifestError: missing folder or manifest, unreadable JSON, another schema version,
-                an incomplete build, or a graph whose engine file is missing.
+            ManifestError: missing folder or manifest (or a file in its place), unreadable JSON,
+                another schema version, an incomplete build, a graph whose engine file is missing,
+                or a file whose size differs from the one recorded at build time.
         """
-        folder = Path(folder)
+        folder = check_folder_path(folder, "engine folder", ManifestError, fix="pass the folder hs-export build wrote (with manifest.json)")
         path = folder / MANIFEST_NAME
         if not folder.is_dir():
             raise ManifestError(describe(f"engine folder not found: {folder}", fix=f"build one with: hs-export build --preset tiny --out {folder}"))
@@ -74,8 +140,11 @@ class Manifest:
             raise ManifestError(describe(f"no {MANIFEST_NAME} in {folder}: not an engine folder", fix=f"build one with: hs-export build --out {folder}"))
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ManifestError(describe(f"unreadable {path}", got=str(exc))) from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(describe(f"unreadable {path}", got=str(exc), fix="rebuild the folder with hs-export build ... --force")) from exc
+        lacking = [key for key in REQUIRED_KEYS if key not in data] if isinstance(data, dict) else list(REQUIRED_KEYS)
+        if lacking:
+            raise ManifestError(describe(f"{path} is not an engine manifest", got=f"no {', '.join(lacking)}", fix="rebuild the folder with hs-export build ... --force"))
         schema = data.get("schema_version")
         manifest = cls(folder, data)
         if schema != SCHEMA_VERSION:
@@ -87,6 +156,7 @@ class Manifest:
         missing = [g for g in GRAPH_NAMES if g not in data.get("graphs", {}) or not manifest.engine_path(g).exists()]
         if missing:
             raise ManifestError(describe(f"engine folder {folder} is missing graph(s) {missing}", fix=f"rebuild with: {manifest.rebuild_command} --force"))
+        manifest.check_sizes()
         return manifest
 
 
@@ -94,6 +164,7 @@ def write_manifest(folder: Path, data: dict) -> Path:
     """Writes ``manifest.json`` atomically (temp file + rename), so readers never see half of one."""
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; engine folders are shared and copied
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=False)
         handle.write("\n")

@@ -11,6 +11,7 @@ import torch
 
 from .contract import ModelDims
 from .errors import IncompatibleModelsError, ModelLoadError, describe
+from .validation import check_folder_path
 
 # Fields two models must share to be stitched: latent space and text conditioning.
 PAIR_FIELDS = ("patch_size", "in_channels", "out_channels", "joint_attention_dim", "pooled_projection_dim")
@@ -18,7 +19,7 @@ PAIR_FIELDS = ("patch_size", "in_channels", "out_channels", "joint_attention_dim
 
 def resolve_transformer_source(source: str | Path) -> tuple[str, str | None]:
     """``(path or hub id, subfolder)`` for a pipeline root, a transformer folder, or a hub id."""
-    path = Path(source).expanduser()
+    path = check_folder_path(source, "model", ModelLoadError, fix="pass the model's folder (with config.json), not a file in it")
     if path.exists():
         if (path / "transformer" / "config.json").is_file():
             return str(path), "transformer"

@@ -6,12 +6,16 @@ Only this module imports diffusers/transformers on the runtime side, and only wh
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
-from .errors import ModelLoadError, ShapeError, describe
+from .errors import ConfigError, ModelLoadError, ShapeError, describe, first_line
+from .numerics import check_finite
 from .sampler import Conditioning, DenoiseResult, StitchedSampler
 from .plans import Plan
+from .validation import check_folder_path, check_seed
 
 
 class TextAndVae:
@@ -24,12 +28,17 @@ class TextAndVae:
     def from_pretrained(cls, source: str | Path, device="cpu", dtype=torch.float32) -> "TextAndVae":
         from diffusers import StableDiffusion3Pipeline
 
-        path = Path(source)
+        path = check_folder_path(source, "pipeline", ModelLoadError, fix="pass --pipeline DIR, a diffusers StableDiffusion3Pipeline folder")
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(
                 describe(f"no SD3 pipeline (text encoders + VAE) at {source}", expected="a diffusers StableDiffusion3Pipeline folder with model_index.json", fix="pass --pipeline DIR or use a preset that has one (tiny, bench)")
             )
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), transformer=None, dtype=dtype)
+        if not (path / "vae" / "config.json").is_file():
+            raise ModelLoadError(describe(f"the pipeline folder {source} has no VAE", expected="vae/config.json beside model_index.json", fix="pass --pipeline DIR with a complete StableDiffusion3Pipeline (text encoders + VAE)"))
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(str(path), transformer=None, dtype=dtype)
+        except (OSError, ValueError) as exc:  # diffusers' and safetensors' load failures
+            raise ModelLoadError(describe(f"could not load the text encoders and VAE from {source}", got=first_line(exc), fix="copy or download the pipeline folder again")) from exc
         for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae):
             if module is not None:
                 module.to(device).eval()
@@ -50,10 +59,16 @@ class TextAndVae:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor):
-        """Latents ``[P, 16, h, w]`` → list of PIL images."""
+        """Latents ``[P, 16, h, w]`` → list of PIL images.
+
+        Raises:
+            NumericalError: for NaN/inf latents, or a decoded image with NaN/inf (never a black image).
+        """
+        check_finite("the latents to decode", latents, fix="the denoise went non-finite: see the step it names")
         vae = self.pipe.vae
         latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(latents, return_dict=False)[0]
+        check_finite("the VAE's decoded image", image, fix="VAE overflow? run the VAE in fp32")
         return self.pipe.image_processor.postprocess(image, output_type="pil")
 
 
@@ -65,12 +80,22 @@ def check_image_size(height: int, width: int, vae_scale_factor: int = 8, patch_s
             raise ShapeError(describe(f"{name} must be a positive multiple of {multiple}", got=value))
 
 
-def initial_latents(prompts: int, height: int, width: int, seed: int, vae_scale_factor: int = 8, channels: int = 16) -> torch.Tensor:
-    """Seeded noise ``[P, C, H/8, W/8]`` drawn on the CPU, as diffusers does with a CPU generator."""
+def initial_latents(prompts: int, height: int, width: int, seed: int | Sequence[int], vae_scale_factor: int = 8, channels: int = 16) -> torch.Tensor:
+    """Seeded noise ``[P, C, H/8, W/8]`` drawn on the CPU, as diffusers does with a CPU generator.
+
+    Args:
+        seed: one int (one generator for all prompts, as diffusers does), or one seed per prompt:
+            prompt ``i`` then gets the noise ``torch.Generator("cpu").manual_seed(seed[i])`` draws
+            for ``[1, C, H/8, W/8]``, so its noise never depends on the other prompts of the batch.
+    """
     check_image_size(height, width, vae_scale_factor)
-    generator = torch.Generator("cpu").manual_seed(seed)
     shape = (prompts, channels, height // vae_scale_factor, width // vae_scale_factor)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    if isinstance(seed, (int, np.integer)):
+        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(check_seed(seed)), dtype=torch.float32)
+    seeds = [check_seed(s) for s in seed]
+    if len(seeds) != prompts:
+        raise ConfigError(describe("one seed per prompt", got=f"{len(seeds)} seed(s) for {prompts} prompt(s)", fix="pass one int, or a list as long as the prompts"))
+    return torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds])
 
 
 class HybridStitchPipeline:
@@ -81,9 +106,15 @@ class HybridStitchPipeline:
         self.text_and_vae = text_and_vae
         self.max_sequence_length = max_sequence_length
 
-    def __call__(self, prompts, plan: Plan, height: int, width: int, seed: int = 0, negative_prompts=None, profile=True):
-        """Returns ``(images, DenoiseResult)``."""
+    def __call__(self, prompts, plan: Plan, height: int, width: int, seed: int | Sequence[int] = 0, negative_prompts=None, profile=True):
+        """Returns ``(images, DenoiseResult)``.
+
+        Args:
+            seed: one int for all prompts, or one per prompt (see :func:`initial_latents`).
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ConfigError(describe("no prompts given", fix="pass at least one prompt"))
         if negative_prompts is not None and isinstance(negative_prompts, str):
             negative_prompts = [negative_prompts] * len(prompts)
         conditioning = self.text_and_vae.encode(prompts, negative_prompts, self.sampler.cfg, self.max_sequence_length)

@@ -38,8 +38,11 @@ class PresetSpec:
 
     Attributes:
         height / width: default image size in pixels (latent = image / 8).
-        max_sequence_length: T5 tokens; text tokens = 77 + this.
+        max_sequence_length: T5 tokens; text tokens = ``clip_tokens`` + this.
+        clip_tokens: the CLIP tokenizers' length (SD3: 77).
         text_pipeline: whether the preset ships tiny text encoders + VAE (prompt-to-image).
+        trained: weights trained here and shipped with the package (else random from ``seed``).
+        steps / guidance_scale: what ``generate`` and ``quality`` use unless told otherwise.
     """
 
     name: str
@@ -48,13 +51,17 @@ class PresetSpec:
     height: int
     width: int
     max_sequence_length: int = 256
+    clip_tokens: int = 77
     text_pipeline: bool = False
+    trained: bool = False
     seed: int = 0
+    steps: int = 28
+    guidance_scale: float = 7.0
     notes: str = field(default="", compare=False)
 
     @property
     def text_tokens(self) -> int:
-        return 77 + self.max_sequence_length
+        return self.clip_tokens + self.max_sequence_length
 
 
 _TINY_TEXT = dict(joint=32, pooled=32)
@@ -80,6 +87,20 @@ PRESETS: dict[str, PresetSpec] = {
         max_sequence_length=77,
         text_pipeline=True,
         notes="CPU benchmarks: 48×48 latent, small/large FLOPs ≈ 0.3",
+    ),
+    "shapes": PresetSpec(
+        "shapes",
+        small=_config(4, 4, 32, pos_max=32, sample=32, joint=64, pooled=64, qk_norm="rms_norm"),
+        large=_config(8, 5, 32, pos_max=32, sample=32, joint=64, pooled=64, qk_norm="rms_norm"),
+        height=256,
+        width=256,
+        max_sequence_length=20,
+        clip_tokens=20,
+        text_pipeline=True,
+        trained=True,
+        steps=20,
+        guidance_scale=4.5,
+        notes="trained here on synthetic shape scenes (hs-export train-shapes): 32×32 latent, small/large FLOPs 0.34",
     ),
 }
 

@@ -19,7 +19,7 @@ class BuildShape:
     Attributes:
         prompts: prompts per call (the CFG batch is twice this when ``cfg``).
         latent_height / latent_width: latent size (image / 8).
-        text_tokens: T_txt (77 + T5 tokens).
+        text_tokens: T_txt (CLIP tokens, 77 in SD3, + T5 tokens).
         mask_ratio: planned mask ratio; ``large.tokens`` is tuned for ``ceil(r · N_img)`` tokens.
         dynamic_shape: batch 1..B prompts and latent sizes from half to twice the build size.
         token_buckets: number of ``large.tokens`` profiles splitting ``N ∈ [1, N_img]``.

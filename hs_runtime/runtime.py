@@ -7,8 +7,12 @@ from pathlib import Path
 import torch
 
 from .backends.base import EngineSet
+from .contract import SMALL_FULL
+from .errors import ShapeError, describe
+from .mask import TokenMask
 from .plans import Plan
-from .sampler import Conditioning, DenoiseResult, StitchedSampler
+from .sampler import Conditioning, DenoiseResult, StageTimes, StitchedSampler
+from .validation import check_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -20,7 +24,7 @@ class HybridStitchRuntime:
         engines: the three engines (torch, ONNX Runtime or TensorRT).
         pipeline_source: a diffusers SD3 folder with the large model's text encoders and VAE,
             needed only for prompt-to-image.
-        max_sequence_length: T5 tokens the engines were built for (text tokens = 77 + this).
+        max_sequence_length: T5 tokens the engines were built for (text tokens = CLIP length + this).
     """
 
     def __init__(self, engines: EngineSet, pipeline_source: str | Path | None = None, max_sequence_length: int = 256, manifest=None):
@@ -37,6 +41,7 @@ class HybridStitchRuntime:
         from .models import check_pair, load_transformer
 
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        device = check_device(device)
         small_model = load_transformer(small, torch_dtype, device)
         large_model = load_transformer(large, torch_dtype, device)
         check_pair(small_model.config, large_model.config)
@@ -55,15 +60,43 @@ class HybridStitchRuntime:
         from .manifest import Manifest
 
         manifest = Manifest.load(folder)
-        engines = engines_from_manifest(manifest, backend or manifest.backend, torch.device(device))
-        return cls(engines, pipeline_source or manifest.data.get("pipeline"), manifest.build["max_sequence_length"], manifest)
+        engines = engines_from_manifest(manifest, manifest.backend if backend is None else backend, device)
+        pipeline_source = manifest.data.get("pipeline") if pipeline_source is None else pipeline_source
+        return cls(engines, pipeline_source, manifest.build["max_sequence_length"], manifest)
 
     def sampler(self, guidance_scale: float = 7.0, shift: float = 3.0) -> StitchedSampler:
         return StitchedSampler(self.engines, guidance_scale, shift)
 
+    def prompt_range(self, cfg: bool = True) -> tuple[int, int] | None:
+        """Prompts one engine call takes, from the built profiles (batch axis of ``small.full``'s
+        ``hidden_states``; with guidance a prompt takes two rows). ``None``: no built limit (models
+        loaded without a manifest).
+
+        Raises:
+            ShapeError: if no prompt count fits (e.g. a batch-1 build run with guidance).
+        """
+        if self.manifest is None:
+            return None
+        profiles = self.manifest.graph(SMALL_FULL)["profiles"]
+        low = min(p["hidden_states"][0][0] for p in profiles)
+        high = max(p["hidden_states"][2][0] for p in profiles)
+        rows = 2 if cfg else 1
+        prompts = (-(-low // rows), high // rows)
+        if prompts[0] > prompts[1]:
+            raise ShapeError(
+                describe("no prompt count fits the built batch range", got=f"batch {low}..{high} with {rows} row(s) per prompt", fix=f"rebuild with: {self.manifest.rebuild_command} --force (adjusting --prompts)")
+            )
+        return prompts
+
+    def batching_sampler(self, guidance_scale: float = 7.0, shift: float = 3.0) -> "PromptBatchingSampler":
+        """A sampler that takes any number of prompts: pads or splits them to :meth:`prompt_range`."""
+        sampler = self.sampler(guidance_scale, shift)
+        return PromptBatchingSampler(sampler, self.prompt_range(sampler.cfg))
+
     def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, guidance_scale: float = 7.0, profile: bool = False) -> DenoiseResult:
-        """Prompt embeddings → latents. See :meth:`StitchedSampler.denoise`."""
-        return self.sampler(guidance_scale).denoise(plan, latents, conditioning, profile)
+        """Prompt embeddings → latents for any number of prompts (padded or split to what the
+        engines were built for). See :meth:`StitchedSampler.denoise` and :class:`PromptBatchingSampler`."""
+        return self.batching_sampler(guidance_scale).denoise(plan, latents, conditioning, profile)
 
     def text_and_vae(self):
         from .pipeline import TextAndVae
@@ -77,8 +110,84 @@ class HybridStitchRuntime:
             self._text_and_vae = TextAndVae.from_pretrained(self.pipeline_source, device=device)
         return self._text_and_vae
 
-    def pipeline(self, guidance_scale: float = 7.0):
-        """A :class:`~hs_runtime.pipeline.HybridStitchPipeline` (prompts → images)."""
+    def pipeline(self, guidance_scale: float = 7.0, text_and_vae=None):
+        """A :class:`~hs_runtime.pipeline.HybridStitchPipeline` (prompts → images) for any number
+        of prompts.
+
+        Args:
+            text_and_vae: text encoders + VAE to use instead of this runtime's own (e.g. one copy
+                shared by several runtimes); loaded from ``pipeline_source`` when ``None``.
+        """
         from .pipeline import HybridStitchPipeline
 
-        return HybridStitchPipeline(self.sampler(guidance_scale), self.text_and_vae(), self.max_sequence_length)
+        return HybridStitchPipeline(self.batching_sampler(guidance_scale), text_and_vae or self.text_and_vae(), self.max_sequence_length)
+
+
+class PromptBatchingSampler:
+    """Runs any number of prompts on engines built for a fixed prompt range.
+
+    Fewer prompts than the range's minimum are padded by repeating the last prompt's conditioning
+    and latents (the padded results are dropped); more than its maximum are split into chunks. Each
+    prompt's result depends only on its own conditioning and latents (up to floating-point
+    rounding), so batching never changes what a prompt gets. Each chunk holds the engines'
+    single-request guard (:meth:`EngineSet.exclusive`) while it runs.
+
+    Args:
+        sampler: the sampler that runs one engine call's worth of prompts.
+        prompt_range: ``(min, max)`` prompts per call, or ``None`` to pass everything through.
+    """
+
+    def __init__(self, sampler: StitchedSampler, prompt_range: tuple[int, int] | None):
+        self.sampler = sampler
+        self.prompt_range = prompt_range
+
+    def __getattr__(self, name):  # cfg, guidance_scale, engines, … of the wrapped sampler
+        return getattr(self.sampler, name)
+
+    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False) -> DenoiseResult:
+        """Denoises ``latents [P, C, H, W]`` for any ``P >= 1``; see :meth:`StitchedSampler.denoise`."""
+        n = latents.shape[0]
+        if n < 1:
+            raise ShapeError(describe("no prompts to denoise", got=tuple(latents.shape), expected="latents [P >= 1, C, H, W]"))
+        if self.prompt_range is None or n != conditioning.prompts or self.prompt_range[0] <= n <= self.prompt_range[1]:
+            return self.sampler.denoise(plan, latents, conditioning, profile)
+        low, high = self.prompt_range
+        parts = []
+        for start in range(0, n, high):
+            rows = list(range(start, min(start + high, n)))
+            real = len(rows)
+            rows += [rows[-1]] * (low - real)
+            result = self.sampler.denoise(plan, _take(latents, rows), _take_conditioning(conditioning, rows), profile)
+            parts.append((result, real))
+        return _concat_results(parts)
+
+
+def _take(tensor: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    return tensor.index_select(0, torch.tensor(rows, device=tensor.device))
+
+
+def _take_conditioning(conditioning: Conditioning, rows: list[int]) -> Conditioning:
+    c = conditioning
+    return Conditioning(
+        _take(c.prompt_embeds, rows), _take(c.pooled_prompt_embeds, rows),
+        _take(c.negative_prompt_embeds, rows), _take(c.negative_pooled_prompt_embeds, rows),
+    )
+
+
+def _concat_results(parts: list[tuple[DenoiseResult, int]]) -> DenoiseResult:
+    """Chunk results → one result over the real prompts (padding dropped); stage times summed."""
+    latents = torch.cat([r.latents[:real] for r, real in parts])
+    masks = []
+    for k in range(len(parts[0][0].masks)):  # every chunk ran the same plan: same mask count
+        chunks = [(r.masks[k], real) for r, real in parts]
+        masks.append(TokenMask(*(torch.cat([getattr(m, f)[:real] for m, real in chunks]) for f in ("complex_idx", "context_idx", "scores"))))
+    times = StageTimes()
+    for r, _ in parts:
+        for stage, seconds in r.times.seconds.items():
+            times.seconds[stage] += seconds
+        for action, seconds in r.times.step_seconds.items():
+            times.step_seconds[action] += seconds
+        times.total += r.times.total
+    return DenoiseResult(latents=latents, masks=masks, times=times)

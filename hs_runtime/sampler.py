@@ -17,9 +17,11 @@ from .backends.base import EngineSet
 from .contract import LARGE_FULL, LARGE_TOKENS, SMALL_FULL
 from .errors import ShapeError, describe
 from .mask import TokenMask, compute_mask
+from .numerics import FiniteMonitor
 from .plans import Plan
 from .schedule import DEFAULT_SHIFT, euler_step, flow_match_sigmas, guide
 from .tokens import gather_kv, gather_tokens, patchify, position_ids, scatter_tokens, unpatchify
+from .validation import check_number
 
 STAGES = ("large", "mask", "hybrid", "small")
 
@@ -117,12 +119,16 @@ class StitchedSampler:
         engines: the three engines (any backend).
         guidance_scale: CFG scale; ``<= 1`` disables guidance (batch = prompts, as diffusers).
         shift: flow-matching timestep shift (SD3: 3.0).
+        check_finite: record every graph's velocity on the device and raise
+            :class:`~hs_runtime.errors.NumericalError` at the end of a denoise that met NaN/inf.
     """
 
-    def __init__(self, engines: EngineSet, guidance_scale: float = 7.0, shift: float = DEFAULT_SHIFT):
+    def __init__(self, engines: EngineSet, guidance_scale: float = 7.0, shift: float = DEFAULT_SHIFT, check_finite: bool = True):
         self.engines = engines
-        self.guidance_scale = guidance_scale
+        self.guidance_scale = check_number("guidance scale", guidance_scale, minimum=0.0)
         self.shift = shift
+        self.check_finite = check_finite
+        self._finite = FiniteMonitor.disabled()
         self.small_dims = engines[SMALL_FULL].dims
         self.large_dims = engines[LARGE_FULL].dims
 
@@ -131,13 +137,16 @@ class StitchedSampler:
         return self.guidance_scale > 1.0
 
     def _call(self, graph: str, feeds: dict, outputs=None) -> dict:
-        return self.engines[graph](feeds, outputs)
+        out = self.engines[graph](feeds, outputs)
+        self._finite.record(graph, out)  # device-side: no host synchronisation
+        return out
 
     def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False) -> DenoiseResult:
         """Denoises ``latents [P, C, H, W]`` (initial noise) through every step of ``plan``.
 
         Raises:
             ConcurrencyError: if the same engines are already serving another thread.
+            NumericalError: if a graph produced NaN/inf (naming the first such step and graph).
         """
         with self.engines.exclusive():
             return self._denoise(plan, latents, conditioning, profile)
@@ -156,13 +165,16 @@ class StitchedSampler:
         self.large_dims.check_latent(height, width, "large")
         p = self.large_dims.patch_size
         positions = position_ids(height, width, p, self.large_dims.pos_embed_max_size, device=device)
+        finite = self._finite = FiniteMonitor(plan.actions, device, getattr(self.engines, "precision", None), self.engines.backend, self.check_finite)
+        finite.record_inputs(x, embeds, pooled)
 
         clock = _Clock(device, profile)
         start = clock.now()
         masks: list[TokenMask] = []
-        hybrid_inputs = None  # (complex_idx, token_pos, kv_context) for the CFG batch
+        hybrid_inputs = None  # (complex_idx, token_pos, kv_context, offset) for the CFG batch
         step_start = start
         for i, action in enumerate(plan.actions):
+            finite.step = i
             sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
             x_in = torch.cat([x, x]) if cfg else x
             t = timesteps[i].expand(x_in.shape[0])
@@ -186,7 +198,7 @@ class StitchedSampler:
                     out = self._call(SMALL_FULL, full_feeds)
                 v = guide(out["velocity"].float(), self.guidance_scale, cfg)
             else:  # hybrid
-                complex_idx, token_pos, kv_context = hybrid_inputs
+                complex_idx, token_pos, kv_context, offset = hybrid_inputs
                 n_prompts = x.shape[0]
                 patches = gather_tokens(patchify(x, p), complex_idx[:n_prompts]).to(dtype)
                 token_feeds = {
@@ -201,6 +213,8 @@ class StitchedSampler:
                     v_small = self._call(SMALL_FULL, full_feeds)["velocity"]
                     v_tokens = self._call(LARGE_TOKENS, token_feeds)["velocity_tokens"]
                 v_small = guide(v_small.float(), self.guidance_scale, cfg)
+                if offset is not None:
+                    v_small = v_small + offset
                 v_tokens = guide(v_tokens.float(), self.guidance_scale, cfg)
                 merged = scatter_tokens(patchify(v_small, p), complex_idx[:n_prompts], v_tokens)
                 v = unpatchify(merged, x.shape[1], height, width, p)
@@ -208,17 +222,23 @@ class StitchedSampler:
             if profile:
                 step_end = clock.now()
                 clock.times.step_seconds[action] += step_end - step_start
+                if i + 1 == plan.steps or plan.actions[i + 1] != action:
+                    finite.check(upto=i + 1)  # stage boundary of a profiled run: it synchronises anyway
+                    step_end = clock.now()  # the check is no step's time
                 step_start = step_end
         clock.times.total = clock.now() - start if profile else 0.0
+        finite.check()  # the one read back of an unprofiled run
         return DenoiseResult(latents=x, masks=masks, times=clock.times)
 
     def _capture(self, plan, x, v_large, sigma, full_feeds, kv_cache, positions):
-        """Mask at a capture step, then the hybrid stage's fixed inputs, gathered once per mask."""
+        """Mask at a capture step, then the hybrid stage's fixed inputs, gathered once per mask
+        (and the large − small offset when the plan carries it)."""
         v_small = None
-        if plan.mask.signal == "disagreement":
+        if plan.mask.signal == "disagreement" or plan.carry_offset:
             v_small = guide(self._call(SMALL_FULL, full_feeds)["velocity"].float(), self.guidance_scale, self.cfg)
         mask = compute_mask(plan.mask, x, v_large, v_small, sigma, self.large_dims.patch_size)
         batch_mask = mask.for_batch(self.cfg)
         token_pos = positions[batch_mask.complex_idx]
         kv_context = gather_kv(kv_cache, batch_mask.context_idx)
-        return mask, (batch_mask.complex_idx, token_pos, kv_context)
+        offset = v_large - v_small if plan.carry_offset else None
+        return mask, (batch_mask.complex_idx, token_pos, kv_context, offset)

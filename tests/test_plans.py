@@ -6,12 +6,12 @@ from hs_runtime.plans import MaskConfig, Plan, PlanConfig, make_plan
 
 def test_hybrid_default_layout():
     plan = make_plan("hybrid", 28)
-    a, b = round(0.15 * 28), round(0.55 * 28)
+    a, b = round(0.25 * 28), round(0.5 * 28)
     assert plan.actions[: a - 1] == ("large",) * (a - 1)
     assert plan.actions[a - 1] == "capture"
     assert plan.actions[a:b] == ("hybrid",) * (b - a)
     assert plan.actions[b:] == ("small",) * (28 - b)
-    assert plan.mask == MaskConfig(0.3, "disagreement", False)
+    assert plan.mask == MaskConfig(0.3, "disagreement", False) and plan.carry_offset
 
 
 def test_baselines():

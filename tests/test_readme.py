@@ -29,5 +29,5 @@ def test_first_command_runs(preset_root, tmp_path):
         cmd = [sys.executable, "-c", "from hs_export.cli import main; main()", *argv[1:]]
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "engines" / "tiny" / "manifest.json").is_file()
+    assert (tmp_path / "engines" / "shapes" / "manifest.json").is_file()
     assert (tmp_path / "out.png").is_file() and (tmp_path / "out_compare.png").is_file()

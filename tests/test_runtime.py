@@ -45,9 +45,11 @@ def test_resolution_outside_profiles(tiny_engine_dir, tiny_conditioning):
 
 
 def test_prompt_count_outside_profiles(tiny_engine_dir, tiny_conditioning):
+    # The sampler feeds engines as they are; the runtime splits prompts to the built count
+    # (tests/test_serve.py::test_runtime_pads_and_splits_prompts).
     runtime = HybridStitchRuntime.from_dir(tiny_engine_dir)
     with pytest.raises(ShapeError, match=r"outside the built profiles.*--prompts 1"):
-        runtime.denoise(make_plan("small", 2), initial_latents(2, 128, 128, 0), _conditioning(tiny_conditioning, prompts=2))
+        runtime.sampler().denoise(make_plan("small", 2), initial_latents(2, 128, 128, 0), _conditioning(tiny_conditioning, prompts=2))
 
 
 def test_wrong_embedding_width(tiny_engine_dir, tiny_conditioning):

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -68,3 +70,18 @@ def test_mask_variants_run_end_to_end(mask, tiny_torch_engines, tiny_conditionin
     result = StitchedSampler(tiny_torch_engines, 7.0).denoise(plan, initial_latents(2, 128, 128, 0), tiny_conditioning)
     assert torch.isfinite(result.latents).all()
     assert result.masks[0].complex_idx.shape == (2, 20)  # ceil(0.3 · 64) tokens per prompt
+
+
+def test_carry_offset_is_exact_at_full_ratio_and_acts_below_it(tiny_torch_engines, tiny_conditioning):
+    """Ratio 1.0 leaves no token outside the mask, so carrying the offset changes nothing and
+    the plan still equals srdiff with the same dense steps; below 1.0 it changes the image."""
+    sampler = StitchedSampler(tiny_torch_engines, 7.0)
+    latents = initial_latents(2, 128, 128, 0)
+    srdiff = sampler.denoise(make_plan("srdiff", STEPS, PlanConfig(srdiff_large_fraction=0.8)), latents, tiny_conditioning).latents
+    full = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, carry_offset=True, mask=MaskConfig(ratio=1.0)))
+    assert full.carry_offset and full.count("hybrid") > 0
+    assert (sampler.denoise(full, latents, tiny_conditioning).latents - srdiff).abs().max() <= 1e-4
+    config = PlanConfig(large_fraction=0.2, hybrid_end=0.8, carry_offset=False, mask=MaskConfig(ratio=0.3, signal="detail"))
+    plain = sampler.denoise(make_plan("hybrid", STEPS, config), latents, tiny_conditioning).latents
+    carried = sampler.denoise(make_plan("hybrid", STEPS, replace(config, carry_offset=True)), latents, tiny_conditioning).latents
+    assert torch.isfinite(carried).all() and not torch.allclose(plain, carried)

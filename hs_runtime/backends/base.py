@@ -30,15 +30,19 @@ class Engine(Protocol):
 class EngineSet:
     """The three engines of one build, with the device and float dtype they exchange tensors in.
 
+    ``precision`` is what the engines compute in (``fp32``, ``fp16``, ``bf16``; a TensorRT fp16
+    plan exchanges fp32 tensors), used to suggest the fix when a graph overflows.
+
     Not thread-safe: TensorRT contexts and reused output buffers serve one request at a time.
     :meth:`exclusive` makes a second concurrent user fail loudly instead of corrupting them.
     """
 
-    def __init__(self, engines: Mapping[str, Engine], device: torch.device, dtype: torch.dtype, backend: str):
+    def __init__(self, engines: Mapping[str, Engine], device: torch.device, dtype: torch.dtype, backend: str, precision: str | None = None):
         self.engines = dict(engines)
         self.device = torch.device(device)
         self.dtype = dtype
         self.backend = backend
+        self.precision = precision
         self._lock = threading.Lock()
 
     @contextmanager

@@ -6,21 +6,33 @@ import torch
 
 from ..contract import GRAPH_NAMES
 from ..errors import ManifestError, describe
+from ..validation import check_device
 from .base import EngineSet
 from .checked import ProfileCheckedEngine
 
 _IO_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-def engines_from_manifest(manifest, backend: str, device: torch.device) -> EngineSet:
+def engines_from_manifest(manifest, backend: str, device) -> EngineSet:
+    """Loads the folder's engines (or the torch graphs of its models) behind the profile checks.
+
+    Raises:
+        ConfigError: an unknown or absent device.
+        ManifestError: a backend the folder was not built for.
+        EngineLoadError: an engine library refused a file (with its reason and the rebuild command).
+    """
+    device = check_device(device)
     dims = {role: manifest.dims(role) for role in ("small", "large")}
     role_of = {name: manifest.graph(name)["model"] for name in GRAPH_NAMES}
+    fix = f"run hs-export verify {manifest.folder} to check every file, or rebuild with: {manifest.rebuild_command} --force"
+    precision = manifest.build.get("precision")
     if backend == "torch":
         from .torch_backend import torch_engines
         from ..models import load_transformer
 
         models = {role: load_transformer(manifest.data["models"][role]["source"]) for role in ("small", "large")}
         inner = torch_engines(models["small"], models["large"], device, torch.float32)
+        precision = inner.precision
     elif backend != manifest.backend:
         raise ManifestError(
             describe(f"engine folder {manifest.folder} holds {manifest.backend} engines", got=f"--backend {backend}", expected=f"{manifest.backend} or torch", fix=f"build {backend} engines: {manifest.rebuild_command.replace('--backend ' + manifest.backend, '--backend ' + backend)}")
@@ -29,20 +41,20 @@ def engines_from_manifest(manifest, backend: str, device: torch.device) -> Engin
         from .onnxruntime_backend import OrtEngine, load_settings
 
         settings = load_settings(manifest.folder)
-        engines = {name: OrtEngine(manifest.engine_path(name), name, dims[role_of[name]], device, settings) for name in GRAPH_NAMES}
-        inner = EngineSet(engines, device, _IO_DTYPES[manifest.data.get("io_dtype", "fp32")], backend)
+        engines = {name: OrtEngine(manifest.engine_path(name), name, dims[role_of[name]], device, settings, fix=fix) for name in GRAPH_NAMES}
+        inner = EngineSet(engines, device, _IO_DTYPES[manifest.data.get("io_dtype", "fp32")], backend, precision)
     elif backend == "tensorrt":
         from .tensorrt_backend import TrtEngine
 
         built_with = f"TensorRT {manifest.data['versions'].get('tensorrt')}"
         engines = {
-            name: TrtEngine(manifest.engine_path(name), name, dims[role_of[name]], device, manifest.graph(name)["profiles"], built_with)
+            name: TrtEngine(manifest.engine_path(name), name, dims[role_of[name]], device, manifest.graph(name)["profiles"], built_with, fix=fix)
             for name in GRAPH_NAMES
         }
-        inner = EngineSet(engines, device, torch.float32, backend)
+        inner = EngineSet(engines, device, torch.float32, backend, precision)
     else:
         raise ManifestError(describe("unknown backend", got=repr(backend), expected="torch | onnxruntime | tensorrt"))
     checked = {
         name: ProfileCheckedEngine(inner[name], manifest.graph(name)["profiles"], manifest.rebuild_command) for name in GRAPH_NAMES
     }
-    return EngineSet(checked, inner.device, inner.dtype, inner.backend)
+    return EngineSet(checked, inner.device, inner.dtype, inner.backend, precision)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..contract import GRAPH_SPECS, ModelDims
-from ..errors import BuildError, ManifestError, describe
+from ..errors import BuildError, EngineLoadError, ManifestError, describe, first_line
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -42,6 +42,14 @@ def session_options(settings: Mapping):
     return options
 
 
+def load_errors() -> tuple[type[BaseException], ...]:
+    """ONNX Runtime's own exception types (``InvalidProtobuf``, ``Fail``, ``NoSuchFile``, …): they
+    share no base class beyond ``Exception``, so the load boundary names them all."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+
+
 def providers_for(device: torch.device) -> list:
     ort = _import_ort()
     available = ort.get_available_providers()
@@ -55,16 +63,28 @@ def providers_for(device: torch.device) -> list:
 
 
 class OrtEngine:
-    """One graph in an ``onnxruntime.InferenceSession``."""
+    """One graph in an ``onnxruntime.InferenceSession``.
 
-    def __init__(self, path: Path, graph: str, dims: ModelDims, device: torch.device, settings: Mapping | None = None):
+    Args:
+        fix: what to tell the user if ONNX Runtime refuses the file (the folder's rebuild command).
+
+    Raises:
+        EngineLoadError: ONNX Runtime could not load ``path``; names the file and ORT's reason.
+    """
+
+    def __init__(self, path: Path, graph: str, dims: ModelDims, device: torch.device, settings: Mapping | None = None, fix: str | None = None):
         ort = _import_ort()
+        fix = fix or "rebuild with hs-export build --force"
         if not Path(path).is_file():
-            raise ManifestError(describe(f"engine file missing for {graph}", got=str(path), fix="rebuild with hs-export build --force"))
+            raise ManifestError(describe(f"engine file missing for {graph}", got=str(path), fix=fix))
         self.spec = GRAPH_SPECS[graph]
         self.dims = dims
         self.device = torch.device(device)
-        self.session = ort.InferenceSession(str(path), session_options(settings or {}), providers=providers_for(self.device))
+        options, providers = session_options(settings or {}), providers_for(self.device)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except load_errors() as exc:
+            raise EngineLoadError(describe(f"ONNX Runtime cannot load {graph} engine {path}", got=first_line(exc), fix=fix)) from exc
 
     def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         wanted = list(outputs) if outputs is not None else list(self.spec.output_names)
@@ -103,5 +123,14 @@ class OrtEngine:
 
 
 def load_settings(folder: Path) -> dict:
+    """The session settings saved beside the engines (``{}`` if the folder has none)."""
     path = Path(folder) / "ort_session.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ManifestError(describe(f"unreadable {path}", got=first_line(exc), fix="run hs-export verify on the folder, or rebuild it with --force")) from exc
+    if not isinstance(settings, dict):
+        raise ManifestError(describe(f"unreadable {path}", got=type(settings).__name__, expected="a JSON object", fix="rebuild the folder with --force"))
+    return settings

@@ -8,13 +8,14 @@ chosen by :func:`hs_runtime.profiles.select_profile`.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
 from ..contract import GRAPH_SPECS, ModelDims
-from ..errors import BuildError, ManifestError, describe
+from ..errors import BuildError, EngineLoadError, ManifestError, describe, first_line
 from ..profiles import select_profile
 
 
@@ -31,10 +32,33 @@ def torch_dtype_of(trt, dtype) -> torch.dtype:
     return table[dtype]
 
 
-class TrtEngine:
-    """One deserialized plan with one execution context (so: one request at a time)."""
+def recording_logger(trt):
+    """A ``trt.ILogger`` that prints warnings and errors like ``trt.Logger(WARNING)`` and keeps the
+    errors, so a failed deserialization can name TensorRT's own reason (it returns ``None``)."""
 
-    def __init__(self, plan_path: Path, graph: str, dims: ModelDims, device: torch.device, profiles: list[dict], built_with: str | None = None, stream: torch.cuda.Stream | None = None):
+    class RecordingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)  # required by TensorRT's Python bindings
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
+                self.errors.append(str(msg).strip())
+            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR, trt.ILogger.WARNING):
+                print(f"[TensorRT] {msg}", file=sys.stderr)
+
+    return RecordingLogger()
+
+
+class TrtEngine:
+    """One deserialized plan with one execution context (so: one request at a time).
+
+    Raises:
+        EngineLoadError: the plan cannot be read or deserialized here; names the file, TensorRT's
+            reason (a version or GPU mismatch, a damaged file) and ``fix``.
+    """
+
+    def __init__(self, plan_path: Path, graph: str, dims: ModelDims, device: torch.device, profiles: list[dict], built_with: str | None = None, stream: torch.cuda.Stream | None = None, fix: str | None = None):
         trt = _import_trt()
         self.spec = GRAPH_SPECS[graph]
         self.dims = dims
@@ -42,12 +66,21 @@ class TrtEngine:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ManifestError(describe("TensorRT engines run on CUDA devices", got=str(self.device), fix="pass --device cuda"))
-        self.logger = trt.Logger(trt.Logger.WARNING)
+        fix = fix or "rebuild on this host with hs-export build --backend tensorrt --force"
+        self.logger = recording_logger(trt)  # kept alive as long as the runtime and engine
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        try:
+            data = Path(plan_path).read_bytes()
+        except OSError as exc:
+            raise EngineLoadError(describe(f"cannot read {graph} engine {plan_path}", got=first_line(exc), fix=fix)) from exc
+        self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
-            raise ManifestError(
-                describe(f"TensorRT could not deserialize {plan_path}", got=f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(self.device)}", expected=f"the TensorRT version and GPU it was built with ({built_with or 'see manifest'})", fix="rebuild on this host with hs-export build --backend tensorrt --force")
+            reason = self.logger.errors[0] if self.logger.errors else "deserialize_cuda_engine returned None"
+            raise EngineLoadError(
+                describe(
+                    f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(self.device)} cannot load {graph} engine {plan_path}",
+                    got=reason, expected=f"a plan from this TensorRT version and GPU (built with {built_with or 'see manifest'})", fix=fix,
+                )
             )
         self.context = self.engine.create_execution_context()
         self.stream = stream or torch.cuda.current_stream(self.device)

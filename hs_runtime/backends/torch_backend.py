@@ -11,7 +11,10 @@ import torch
 
 from ..contract import GRAPH_SPECS, LARGE_FULL, ModelDims
 from ..graphs import build_graphs
+from ..validation import check_device
 from .base import EngineSet
+
+PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class TorchEngine:
@@ -43,10 +46,11 @@ def _to(model, device, dtype):
 
 def torch_engines(small, large, device="cpu", dtype=torch.float32) -> EngineSet:
     """An :class:`EngineSet` over a loaded small/large ``SD3Transformer2DModel`` pair."""
+    device = check_device(device)
     small, large = (_to(m, device, dtype) for m in (small, large))
     dims = {"small": ModelDims.from_config(small.config), "large": ModelDims.from_config(large.config)}
     engines = {
         name: TorchEngine(module, dims["small" if name.startswith("small") else "large"])
         for name, module in build_graphs(small, large).items()
     }
-    return EngineSet(engines, torch.device(device), dtype, "torch")
+    return EngineSet(engines, device, dtype, "torch", PRECISIONS.get(dtype))

@@ -1,0 +1,513 @@
+"""Serving: per-prompt seeds and prompt padding in the runtime, request validation and grouping,
+the handlers without Triton, then a real Triton server started by ``hs-export serve`` on loopback
+ports (8 concurrent clients, batching, bad requests, the latents model, bench-serve, SIGTERM)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hs_export.cli import main
+from hs_export.serve.batching import RunSettings, ServingDefaults, ServingLimits, group_calls, parse_generation, parse_rows
+from hs_export.serve.handlers import GenerateHandler, Instance, LatentsHandler, SharedTextAndVae
+from hs_export.serve.protocol import GENERATE, LATENTS, TIMING_KEYS, ServingError
+from hs_runtime import HybridStitchRuntime
+from hs_runtime.errors import HybridStitchError
+from hs_runtime.pipeline import initial_latents
+from hs_runtime.plans import make_plan
+from hs_runtime.sampler import Conditioning
+
+STEPS = 4
+PROMPTS = ("a red cat", "a photo of a dog in the city", "a blue lake at night", "a portrait of an astronaut")
+MAX_PIXEL_DIFF = 2  # "up to floating-point rounding": at most 2 levels of 255 on any pixel
+
+
+@pytest.fixture(scope="session")
+def tiny4_engine_dir(tiny_paths, tmp_path_factory):
+    """Tiny ONNX Runtime engines built for 4 prompts per call (batch 8 with guidance)."""
+    from hs_export.build import BuildConfig, build
+    from hs_export.sources import resolve_models
+
+    out = tmp_path_factory.mktemp("engines4") / "tiny4"
+    build(resolve_models("tiny", None, None, None, log=lambda *_: None), BuildConfig(out=out, prompts=4), log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny4_runtime(tiny4_engine_dir):
+    return HybridStitchRuntime.from_dir(tiny4_engine_dir)
+
+
+@pytest.fixture(scope="session")
+def instance(tiny4_runtime):
+    m = tiny4_runtime.manifest
+    return Instance(0, tiny4_runtime, SharedTextAndVae(tiny4_runtime.text_and_vae()), ServingDefaults.from_manifest(m), ServingLimits.from_manifest(m))
+
+
+def _alone(runtime, prompt, seed, steps=STEPS, plan=None):
+    """What ``hs-export generate`` computes for one prompt (the same pipeline call)."""
+    d = ServingDefaults.from_manifest(runtime.manifest).settings
+    images, _ = runtime.pipeline(d.guidance_scale)([prompt], make_plan(plan or d.plan, steps), d.height, d.width, seed)
+    return np.asarray(images[0], dtype=np.int16)
+
+
+def _request(prompt="a red cat", seed=0, **options) -> dict[str, np.ndarray]:
+    """A Triton request as the handler receives it: name → [1, 1] array."""
+    values = {"prompt": prompt, "seed": seed, **options}
+    return {name: _array(name, value) for name, value in values.items()}
+
+
+def _array(name, value):
+    spec = GENERATE.input(name)
+    if spec.dtype is np.bytes_:
+        return np.array([[value.encode() if isinstance(value, str) else value]], dtype=np.object_)
+    return np.array([[value]], dtype=spec.dtype)
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+def test_initial_latents_per_prompt_seeds():
+    batched = initial_latents(3, 128, 128, [5, 6, 7])
+    for i, seed in enumerate((5, 6, 7)):
+        assert torch.equal(batched[i : i + 1], initial_latents(1, 128, 128, seed))
+    assert torch.equal(initial_latents(2, 128, 128, 3), initial_latents(2, 128, 128, 3))  # an int keeps today's behaviour
+    with pytest.raises(HybridStitchError, match="one seed per prompt"):
+        initial_latents(2, 128, 128, [1])
+
+
+@pytest.mark.parametrize("prompts", [1, 3, 5])
+def test_runtime_pads_and_splits_prompts(tiny4_runtime, tiny_conditioning, prompts):
+    """1 and 3 prompts are padded to the built 4; 5 are split into 4 + 1 (padded): every prompt
+    gets what it gets alone, masks and latents sliced alike."""
+    assert tiny4_runtime.prompt_range(cfg=True) == (4, 4) and tiny4_runtime.prompt_range(cfg=False) == (8, 8)
+    c = tiny_conditioning
+    rows = [i % c.prompts for i in range(prompts)]
+    pick = lambda t: t[rows]  # noqa: E731
+    cond = Conditioning(pick(c.prompt_embeds), pick(c.pooled_prompt_embeds), pick(c.negative_prompt_embeds), pick(c.negative_pooled_prompt_embeds))
+    seeds = list(range(10, 10 + prompts))
+    plan = make_plan("hybrid", 6)
+    result = tiny4_runtime.denoise(plan, initial_latents(prompts, 128, 128, seeds), cond)
+    assert result.latents.shape == (prompts, 16, 16, 16)
+    assert len(result.masks) == 1 and result.masks[0].complex_idx.shape[0] == prompts
+    for i in range(prompts):
+        one = Conditioning(*(t[i : i + 1] for t in (cond.prompt_embeds, cond.pooled_prompt_embeds, cond.negative_prompt_embeds, cond.negative_pooled_prompt_embeds)))
+        alone = tiny4_runtime.denoise(plan, initial_latents(1, 128, 128, seeds[i]), one)
+        assert torch.allclose(result.latents[i], alone.latents[0], atol=1e-4)
+        assert torch.equal(result.masks[0].complex_idx[i], alone.masks[0].complex_idx[0])
+
+
+# ----------------------------------------------------------------------------- validation and grouping
+
+
+def test_defaults_and_limits_come_from_the_manifest(tiny4_runtime):
+    defaults = ServingDefaults.from_manifest(tiny4_runtime.manifest)
+    limits = ServingLimits.from_manifest(tiny4_runtime.manifest)
+    assert defaults.settings.plan == "hybrid" and (defaults.settings.height, defaults.settings.width) == (128, 128)
+    assert defaults.settings.mask_ratio == pytest.approx(0.3)
+    assert limits.latent_height == (16, 16) and limits.text_tokens == 85 and limits.vae_scale == 8
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(plan="fastest"), "unknown plan | got 'fastest'"),
+        (dict(height=256), "height outside the built profiles | got 256 px | expected 128..128 px | rebuild with: hs-export build"),
+        (dict(width=100), "width must be a positive multiple of 16"),
+        (dict(mask_ratio=0.0), "mask ratio out of range"),
+        (dict(mask_ratio=1.5), "mask ratio out of range"),
+        (dict(steps=0), "steps out of range | got 0"),
+        (dict(prompt="   "), "empty prompt"),
+        (dict(prompt=b"\xff\xfe"), "input prompt is not UTF-8 text"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+        (dict(plan="hybrid", steps=2), "hybrid plan needs at least one large step"),
+        (dict(seed=-1), "seed out of range | got -1"),
+    ],
+)
+def test_bad_rows_get_one_line_reasons(instance, options, message):
+    rows = parse_rows([_request(**{"prompt": "ok", "seed": 1, **options})], lambda inputs, r: parse_generation(inputs, r, instance.defaults, instance.limits))
+    assert len(rows) == 1 and message in rows[0].error and "\n" not in rows[0].error
+
+
+def test_missing_required_inputs_are_refused(instance):
+    # Triton 2.51 passes a request without a required input on to the model: the handler refuses it.
+    parse = lambda inputs, r: parse_generation(inputs, r, instance.defaults, instance.limits)  # noqa: E731
+    no_prompt = {"seed": np.array([[1]], np.int64)}
+    no_seed = {"prompt": np.array([[b"x"]], dtype=np.object_)}
+    assert "missing input prompt" in parse_rows([no_prompt], parse)[0].error
+    assert "missing input seed" in parse_rows([no_seed], parse)[0].error
+
+
+def test_group_calls_by_settings_in_arrival_order():
+    a = RunSettings("hybrid", 4, 7.0, 0.3, 128, 128)
+    b = RunSettings("small", 4, 7.0, 0.3, 128, 128)
+    items = [a, a, b, a, a, a, b]
+    assert group_calls(items, key=lambda s: s, max_prompts=lambda s: 4) == [[0, 1, 3, 4], [5], [2, 6]]
+    assert group_calls(items, key=lambda s: s, max_prompts=lambda s: None) == [[0, 1, 3, 4, 5], [2, 6]]
+
+
+def test_handler_serves_a_batch_around_a_bad_request(instance, tiny4_runtime):
+    """One dynamic batch: good, bad, good, good. The bad one gets its reason and a 1×1 placeholder;
+    the three good ones run in one engine call and equal their images alone."""
+    handler = GenerateHandler(instance)
+    requests = [_request(PROMPTS[0], 1, steps=STEPS), _request(PROMPTS[1], 2, steps=STEPS, plan="fastest"), _request(PROMPTS[2], 3, steps=STEPS), _request(PROMPTS[3], 4, steps=STEPS, negative_prompt="blurry")]
+    out = handler(requests)
+    assert [o["error"][0, 0] for o in out][1].startswith(b"unknown plan")
+    assert out[1]["image"].shape == (1, 1, 1, 3)
+    assert handler.counters.denoise_calls == 1 and handler.counters.largest_call == 3
+    for i in (0, 2):
+        assert out[i]["error"][0, 0] == b""
+        assert out[i]["image"].shape == (1, 128, 128, 3) and out[i]["mask"].shape == (1, 8, 8)
+        assert out[i]["timings_s"].shape == (1, len(TIMING_KEYS))
+        assert np.abs(out[i]["image"][0].astype(np.int16) - _alone(tiny4_runtime, PROMPTS[i], i + 1)).max() <= MAX_PIXEL_DIFF
+    assert out[0]["mask"].sum() == int(np.ceil(0.3 * 64))  # the hybrid plan's 30% of 8×8 tokens
+
+
+def test_a_request_with_several_rows(instance, tiny4_runtime):
+    """A client may send [N, 1] arrays: each row is a prompt; a refused row gets zeros shaped like
+    the others and its own reason."""
+    request = {"prompt": np.array([[b"a red cat"], [b" "], [PROMPTS[1].encode()]], dtype=np.object_), "seed": np.array([[1], [2], [3]], np.int64), "steps": np.array([[STEPS]] * 3, np.int64)}
+    out = GenerateHandler(instance)([request])[0]
+    assert out["image"].shape == (3, 128, 128, 3) and out["mask"].shape == (3, 8, 8)
+    assert [e[0] for e in out["error"]] == [b"", b"empty prompt | send a non-empty prompt", b""]
+    assert not out["image"][1].any()
+    assert np.abs(out["image"][2].astype(np.int16) - _alone(tiny4_runtime, PROMPTS[1], 3)).max() <= MAX_PIXEL_DIFF
+
+
+def test_an_engine_call_error_stays_with_its_request(instance):
+    """An error validation did not foresee fails one engine call: its members are retried alone,
+    so only the culprit gets the error."""
+
+    class Fussy(GenerateHandler):
+        def run(self, items):
+            if any(i.prompt == "boom" for i in items):
+                raise HybridStitchError("boom | got a prompt the engines refuse")
+            return [self.placeholder() for _ in items]
+
+    out = Fussy(instance)([_request("a", 1), _request("boom", 2), _request("c", 3)])
+    assert [o["error"][0, 0] for o in out] == [b"", b"boom | got a prompt the engines refuse", b""]
+
+
+def test_latents_handler_matches_the_runtime(instance, tiny4_runtime, tiny_conditioning):
+    c = tiny_conditioning
+    noise = initial_latents(2, 128, 128, [7, 8]).numpy()
+    requests = [
+        {"prompt_embeds": c.prompt_embeds[i : i + 1].numpy(), "pooled_prompt_embeds": c.pooled_prompt_embeds[i : i + 1].numpy(),
+         "negative_prompt_embeds": c.negative_prompt_embeds[i : i + 1].numpy(), "negative_pooled_prompt_embeds": c.negative_pooled_prompt_embeds[i : i + 1].numpy(),
+         "latents": noise[i : i + 1], "steps": np.array([[STEPS]], np.int64)}
+        for i in range(2)
+    ]
+    bad = dict(requests[0], latents=noise[:1, :, :8])  # 8×16 latent: outside the built profile
+    out = LatentsHandler(instance)([*requests, bad])
+    want = tiny4_runtime.denoise(make_plan("hybrid", STEPS), torch.from_numpy(noise), c).latents.numpy()
+    for i in range(2):
+        assert out[i]["error"][0, 0] == b""
+        np.testing.assert_allclose(out[i]["latents"][0], want[i], atol=1e-4)
+    assert b"height outside the built profiles" in out[2]["error"][0, 0]
+
+
+# ----------------------------------------------------------------------------- a real server
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _session_processes(session: int) -> list[tuple[int, str]]:
+    """(pid, name) of every live process in ``session`` (the server was started as its leader)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append((int(entry.name), name))
+    return found
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, ports: list[int], log: Path):
+        self.proc, self.log = proc, log
+        self.url = f"http://127.0.0.1:{ports[0]}"
+        self.grpc_url = f"grpc://127.0.0.1:{ports[1]}"
+        self.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def stop(self, timeout_s: float = 60.0) -> list[tuple[int, str]]:
+        """SIGTERM, wait; kill the whole session if it does not exit; return processes left."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        left = _session_processes(self.proc.pid)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = _session_processes(self.proc.pid)
+        for pid, _ in left:  # never leave anything behind, even when the test fails
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return left
+
+
+def start_server(engine_dir: Path, log: Path, preset_root: Path, *extra: str, ready_timeout_s: float = 180.0) -> Server:
+    pytest.importorskip("pytriton", reason="serving needs nvidia-pytriton (pip install '.[serve]')")
+    pytest.importorskip("tritonclient.http", reason="serving needs tritonclient (pip install '.[serve]')")
+    ports = _free_ports(3)
+    cmd = [
+        sys.executable, "-c", "from hs_export.cli import main; main()", "serve", str(engine_dir), "--host", "127.0.0.1",
+        "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra,
+    ]
+    env = {**os.environ, "HS_PRESET_DIR": str(preset_root), "HF_HUB_OFFLINE": "1"}
+    handle = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    handle.close()
+    server = Server(proc, ports, log)
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:  # the model's ready endpoint: /v2/health/ready is true before models are bound
+        if proc.poll() is not None:
+            server.stop()
+            pytest.fail(f"hs-export serve exited with {proc.returncode}:\n{server.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/v2/models/{GENERATE.name}/ready", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.5)
+    left = server.stop()
+    pytest.fail(f"server not ready after {ready_timeout_s:.0f} s (left {left}):\n{server.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny4_engine_dir, preset_root, tmp_path_factory):
+    s = start_server(tiny4_engine_dir, tmp_path_factory.mktemp("serve") / "serve.log", preset_root, "--instances", "2")
+    yield s
+    left = s.stop()
+    assert not left, f"processes left behind: {left}"
+
+
+def _metric(url: str, name: str, model: str) -> float:
+    from hs_export.serve.bench_serve import scrape_counts
+
+    counts = scrape_counts(url, model)
+    assert counts is not None, f"no metrics at {url}"
+    return dict(zip(("nv_inference_count", "nv_inference_exec_count"), counts))[name]
+
+
+def test_eight_concurrent_clients_get_the_images_generate_makes(server, tiny4_runtime, tmp_path):
+    """8 clients × 4 requests (HTTP and gRPC), distinct seeds: every image equals the one made
+    alone; Triton batched them (fewer executions than requests)."""
+    from hs_export.serve.client import HybridStitchClient
+
+    count0, exec0 = (_metric(server.metrics_url, n, GENERATE.name) for n in ("nv_inference_count", "nv_inference_exec_count"))
+
+    def client(c: int):
+        url = server.url if c % 2 == 0 else server.grpc_url
+        with HybridStitchClient(url, timeout_s=120) as remote:
+            return [(c * 4 + k, remote.generate(PROMPTS[(c + k) % 4], seed=100 + c * 4 + k, steps=STEPS)) for k in range(4)]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = [r for rs in pool.map(client, range(8), timeout=300) for r in rs]
+    assert len(results) == 32
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine may be shared
+    try:
+        for index, result in results:
+            c, k = divmod(index, 4)
+            assert result.image.shape == (128, 128, 3) and result.mask.shape == (8, 8)
+            assert set(result.timings) == set(TIMING_KEYS) and result.timings["total"] > 0
+            want = _alone(tiny4_runtime, PROMPTS[(c + k) % 4], 100 + index)
+            assert np.abs(result.image.astype(np.int16) - want).max() <= MAX_PIXEL_DIFF, f"request {index}"
+    finally:
+        torch.set_num_threads(threads)
+    count1, exec1 = (_metric(server.metrics_url, n, GENERATE.name) for n in ("nv_inference_count", "nv_inference_exec_count"))
+    assert count1 - count0 == 32
+    assert exec1 - exec0 < count1 - count0, "Triton never put two requests in one execution"
+
+    # The command itself: hs-export generate on the same folder, same prompt, seed and steps.
+    out = tmp_path / "generate.png"
+    done = CliRunner().invoke(main, ["generate", str(tiny4_runtime.manifest.folder), "--prompt", PROMPTS[0], "--seed", "100", "--steps", str(STEPS), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    from PIL import Image
+
+    assert np.abs(np.asarray(Image.open(out), dtype=np.int16) - results[0][1].image).max() <= MAX_PIXEL_DIFF
+
+
+def test_bad_requests_among_good_ones(server, tmp_path):
+    """Bad requests get their one-line reason (ours or Triton's), the good ones sent with them
+    succeed, and the server keeps answering."""
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from hs_export.serve.client import HybridStitchClient
+
+    def good(i):
+        with HybridStitchClient(server.url, timeout_s=120) as remote:
+            return remote.generate(PROMPTS[i % 4], seed=i, steps=STEPS, plan="hybrid").image.shape
+
+    def bad(options):
+        with HybridStitchClient(server.url, timeout_s=120) as remote:
+            try:
+                # infer(), not generate(): the client's own checks would stop these before the server sees them
+                remote.infer(GENERATE, {"prompt": "a red cat", "seed": 1, "steps": STEPS, "plan": "hybrid", **options})
+            except ServingError as exc:
+                return str(exc)
+        return "no error"
+
+    bad_options = [dict(plan="fastest"), dict(steps=0), dict(prompt="  "), dict(height=1000), dict(mask_ratio=0.0)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(good, i) for i in range(4)]
+        bads = [pool.submit(bad, o) for o in bad_options]
+        assert [g.result(timeout=120) for g in goods] == [(128, 128, 3)] * 4
+        reasons = [b.result(timeout=120) for b in bads]
+    for reason, expected in zip(reasons, ["unknown plan", "steps out of range", "empty prompt", "height must be a positive multiple of 16", "mask ratio out of range"]):
+        assert reason.startswith(expected) and "\n" not in reason and "Traceback" not in reason
+
+    def raw_input(name, triton_dtype, value):
+        item = http.InferInput(name, [1, 1], triton_dtype)
+        item.set_data_from_numpy(np.array([[value]], dtype=np.object_ if triton_dtype == "BYTES" else np.int64))
+        return item
+
+    raw = http.InferenceServerClient(server.url.removeprefix("http://"))
+    try:
+        # Wrong dtype, too few inputs: Triton refuses the request itself, with its own reason.
+        with pytest.raises(InferenceServerException, match="data-type is 'INT64', but model 'hybridstitch' expects 'BYTES'"):
+            raw.infer(GENERATE.name, [raw_input("prompt", "INT64", 1), raw_input("seed", "INT64", 1)])
+        with pytest.raises(InferenceServerException, match=r"missing required input\(s\) \['seed'\]"):
+            raw.infer(GENERATE.name, [raw_input("prompt", "BYTES", b"a cat")])
+        # A required input missing among enough others: Triton 2.51 passes it on; the handler refuses it.
+        response = raw.infer(GENERATE.name, [raw_input("seed", "INT64", 1), raw_input("steps", "INT64", STEPS)])
+        assert response.as_numpy("error")[0, 0].decode() == "missing input prompt | send prompt with every hybridstitch request"
+    finally:
+        raw.close()  # an open keep-alive connection holds Triton's shutdown for its exit timeout
+
+    # The client command: one line, exit 1.
+    done = CliRunner().invoke(main, ["client", "--url", server.url, "--prompt", "a red cat", "--plan", "large", "--steps", "0", "--out", str(tmp_path / "x.png")])
+    assert done.exit_code == 1 and done.output.strip() == "Error: steps must be >= 1 | got 0"  # checked by the client, no round trip
+    done = CliRunner().invoke(main, ["client", "--url", server.url, "--prompt", "a red cat", "--seed", "5", "--steps", str(STEPS), "--out", str(tmp_path / "ok.png")])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "ok.png").is_file()
+
+
+def test_latents_model_over_the_wire(server, tiny4_runtime, tiny_conditioning):
+    from hs_export.serve.client import HybridStitchClient
+
+    c = tiny_conditioning
+    noise = initial_latents(1, 128, 128, 3)
+    with HybridStitchClient(server.grpc_url, timeout_s=120) as remote:
+        assert remote.ready(LATENTS.name)
+        got = remote.denoise(c.prompt_embeds[0].numpy(), c.pooled_prompt_embeds[0].numpy(), noise[0].numpy(), c.negative_prompt_embeds[0].numpy(), c.negative_pooled_prompt_embeds[0].numpy(), steps=STEPS)
+        with pytest.raises(ServingError, match="guidance_scale > 1 needs negative_prompt_embeds"):
+            remote.denoise(c.prompt_embeds[0].numpy(), c.pooled_prompt_embeds[0].numpy(), noise[0].numpy(), steps=STEPS)
+    one = Conditioning(c.prompt_embeds[:1], c.pooled_prompt_embeds[:1], c.negative_prompt_embeds[:1], c.negative_pooled_prompt_embeds[:1])
+    want = tiny4_runtime.denoise(make_plan("hybrid", STEPS), noise, one).latents[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_readme_python_example_runs(server):
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)\n```", readme, flags=re.S) if "tritonclient.http" in b]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(blocks[0].replace("127.0.0.1:8000", server.url.removeprefix("http://")), namespace)  # noqa: S102
+    assert namespace["image"].shape == (128, 128, 3) and namespace["error"] == ""
+    bad = blocks[0].replace("127.0.0.1:8000", server.url.removeprefix("http://")).replace('("steps", 8, "INT64")', '("steps", 0, "INT64")')
+    with pytest.raises(SystemExit, match=r"^Error: steps out of range \| got 0"):
+        exec(bad, {})  # noqa: S102
+
+
+def test_bench_serve_reports_mode_and_percentiles(server, tmp_path):
+    out = tmp_path / "bench.json"
+    done = CliRunner().invoke(main, ["bench-serve", server.url, "--concurrency", "1,4", "--requests", "4", "--steps", "2", "--plan", "small", "--metrics-url", server.metrics_url, "--json", str(out)])
+    assert done.exit_code == 0, done.output
+    report = json.loads(out.read_text())
+    assert report["dynamic_batching"] is True and report["max_batch_size"] == 4 and report["instances"] == 2
+    assert [r["concurrency"] for r in report["rows"]] == [1, 4]
+    for row in report["rows"]:
+        assert row["ok"] == 4 and row["errors"] == 0 and row["images_per_s"] > 0 and row["p50_s"] <= row["p95_s"] <= row["p99_s"]
+    assert "dynamic batching on" in done.output
+
+
+def test_client_without_a_server_says_how_to_start_one(tmp_path):
+    port = _free_ports(1)[0]
+    done = CliRunner().invoke(main, ["client", "--url", f"http://127.0.0.1:{port}", "--prompt", "x", "--out", str(tmp_path / "x.png")])
+    assert done.exit_code == 1
+    assert f"cannot reach a HybridStitch server at http://127.0.0.1:{port}" in done.output and "hs-export serve ENGINE_DIR" in done.output
+    assert "Traceback" not in done.output
+
+
+def test_serve_refuses_bad_setups_in_one_line(tiny4_engine_dir, tmp_path):
+    pytest.importorskip("pytriton")
+    done = CliRunner().invoke(main, ["serve", str(tmp_path / "nowhere")])
+    assert done.exit_code == 1 and "engine folder not found" in done.output
+    done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--instances", "0"])
+    assert done.exit_code == 1 and "--instances must be >= 1" in done.output
+    if not torch.cuda.is_available():
+        done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--device", "cuda:0"])
+        assert done.exit_code == 1 and "--device cuda:0: no such CUDA device here" in done.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--http-port", str(port)])
+    assert done.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in done.output and "Traceback" not in done.output
+
+
+def test_sigterm_drains_in_flight_requests(server):
+    """Last: stops the module's server. Requests in flight when SIGTERM arrives complete; the
+    process exits 0; no tritonserver (or anything else of its session) is left."""
+    from hs_export.serve.client import HybridStitchClient
+
+    def slow(i):
+        with HybridStitchClient(server.url, timeout_s=120) as remote:
+            remote.generate(PROMPTS[i], seed=i, steps=1000, plan="large")  # ~5 s on tiny engines
+            return time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(slow, i) for i in range(4)]
+        time.sleep(1.0)
+        assert not any(f.done() for f in futures), "requests finished before SIGTERM: make them slower"
+        names = [name for _, name in _session_processes(server.proc.pid)]
+        assert "tritonserver" in names
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        finished = [f.result(timeout=120) for f in futures]
+    assert max(finished) > signalled
+    assert server.proc.wait(timeout=60) == 0, server.log_tail()
+    assert server.stop() == []
+    assert "SIGTERM: draining in-flight requests" in server.log_tail(20000)

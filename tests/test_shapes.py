@@ -1,0 +1,141 @@
+"""The shapes preset: scenes, the training command (a few steps), the shipped weights, and that
+the method works on the trained pair."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hs_export.presets import clip_tokenizer, ensure_preset
+from hs_export.shapes import scenes
+from hs_export.shapes.train import ShapesTrainConfig, train_shapes
+from hs_runtime.errors import ConfigError
+from hs_runtime.presets import get_preset
+
+
+def test_scenes_are_seeded_and_prompts_name_what_is_drawn():
+    a, prompts_a = scenes.make_scenes(6, seed=3, size=64)
+    b, prompts_b = scenes.make_scenes(6, seed=3, size=64)
+    assert np.array_equal(a, b) and prompts_a == prompts_b
+    assert a.shape == (6, 3, 64, 64) and a.min() >= -1 and a.max() <= 1
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = scenes.sample_scene(rng)
+        assert 1 <= len(scene.shapes) <= 3
+        words = scene.prompt.replace(",", " , ").split()
+        assert set(words) <= set(scenes.VOCABULARY)
+        for shape in scene.shapes:
+            assert shape.kind in words and shape.colour in words and shape.colour != scene.background_colour
+
+
+def test_every_prompt_fits_the_text_encoders_whole():
+    spec = get_preset("shapes")
+    tokenizer = clip_tokenizer(scenes.VOCABULARY, spec.clip_tokens)
+    rng = np.random.default_rng(1)
+    longest = max(len(tokenizer(scenes.sample_scene(rng).prompt).input_ids) for _ in range(500))
+    assert longest <= spec.clip_tokens  # vocabulary words are single tokens: nothing is truncated
+
+
+def test_training_command_writes_a_pipeline_that_loads(tmp_path):
+    """A few steps of every phase on 64² scenes: the real code path, not a useful model."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    out = tmp_path / "shapes"
+    config = ShapesTrainConfig(out=out, scenes=24, held_out=8, vae_pool=16, vae_steps=3, small_steps=3, large_steps=3, batch=4, warmup=1, image_size=64, threads=1, work_dir=tmp_path / "work")
+    report = train_shapes(config, log=lambda *_: None)
+    cache = torch.load(tmp_path / "work" / "encoded.pt", weights_only=False)
+    # The cache keeps scenes, never prompt embeddings: those always come from the encoders that ship.
+    assert len(cache["prompts"]["train"]) == 24 and "embeds" not in str(sorted(cache))
+    assert report["large"]["steps"] == 3 and set(report["small"]["held_out_loss"]) == {"0.0-0.2", "0.2-0.4", "0.4-0.6", "0.6-0.8", "0.8-1.0"}
+    assert json.loads((out / "training.json").read_text())["vae"]["parameters"] > 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out / "large"))
+    small = SD3Transformer2DModel.from_pretrained(str(out / "small" / "transformer"))
+    from safetensors import safe_open
+
+    with safe_open(str(next((out / "large" / "transformer").glob("*.safetensors"))), "pt") as weights:
+        assert all(weights.get_tensor(k).dtype == torch.float16 for k in weights.keys())  # shipped in fp16
+    assert small.config.num_layers == get_preset("shapes").small["num_layers"]
+    assert pipe.vae.config.latent_channels == 16 and pipe.vae_scale_factor == 8
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [({"scenes": 0}, "scenes must be >= 1"), ({"cfg_dropout": 1.0}, "cfg_dropout out of range"), ({"budget_minutes": 0}, "budget must be > 0")],
+)
+def test_bad_training_settings(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        train_shapes(ShapesTrainConfig(out=tmp_path / "x", **changes), log=lambda *_: None)
+
+
+def test_training_refuses_a_file_or_a_foreign_folder_as_out(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    for out, message in ((tmp_path / "file", "is a file"), (tmp_path / "full", "is not empty")):
+        with pytest.raises(ConfigError, match=message):
+            train_shapes(ShapesTrainConfig(out=out), log=lambda *_: None)
+
+
+# ---- the shipped, trained pair ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shapes_runtime():
+    from hs_runtime.runtime import HybridStitchRuntime
+
+    paths = ensure_preset("shapes")
+    spec = get_preset("shapes")
+    return HybridStitchRuntime.from_models(paths.small, paths.large, paths.pipeline, max_sequence_length=spec.max_sequence_length)
+
+
+def test_shipped_weights_load_with_from_pretrained(shapes_runtime):
+    from hs_runtime.contract import LARGE_FULL, SMALL_FULL
+
+    spec = get_preset("shapes")
+    assert shapes_runtime.engines[LARGE_FULL].dims.num_layers == spec.large["num_layers"]
+    assert shapes_runtime.engines[SMALL_FULL].dims.hidden == spec.small["num_attention_heads"] * spec.small["attention_head_dim"]
+    assert shapes_runtime.text_and_vae().vae_scale_factor == 8
+
+
+def test_the_method_works_on_the_trained_pair(shapes_runtime):
+    """Hybrid keeps the large model's image better than the small model alone, and refining
+    all tokens (ratio 1.0) beats refining a tenth of them."""
+    from hs_export.quality.metrics import ImageDistance, to_tensor
+    from hs_runtime.pipeline import initial_latents
+    from hs_runtime.plans import PlanConfig, make_plan, with_mask
+
+    spec = get_preset("shapes")
+    text_and_vae = shapes_runtime.text_and_vae()
+    prompts = ["a striped red circle and a blue square on a yellow background", "a checkered green star on a purple gradient"]
+    conditioning = text_and_vae.encode(prompts, None, True, spec.max_sequence_length)
+    latents = initial_latents(len(prompts), spec.height, spec.width, seed=0)
+    plans = {name: make_plan(name, spec.steps, PlanConfig()) for name in ("large", "small", "hybrid")}
+    plans["ratio 1.0"] = with_mask(plans["hybrid"], ratio=1.0)
+    plans["ratio 0.1"] = with_mask(plans["hybrid"], ratio=0.1)
+    images = {
+        name: to_tensor(text_and_vae.decode(shapes_runtime.denoise(plan, latents, conditioning, guidance_scale=spec.guidance_scale).latents))
+        for name, plan in plans.items()
+    }
+    distance = ImageDistance()
+    psnr = {name: np.mean([r["psnr"] for r in distance(images[name], images["large"])]) for name in plans if name != "large"}
+    assert psnr["hybrid"] > psnr["small"] + 1.0, psnr
+    assert psnr["ratio 1.0"] > psnr["ratio 0.1"] + 1.0, psnr
+
+
+
+def test_the_prompt_changes_the_image(shapes_runtime):
+    """Same noise, different prompts → different images. (How well the pair follows a prompt is
+    measured, not asserted: docs/quality.md, "The shapes pair".)"""
+    from hs_export.quality.metrics import to_tensor
+    from hs_runtime.pipeline import initial_latents
+    from hs_runtime.plans import make_plan
+
+    spec = get_preset("shapes")
+    prompts = ["a red circle on a blue background", "a checkered yellow square on a purple background"]
+    text_and_vae = shapes_runtime.text_and_vae()
+    conditioning = text_and_vae.encode(prompts, None, True, spec.max_sequence_length)
+    latents = initial_latents(len(prompts), spec.height, spec.width, seed=[0] * len(prompts))
+    result = shapes_runtime.denoise(make_plan("large", spec.steps), latents, conditioning, guidance_scale=spec.guidance_scale)
+    images = to_tensor(text_and_vae.decode(result.latents))
+    assert (images[0] - images[1]).abs().mean() > 0.05
