@@ -8,7 +8,6 @@ with the device (``profile=True``). Nothing here is asserted by tests except the
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import resource
 import statistics
@@ -25,6 +24,7 @@ from hs_runtime.sampler import STAGES, Conditioning, StitchedSampler
 from hs_runtime.validation import check_int, check_number, check_seed
 
 from .build import library_versions
+from .reports import append_section, versions_line
 
 
 @dataclass(frozen=True)
@@ -217,23 +217,13 @@ def plot_sweep(report: dict, path: Path) -> Path:
     return path
 
 
-def write_json(report: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return path
-
-
 def append_markdown(report: dict, path: Path, title: str) -> Path:
     """Appends one dated section (device, versions, table) to a Markdown file."""
-    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
     section = (
         f"\n### {title} — {report['date'][:10]}\n\n"
         f"Device: {report['device']}. {report['steps']} steps, {report['prompts']} prompt(s) with CFG, "
         f"latent {report['latent'][0]}×{report['latent'][1]} ({report['image_tokens']} image + {report['text_tokens']} text tokens), "
-        f"median of {report['repeat']} after {report['warmup']} warm-up. Versions: {versions}.\n\n"
+        f"median of {report['repeat']} after {report['warmup']} warm-up. Versions: {versions_line(report['versions'])}.\n\n"
         + markdown_table(report)
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(section)
-    return path
+    return append_section(path, section)

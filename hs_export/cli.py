@@ -253,7 +253,8 @@ def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repe
     from hs_runtime.errors import ConfigError, describe
     from hs_runtime.validation import check_output_file
 
-    from .bench import append_markdown, plot_sweep, run_bench, summary_table, write_json
+    from .bench import append_markdown, plot_sweep, run_bench, summary_table
+    from .reports import write_json
     from .sources import bench_engines
 
     plan_list = tuple(p.strip() for p in plans.split(",") if p.strip())
@@ -317,7 +318,8 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .quality import QualityConfig, load_prompts, run_quality
-    from .quality.report import append_markdown, plot_fronts, summary_table, write_grid, write_json
+    from .quality.report import append_markdown, plot_fronts, summary_table, write_grid
+    from .reports import write_json
     from .sources import open_runtime
 
     from hs_runtime.validation import check_output_file
@@ -466,6 +468,7 @@ def bench_serve(url, concurrency, requests, prompt, plan_name, steps, height, wi
 
     from hs_runtime.errors import ConfigError, describe
 
+    from .reports import write_json
     from .serve import bench_serve as bs
 
     try:
@@ -480,7 +483,7 @@ def bench_serve(url, concurrency, requests, prompt, plan_name, steps, height, wi
         console = Console(width=150)
     console.print(bs.summary_table(report))
     if json_path:
-        _log(f"wrote {bs.write_json(report, json_path)}")
+        _log(f"wrote {write_json(report, json_path)}")
     if markdown_path:
         _log(f"appended to {bs.append_markdown(report, markdown_path, f'bench-serve, {bs.mode(report)}')}")
 

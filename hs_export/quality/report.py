@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..reports import append_section, versions_line
 
 FAMILY_COLOURS = {"large": "black", "small": "grey", "tstitch": "tab:orange", "srdiff": "tab:blue", "hybrid": "tab:red"}
 
 
 def _fmt(value, spec: str = ".2f", none: str = "—") -> str:
     return none if value is None else format(value, spec)
-
-
-def write_json(report: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return path
 
 
 def markdown_table(report: dict) -> str:
@@ -57,20 +52,16 @@ def summary_table(report: dict):
 
 def append_markdown(report: dict, path: Path, title: str) -> Path:
     """Appends one dated section (settings, versions, table) to a Markdown file."""
-    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
     section = (
         f"\n### {title} — {report['date'][:10]}\n\n"
         f"Device: {report['device']}, {report['backend']} {report['dtype']}. {report['steps']} steps, guidance {report['guidance_scale']:g}, "
         f"{report['width']}×{report['height']} px ({report['image_tokens']} image + {report['text_tokens']} text tokens), "
         f"{len(report['prompts'])} prompt(s) × {len(report['seeds'])} seed(s); distances to the `large` plan's image of the same prompt and seed "
         f"(mean ± std over images); speedups are medians of {report['timing']['repeat']} round-robin timed rounds, "
-        f"{report['prompts_per_call']} prompt(s) per call. Versions: {versions}.\n\n"
+        f"{report['prompts_per_call']} prompt(s) per call. Versions: {versions_line(report['versions'])}.\n\n"
         + markdown_table(report)
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(section)
-    return path
+    return append_section(path, section)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from hs_runtime.errors import ConfigError, describe
 
+from ..reports import append_section
 from .client import HybridStitchClient, split_url
 from .protocol import GENERATE, ServingError
 
@@ -206,13 +207,6 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return path
-
-
 def read_json(path: str | Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -221,8 +215,6 @@ def read_json(path: str | Path) -> dict:
 
 
 def append_markdown(report: dict, path: str | Path, title: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     steps = f"{report['steps']} steps" if report["steps"] else "the folder's default steps"
     text = (
         f"\n### {title} — {report['date']}\n\n"
@@ -230,6 +222,4 @@ def append_markdown(report: dict, path: str | Path, title: str) -> Path:
         f"plan {report['plan'] or 'default'}, {steps}, {report['config']['requests']} requests per concurrency.\n\n"
         + markdown_table(report) + "\n"
     )
-    with path.open("a") as handle:
-        handle.write(text)
-    return path
+    return append_section(path, text)
