@@ -135,7 +135,7 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
     prints per-stage timings.
     """
     from .generate import run_generate
-    from .sources import open_runtime
+    from .runs import open_runtime
 
     plan_config = plan_config_from(plan_kwargs)
     runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype)
@@ -170,7 +170,7 @@ def build(preset, small_src, large_src, pipeline_src, out, **options):
     same inputs is skipped.
     """
     from .build import build as run_build
-    from .sources import resolve_models
+    from .build import resolve_models
 
     selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log)
     out = out or Path("engines") / (preset or "custom")
@@ -185,7 +185,7 @@ def inspect(engine_dir):
 
     Graphs, I/O names and shapes, profiles, precision, library versions and file sizes.
     """
-    from .inspect import inspect_folder
+    from .build.inspect import inspect_folder
 
     inspect_folder(engine_dir)
 
@@ -207,8 +207,8 @@ def verify(engine_dir, device, steps, plan_name):
 
     from hs_runtime.errors import ToleranceError
 
-    from .verify import failure_message
-    from .verify import verify as run_verify
+    from .build.verify import failure_message
+    from .build.verify import verify as run_verify
 
     checks = run_verify(engine_dir, device, steps, plan_name)
     table = Table(title=f"verify {engine_dir}")
@@ -255,7 +255,7 @@ def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repe
 
     from .bench import append_markdown, plot_sweep, run_bench, summary_table
     from .reports import write_json
-    from .sources import bench_engines
+    from .runs import bench_engines
 
     plan_list = tuple(p.strip() for p in plans.split(",") if p.strip())
     try:
@@ -320,7 +320,7 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
     from .quality import QualityConfig, load_prompts, run_quality
     from .quality.report import append_markdown, plot_fronts, summary_table, write_grid
     from .reports import write_json
-    from .sources import open_runtime
+    from .runs import open_runtime
 
     from hs_runtime.validation import check_output_file
 

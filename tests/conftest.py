@@ -85,7 +85,7 @@ def random_full_inputs(dims, batch, height, width, text_tokens, seed=0):
 def tiny_engine_dir(tiny_paths, tmp_path_factory):
     """ONNX Runtime engines of the tiny preset, built once through the public build API."""
     from hs_export.build import BuildConfig, build
-    from hs_export.sources import resolve_models
+    from hs_export.build import resolve_models
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
     selection = resolve_models("tiny", None, None, None, log=lambda *_: None)

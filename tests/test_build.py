@@ -7,8 +7,8 @@ from click.testing import CliRunner
 
 from hs_export.build import BuildConfig, build
 from hs_export.cli import main
-from hs_export.onnx_export import dummy_inputs
-from hs_export.sources import resolve_models
+from hs_export.build.export import dummy_inputs
+from hs_export.build import resolve_models
 from hs_runtime.backends.onnxruntime_backend import OrtEngine
 from hs_runtime.contract import GRAPH_NAMES, GRAPH_SPECS
 from hs_runtime.errors import BuildError, ManifestError
@@ -122,7 +122,7 @@ def test_tensorrt_missing_keeps_onnx(tiny_paths, tmp_path):
 
 
 def test_fp16_onnxruntime_build_verifies(tiny_paths, tmp_path):
-    from hs_export.verify import verify
+    from hs_export.build.verify import verify
 
     selection = resolve_models("tiny", None, None, None, **QUIET)
     build(selection, BuildConfig(out=tmp_path / "fp16", precision="fp16"), **QUIET)

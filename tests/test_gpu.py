@@ -37,8 +37,8 @@ def test_onnxruntime_cuda_provider_with_io_binding(tiny_engine_dir, tiny_conditi
 @pytest.mark.tensorrt
 def test_tensorrt_build_verify_and_buckets(tiny_paths, tmp_path):
     from hs_export.build import BuildConfig, build
-    from hs_export.sources import resolve_models
-    from hs_export.verify import verify
+    from hs_export.build import resolve_models
+    from hs_export.build.verify import verify
 
     selection = resolve_models("tiny", None, None, None, log=lambda *_: None)
     out = tmp_path / "trt"

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from hs_export.build import remove_stale_work
-from hs_export.verify import failure_message, verify
+from hs_export.build.verify import failure_message, verify
 from hs_runtime import HybridStitchRuntime
 from hs_runtime.errors import EngineLoadError, ManifestError
 from hs_runtime.manifest import Manifest, sha256_file
@@ -139,7 +139,7 @@ def test_tensorrt_logger_keeps_the_library_reason(capsys):
 @pytest.mark.tensorrt
 def test_tensorrt_plan_of_right_size_but_wrong_bytes(tiny_paths, tmp_path):
     from hs_export.build import BuildConfig, build
-    from hs_export.sources import resolve_models
+    from hs_export.build import resolve_models
 
     out = tmp_path / "trt"
     build(resolve_models("tiny", None, None, None, log=lambda *_: None), BuildConfig(out=out, backend="tensorrt"), log=lambda *_: None)

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from hs_export.build import BuildConfig, build
-from hs_export.sources import resolve_models
-from hs_export.verify import verify
+from hs_export.build import resolve_models
+from hs_export.build.verify import verify
 from hs_runtime.manifest import Manifest
 
 START_TIMEOUT_S = 240  # interpreter start, imports and model loading on a busy 2-core machine

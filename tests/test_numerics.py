@@ -135,7 +135,7 @@ def test_verify_reports_non_finite_outputs_as_failures(tiny_engine_dir, nan_larg
     import json
     import shutil
 
-    from hs_export.verify import verify
+    from hs_export.build.verify import verify
 
     folder = shutil.copytree(tiny_engine_dir, tmp_path / "nan-reference")
     data = json.loads((folder / "manifest.json").read_text())

@@ -1,6 +1,6 @@
 import pytest
 
-from hs_export.tensorrt_build import config_kwargs
+from hs_export.build.tensorrt import config_kwargs
 from hs_runtime.contract import ModelDims
 from hs_runtime.errors import ConfigError, ShapeError
 from hs_runtime.presets import MODEL_CONFIGS, PRESETS

@@ -122,7 +122,7 @@ def test_import_is_thin():
 
 def test_dynamic_shape_build_serves_other_resolutions(tiny_paths, tiny_conditioning, tmp_path):
     from hs_export.build import BuildConfig, build
-    from hs_export.sources import resolve_models
+    from hs_export.build import resolve_models
 
     selection = resolve_models("tiny", None, None, None, log=lambda *_: None)
     build(selection, BuildConfig(out=tmp_path / "dyn", dynamic_shape=True, token_buckets=2), log=lambda *_: None)

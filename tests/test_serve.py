@@ -39,7 +39,7 @@ MAX_PIXEL_DIFF = 2  # "up to floating-point rounding": at most 2 levels of 255 o
 def tiny4_engine_dir(tiny_paths, tmp_path_factory):
     """Tiny ONNX Runtime engines built for 4 prompts per call (batch 8 with guidance)."""
     from hs_export.build import BuildConfig, build
-    from hs_export.sources import resolve_models
+    from hs_export.build import resolve_models
 
     out = tmp_path_factory.mktemp("engines4") / "tiny4"
     build(resolve_models("tiny", None, None, None, log=lambda *_: None), BuildConfig(out=out, prompts=4), log=lambda *_: None)

@@ -37,7 +37,7 @@ def test_zero_and_negative_sizes_are_errors_in_the_api(size, tmp_path):
     with pytest.raises(ShapeError, match="width must be a positive multiple of 16"):
         BuildConfig(out=tmp_path / "e", width=size).validate()
     with pytest.raises(ShapeError, match="height must be a positive multiple of 16"):
-        from hs_export.sources import bench_engines
+        from hs_export.runs import bench_engines
 
         bench_engines(None, "tiny", None, "cpu", "fp32", 1, size, None, 0.3)
 

@@ -81,7 +81,7 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
 
     Args:
         runtime: a :class:`~hs_runtime.HybridStitchRuntime` with text encoders and VAE.
-        defaults: :class:`~hs_export.sources.RunDefaults` for unset sizes, steps, guidance.
+        defaults: :class:`~hs_export.build.sources.RunDefaults` for unset sizes, steps, guidance.
         progress: ``progress(total) -> advance(description)``, for a progress bar.
     """
     if not prompts:

@@ -15,8 +15,8 @@ from hs_runtime.plans import make_plan
 from hs_runtime.sampler import StitchedSampler
 from hs_runtime.validation import check_device
 
-from .bench import random_conditioning
-from .onnx_export import check_parity, compare_outputs
+from ..bench import random_conditioning
+from .export import check_parity, compare_outputs
 
 E2E_RTOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1}
 GRAPH_RTOL_REDUCED = 2e-2  # fp16 / bf16 engines vs. the fp32 reference

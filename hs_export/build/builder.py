@@ -34,7 +34,7 @@ from hs_runtime.plans import PlanConfig
 from hs_runtime.profiles import BuildShape, graph_profiles
 from hs_runtime.validation import check_folder_path, check_int
 
-from . import onnx_export
+from . import export as onnx_export
 from .sources import ModelSelection
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -344,12 +344,12 @@ def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Pha
         engine_path = engine_dir / f"{name}{ENGINE_SUFFIX[config.backend]}"
         with phases("build", f"{name}: {config.backend} {config.precision} engine"):
             if config.backend == "onnxruntime":
-                from .ort_build import optimize_model, save_settings
+                from .ort import optimize_model, save_settings
 
                 optimize_model(onnx_path, engine_path, external_data=onnx_export._has_external_data(onnx_path))
                 save_settings(work)
             else:
-                from .tensorrt_build import build_plan, import_tensorrt
+                from .tensorrt import build_plan, import_tensorrt
 
                 trt = import_tensorrt(Path(config.out) / "onnx")
                 manifest["versions"]["tensorrt"] = trt.__version__
