@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hs_runtime.contract import LARGE_FULL, SMALL_FULL
+from hs_runtime.contract import LARGE, SMALL
 from hs_runtime.flops import ideal_speedup, plan_flops
 from hs_runtime.errors import ConfigError, describe
 from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan, with_mask
@@ -108,7 +108,7 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
     """Times every plan (and the ratio sweep) on one engine set; returns the JSON-ready report."""
     plan_config = plan_config or PlanConfig()
     device = engines.device
-    large_dims, small_dims = engines[LARGE_FULL].dims, engines[SMALL_FULL].dims
+    large_dims, small_dims = engines[LARGE].dims, engines[SMALL].dims
     n_img = large_dims.image_tokens(latent_height, latent_width)
     names = list(dict.fromkeys(("large", *config.plans)))  # the baseline always runs
     plans = {name: make_plan(name, config.steps, plan_config) for name in names}

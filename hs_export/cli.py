@@ -57,6 +57,8 @@ def plan_options(fn):
         click.option("--srdiff-large-fraction", type=float, default=_PLAN_DEFAULTS.srdiff_large_fraction, show_default=True),
         click.option("--refresh-every", type=int, default=_PLAN_DEFAULTS.refresh_every, show_default=True, help="Dense large refresh every k hybrid steps (0: never)."),
         click.option("--carry-offset/--no-carry-offset", default=_PLAN_DEFAULTS.carry_offset, show_default=True, help="Hybrid steps add the capture step's large − small offset outside the mask."),
+        click.option("--reuse-text-kv/--no-reuse-text-kv", default=_PLAN_DEFAULTS.reuse_text_kv, show_default=True, help="Hybrid steps take the text K/V from the capture step instead of recomputing the text stream."),
+        click.option("--small-outside-mask/--no-small-outside-mask", default=_PLAN_DEFAULTS.small_outside_mask, show_default=True, help="Hybrid steps run the small model only on the tokens outside the mask."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -69,7 +71,8 @@ def plan_config_from(kwargs: dict) -> PlanConfig:
     return PlanConfig(
         large_fraction=kwargs.pop("large_fraction"), hybrid_end=kwargs.pop("hybrid_end"),
         small_fraction=kwargs.pop("small_fraction"), srdiff_large_fraction=kwargs.pop("srdiff_large_fraction"),
-        refresh_every=kwargs.pop("refresh_every"), carry_offset=kwargs.pop("carry_offset"), mask=mask,
+        refresh_every=kwargs.pop("refresh_every"), carry_offset=kwargs.pop("carry_offset"),
+        reuse_text_kv=kwargs.pop("reuse_text_kv"), small_outside_mask=kwargs.pop("small_outside_mask"), mask=mask,
     )
 
 
@@ -156,25 +159,28 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
 @click.option("--width", type=int, default=None)
 @click.option("--prompts", type=int, default=_BUILD_DEFAULTS.prompts, show_default=True, help="Prompts per call (CFG doubles the batch).")
 @click.option("--text-tokens", type=int, default=None, help="Text tokens (default: CLIP length + T5 length).")
-@click.option("--mask-ratio", type=float, default=_BUILD_DEFAULTS.mask_ratio, show_default=True, help="Planned mask ratio: large.tokens is tuned for it.")
+@click.option("--mask-ratio", type=float, default=_BUILD_DEFAULTS.mask_ratio, show_default=True, help="Planned mask ratio: the subset profiles are tuned for it.")
 @click.option("--opset", type=int, default=_BUILD_DEFAULTS.opset, show_default=True)
 @click.option("--dynamic-shape", is_flag=True, help="Profiles over batch 1..prompts and half to twice the resolution.")
-@click.option("--token-buckets", type=int, default=_BUILD_DEFAULTS.token_buckets, show_default=True, help="TensorRT profiles splitting the complex-token count.")
+@click.option("--token-buckets", type=int, default=_BUILD_DEFAULTS.token_buckets, show_default=True, help="Subset profiles per graph splitting the token count.")
 @click.option("--builder-optimization-level", type=int, default=_BUILD_DEFAULTS.builder_optimization_level, show_default=True)
-@click.option("--force", is_flag=True, help="Rebuild even if up to date; replace a folder built for something else.")
+@click.option("--keep-onnx", is_flag=True, help="Keep the ONNX files of a TensorRT build.")
+@click.option("--dry-run", is_flag=True, help="Print every I/O tensor's largest shape, the weights and what the build needs; build nothing.")
+@click.option("--force", is_flag=True, help="Rebuild even if up to date; replace a folder built for something else; try a build the host looks too small for.")
 @_one_line_errors
-def build(preset, small_src, large_src, pipeline_src, out, **options):
-    """Export the three graphs to ONNX and build engines.
+def build(preset, small_src, large_src, pipeline_src, out, dry_run, **options):
+    """Export one graph per model to ONNX and build engines.
 
-    Writes ONNX files, one engine per graph and manifest.json into --out; a repeat build with the
-    same inputs is skipped.
+    Writes one engine per model and manifest.json into --out; a repeat build with the same inputs
+    is skipped. --dry-run loads no weights (any preset, SD3.5-large included).
     """
     from .build import build as run_build
     from .build import resolve_models
+    from .build.builder import dry_run as run_dry_run
 
-    selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log)
+    selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log, materialize=not dry_run)
     out = out or Path("engines") / (preset or "custom")
-    run_build(selection, BuildConfig(out=out, **options), log=_log)
+    (run_dry_run if dry_run else run_build)(selection, BuildConfig(out=out, **options), log=_log)
 
 
 @main.command()

@@ -4,7 +4,7 @@
 diffusers are imported when a backend or the prompt-to-image pipeline is first used.
 """
 
-from .contract import GRAPH_NAMES, GRAPH_SPECS, ModelDims
+from .contract import GRAPH_NAMES, ModelDims, graph_spec
 from .errors import HybridStitchError
 from .plans import PLAN_NAMES, MaskConfig, Plan, PlanConfig, make_plan
 from .runtime import HybridStitchRuntime
@@ -13,6 +13,6 @@ from .sampler import Conditioning, DenoiseResult, StitchedSampler
 __version__ = "0.1.0"
 
 __all__ = [
-    "GRAPH_NAMES", "GRAPH_SPECS", "ModelDims", "HybridStitchError", "PLAN_NAMES", "MaskConfig", "Plan",
+    "GRAPH_NAMES", "ModelDims", "graph_spec", "HybridStitchError", "PLAN_NAMES", "MaskConfig", "Plan",
     "PlanConfig", "make_plan", "HybridStitchRuntime", "Conditioning", "DenoiseResult", "StitchedSampler",
 ]

@@ -1,35 +1,51 @@
-"""The engine contract, defined once: graph names, tensor names, dtypes and axes.
+"""The engine contract, defined once: graph names, tensor names, dtypes and axes (contract v2).
 
-Export (dynamic axes, dummy inputs), TensorRT profiles, the manifest and the runtime's input
-checks all derive from these specs (DESIGN §3). Axis entries are symbols resolved against
-:class:`ModelDims` and the run's sizes; symbols in :data:`DYNAMIC_AXES` vary per call.
+One graph per model, one signature (DESIGN §3). Each graph runs its transformer on ``N`` query
+tokens — raw latent patches and their indices into the position table — attending to
+``M`` context image tokens and ``T_c`` context text tokens through K/V given as inputs, and
+returns the query tokens' velocity patches and their fresh K/V. So one graph serves every step
+of its model:
+
+* dense: all image tokens, no context (``M = 0``), text recomputed (``T_q = T``, ``T_c = 0``);
+* capture: the same, keeping the fresh image and text K/V outputs;
+* hybrid: a token subset with the cached K/V of the rest, the text stream recomputed
+  (``T_q = T``) or taken from the capture step (``T_q = 0``, ``T_c = T``).
+
+K/V travel as one tensor per attention module (``[2, B, tokens, D]``), never one tensor for all
+layers, so no tensor comes near TensorRT's 2³¹−1-element limit at SD3.5-large sizes.
+
+Export (dynamic axes, dummy inputs), TensorRT profiles, the manifest, the limits table and the
+runtime's input checks all derive from :func:`graph_spec`. Axis entries are symbols resolved
+against :class:`ModelDims` and a call's sizes; symbols in :data:`DYNAMIC_AXES` vary per call.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Mapping
 
 from .errors import ShapeError, describe
 
-SMALL_FULL = "small.full"
-LARGE_FULL = "large.full"
-LARGE_TOKENS = "large.tokens"
-GRAPH_NAMES = (SMALL_FULL, LARGE_FULL, LARGE_TOKENS)
+SMALL = "small"
+LARGE = "large"
+GRAPH_NAMES = (SMALL, LARGE)
 
 # Symbols that change from call to call (ONNX dynamic axes, TensorRT profile ranges).
-DYNAMIC_AXES = ("batch", "height", "width", "text_tokens", "image_tokens", "tokens", "context_tokens")
+DYNAMIC_AXES = ("batch", "tokens", "context_tokens", "text_queries", "text_context")
+
+VELOCITY = "velocity_tokens"
 
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The sizes of one SD3 transformer that fix the static axes of its graphs."""
+    """The sizes of one SD3 transformer that fix the static axes of its graph."""
 
     in_channels: int
     out_channels: int
     patch_size: int
-    hidden: int  # heads × head_dim, the D of the KV cache
+    hidden: int  # heads × head_dim, the D of every K/V tensor
     num_layers: int
     kv_entries: int  # attention modules that see image tokens: layers + dual-attention layers
     joint_attention_dim: int
@@ -53,6 +69,11 @@ class ModelDims:
             pooled_projection_dim=config["pooled_projection_dim"],
             pos_embed_max_size=config["pos_embed_max_size"],
         )
+
+    @property
+    def text_entries(self) -> int:
+        """Attention modules that see text tokens: the joint attention of every block."""
+        return self.num_layers
 
     @property
     def patch_dim(self) -> int:
@@ -80,6 +101,26 @@ class ModelDims:
         return asdict(self)
 
 
+def kv_name(entry: int) -> str:
+    """Output: fresh image K/V ``[2, B, N, D]`` of the query tokens at attention module ``entry``."""
+    return f"kv_{entry}"
+
+
+def context_name(entry: int) -> str:
+    """Input: cached image K/V ``[2, B, M, D]`` of the context tokens at module ``entry``."""
+    return f"kv_context_{entry}"
+
+
+def text_kv_name(layer: int) -> str:
+    """Output: fresh text K/V ``[2, B, T_q, D]`` of block ``layer``'s joint attention."""
+    return f"text_kv_{layer}"
+
+
+def text_context_name(layer: int) -> str:
+    """Input: cached text K/V ``[2, B, T_c, D]`` for block ``layer``'s joint attention."""
+    return f"text_kv_context_{layer}"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One named graph input or output: dtype kind and symbolic axes."""
@@ -91,9 +132,10 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """Everything about one graph that export, build and runtime need to agree on."""
+    """Everything about one model's graph that export, build and runtime need to agree on."""
 
     name: str
+    dims: ModelDims
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     rtol: float  # fp32 parity tolerance of an engine vs. the PyTorch graph (relative to max |ref|)
@@ -106,6 +148,11 @@ class GraphSpec:
     def output_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.outputs)
 
+    @property
+    def kv_outputs(self) -> tuple[str, ...]:
+        """Every K/V output (image then text): what a capture step keeps."""
+        return tuple(t.name for t in self.outputs if t.name != VELOCITY)
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """``torch.onnx.export``'s ``dynamic_axes`` for this graph."""
         return {
@@ -113,77 +160,83 @@ class GraphSpec:
             for t in (*self.inputs, *self.outputs)
         }
 
-    def shapes(self, dims: ModelDims, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
-        """Concrete shapes of every tensor, from model dims and run sizes (batch, height, …)."""
-        table = _symbol_table(dims, sizes)
+    def shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        """Concrete shapes of every tensor for a call's sizes (batch, tokens, …)."""
+        table = {**_static_table(self.dims), **sizes}
         return {t.name: tuple(table[a] for a in t.axes) for t in (*self.inputs, *self.outputs)}
 
-    def check_feeds(self, feeds: Mapping[str, object], dims: ModelDims) -> None:
-        """Raises :class:`ShapeError` naming the first input whose name, rank or static size is off."""
+    def check_feeds(self, feeds: Mapping[str, object]) -> None:
+        """Raises :class:`ShapeError` naming the first input whose name, rank or static size is off,
+        or whose dynamic sizes disagree between inputs (e.g. ``patches`` vs ``token_pos`` tokens)."""
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
-            raise ShapeError(describe(f"{self.name}: missing input(s) {missing}", expected=list(self.input_names)))
-        static = _symbol_table(dims, {})
+            shown = missing if len(missing) <= 4 else [*missing[:4], f"… {len(missing) - 4} more"]
+            raise ShapeError(describe(f"{self.name}: missing input(s) {shown}", expected=f"{len(self.inputs)} inputs: {', '.join(self.input_names[:6])}, …"))
+        static = _static_table(self.dims)
+        seen: dict[str, tuple[int, str]] = {}
         for spec in self.inputs:
             shape = tuple(feeds[spec.name].shape)
             if len(shape) != len(spec.axes):
                 raise ShapeError(describe(f"{self.name}: tensor {spec.name}", got=shape, expected=spec.axes))
             for size, axis in zip(shape, spec.axes):
                 if axis in static and static[axis] != size:
-                    raise ShapeError(
-                        describe(f"{self.name}: tensor {spec.name} axis '{axis}'", got=shape, expected=_show(spec.axes, static))
-                    )
+                    raise ShapeError(describe(f"{self.name}: tensor {spec.name} axis '{axis}'", got=shape, expected=_show(spec.axes, static)))
+                if axis in DYNAMIC_AXES:
+                    first = seen.setdefault(axis, (size, spec.name))
+                    if first[0] != size:
+                        raise ShapeError(describe(f"{self.name}: axis '{axis}' differs between {first[1]} and {spec.name}", got=(first[0], size), expected="one size"))
 
 
 def _show(axes: tuple[str, ...], table: Mapping[str, int]) -> tuple:
     return tuple(table.get(a, a) for a in axes)
 
 
-def _symbol_table(dims: ModelDims, sizes: Mapping[str, int]) -> dict[str, int]:
-    table = {
-        "channels": dims.in_channels,
-        "out_channels": dims.out_channels,
-        "patch_dim": dims.patch_dim,
-        "kv_entries": dims.kv_entries,
+def _static_table(dims: ModelDims) -> dict[str, int]:
+    return {
         "two": 2,
         "hidden": dims.hidden,
+        "patch_dim": dims.patch_dim,
         "joint_dim": dims.joint_attention_dim,
         "pooled_dim": dims.pooled_projection_dim,
     }
-    table.update(sizes)
-    if "height" in sizes and "width" in sizes and "image_tokens" not in sizes:
-        table["image_tokens"] = dims.image_tokens(sizes["height"], sizes["width"])
-    if "tokens" in table and "image_tokens" in table and "context_tokens" not in sizes:
-        table["context_tokens"] = table["image_tokens"] - table["tokens"]
-    return table
 
 
-_CONDITIONING = (
-    TensorSpec("encoder_hidden_states", "float", ("batch", "text_tokens", "joint_dim")),
-    TensorSpec("pooled_projections", "float", ("batch", "pooled_dim")),
-    TensorSpec("timestep", "float32", ("batch",)),  # fp32 always: bf16 cannot hold 997.0
-)
-_LATENT = TensorSpec("hidden_states", "float", ("batch", "channels", "height", "width"))
-_VELOCITY = TensorSpec("velocity", "float", ("batch", "out_channels", "height", "width"))
-_KV_CACHE = TensorSpec("kv_cache", "float", ("kv_entries", "two", "batch", "image_tokens", "hidden"))
+def call_sizes(batch: int, tokens: int, context_tokens: int = 0, text_tokens: int = 0, reuse_text: bool = False) -> dict[str, int]:
+    """The dynamic sizes of one graph call: ``tokens`` queries, ``context_tokens`` cached image
+    tokens, and ``text_tokens`` text tokens recomputed or (``reuse_text``) taken from a cache."""
+    return {
+        "batch": batch,
+        "tokens": tokens,
+        "context_tokens": context_tokens,
+        "text_queries": 0 if reuse_text else text_tokens,
+        "text_context": text_tokens if reuse_text else 0,
+    }
 
-GRAPH_SPECS: dict[str, GraphSpec] = {
-    SMALL_FULL: GraphSpec(SMALL_FULL, (_LATENT, *_CONDITIONING), (_VELOCITY,), rtol=1e-4),
-    LARGE_FULL: GraphSpec(LARGE_FULL, (_LATENT, *_CONDITIONING), (_VELOCITY, _KV_CACHE), rtol=1e-4),
-    LARGE_TOKENS: GraphSpec(
-        LARGE_TOKENS,
-        (
-            TensorSpec("patches", "float", ("batch", "tokens", "patch_dim")),
-            TensorSpec("token_pos", "int64", ("batch", "tokens")),
-            TensorSpec("kv_context", "float", ("kv_entries", "two", "batch", "context_tokens", "hidden")),
-            *_CONDITIONING,
-        ),
-        (TensorSpec("velocity_tokens", "float", ("batch", "tokens", "patch_dim")),),
-        rtol=1e-4,
-    ),
-}
+
+@lru_cache(maxsize=None)
+def graph_spec(name: str, dims: ModelDims) -> GraphSpec:
+    """The spec of one model's graph (``small`` or ``large``); inputs and outputs in call order."""
+    if name not in GRAPH_NAMES:
+        raise ShapeError(describe("unknown graph", got=repr(name), expected=" | ".join(GRAPH_NAMES)))
+    kv_axes = ("two", "batch", "context_tokens", "hidden")
+    text_ctx_axes = ("two", "batch", "text_context", "hidden")
+    inputs = (
+        TensorSpec("patches", "float", ("batch", "tokens", "patch_dim")),
+        TensorSpec("token_pos", "int64", ("batch", "tokens")),
+        TensorSpec("encoder_hidden_states", "float", ("batch", "text_queries", "joint_dim")),
+        TensorSpec("pooled_projections", "float", ("batch", "pooled_dim")),
+        TensorSpec("timestep", "float32", ("batch",)),  # fp32 always: bf16 cannot hold 997.0
+        *(TensorSpec(context_name(i), "float", kv_axes) for i in range(dims.kv_entries)),
+        *(TensorSpec(text_context_name(j), "float", text_ctx_axes) for j in range(dims.text_entries)),
+    )
+    outputs = (
+        TensorSpec(VELOCITY, "float", ("batch", "tokens", "patch_dim")),
+        *(TensorSpec(kv_name(i), "float", ("two", "batch", "tokens", "hidden")) for i in range(dims.kv_entries)),
+        *(TensorSpec(text_kv_name(j), "float", ("two", "batch", "text_queries", "hidden")) for j in range(dims.text_entries)),
+    )
+    return GraphSpec(name, dims, inputs, outputs, rtol=1e-4)
 
 
 def complex_token_count(ratio: float, image_tokens: int) -> int:
-    """``ceil(r · N_img)``, at least one token: the N the hybrid stage feeds ``large.tokens``."""
+    """``ceil(r · N_img)``, at least one token: the N the hybrid stage feeds the large graph."""
     return max(1, min(image_tokens, math.ceil(ratio * image_tokens - 1e-9)))

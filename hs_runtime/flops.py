@@ -13,10 +13,17 @@ from .contract import ModelDims, complex_token_count
 from .plans import Plan
 
 
-def transformer_flops(dims: ModelDims, query_image_tokens: int, key_image_tokens: int, text_tokens: int) -> float:
-    """FLOPs of one sample through all blocks of one transformer."""
+def transformer_flops(dims: ModelDims, query_image_tokens: int, key_image_tokens: int, text_tokens: int, text_queries: int | None = None) -> float:
+    """FLOPs of one sample through all blocks of one transformer.
+
+    Args:
+        query_image_tokens / key_image_tokens: image tokens recomputed / attended to.
+        text_tokens: text tokens attended to.
+        text_queries: text tokens recomputed (``text_tokens`` by default; 0 when their K/V
+            come from a cache).
+    """
     d = dims.hidden
-    q = query_image_tokens + text_tokens
+    q = query_image_tokens + (text_tokens if text_queries is None else text_queries)
     k = key_image_tokens + text_tokens
     per_block = 24 * d * d * q + 4 * q * k * d
     dual_layers = dims.kv_entries - dims.num_layers
@@ -38,20 +45,28 @@ class PlanCost:
         return self.large + self.hybrid + self.small + self.mask
 
 
+def hybrid_step_flops(plan: Plan, small: ModelDims, large: ModelDims, image_tokens: int, text_tokens: int) -> float:
+    """FLOPs per sample of one hybrid step: the large model on the complex tokens, the small one
+    on every token or (``small_outside_mask``) on the others, text recomputed or reused."""
+    n = image_tokens
+    k = complex_token_count(plan.mask.ratio, n)
+    text_q = 0 if plan.reuse_text_kv else text_tokens
+    small_queries = n - k if plan.small_outside_mask else n
+    small_part = transformer_flops(small, small_queries, n, text_tokens, text_q) if small_queries else 0.0
+    return transformer_flops(large, k, n, text_tokens, text_q) + small_part
+
+
 def plan_flops(plan: Plan, small: ModelDims, large: ModelDims, image_tokens: int, text_tokens: int) -> PlanCost:
-    """FLOPs of every graph call a plan makes, per sample (the mask's extra small pass included)."""
+    """FLOPs of every graph call a plan makes, per sample (the capture step's small pass included)."""
     n = image_tokens
     large_full = transformer_flops(large, n, n, text_tokens)
     small_full = transformer_flops(small, n, n, text_tokens)
-    k = complex_token_count(plan.mask.ratio, n)
-    large_tokens = transformer_flops(large, k, n, text_tokens)
-    needs_small_for_mask = plan.mask.signal == "disagreement" or plan.carry_offset
     captures = plan.count("capture")
     return PlanCost(
         large=large_full * (plan.count("large") + captures),
-        hybrid=(small_full + large_tokens) * plan.count("hybrid"),
+        hybrid=hybrid_step_flops(plan, small, large, n, text_tokens) * plan.count("hybrid"),
         small=small_full * plan.count("small"),
-        mask=small_full * captures if needs_small_for_mask else 0.0,
+        mask=small_full * captures if plan.small_at_capture else 0.0,
     )
 
 

@@ -1,9 +1,10 @@
-"""The three graphs of the engine contract as PyTorch modules over a loaded diffusers SD3 model.
+"""The engine contract's graph as a PyTorch module over a loaded diffusers SD3 model.
 
-They hold the diffusers ``SD3Transformer2DModel`` itself (no weight copies) and re-run its blocks
-with explicit attention so that image-token K/V can be returned (``large.full``) or taken from a
-cache for tokens that are not recomputed (``large.tokens``). No Python branches on tensor
-values, so the modules export to ONNX with dynamic batch, resolution and token counts.
+:class:`TokenGraph` holds the diffusers ``SD3Transformer2DModel`` itself (no weight copies) and
+re-runs its blocks with explicit attention, so the query tokens' image and text K/V can be
+returned and the K/V of tokens that are not recomputed can be taken from inputs. No Python
+branches on tensor values, so the module exports to ONNX with dynamic batch, token, context and
+text counts (zero included).
 """
 
 from __future__ import annotations
@@ -12,60 +13,73 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import LARGE_FULL, LARGE_TOKENS, SMALL_FULL
+from .contract import GRAPH_NAMES, ModelDims, graph_spec
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, d = x.shape
-    return x.view(b, n, heads, d // heads)
+# Reshapes spell every size out (head count and width as Python ints, never -1): ONNX Runtime
+# cannot infer a -1 from a tensor with zero elements, and the contract's token axes can be 0.
+def _split_heads(x: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], heads, width // heads)
+
+
+def _merge_heads(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], width)
 
 
 def _project(linear: nn.Module, norm: nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tensor:
     """Linear projection plus optional per-head qk-norm, returned as ``[B, N, D]``."""
     y = linear(x)
     if norm is not None:
-        y = norm(_split_heads(y, heads)).flatten(2)
+        y = _merge_heads(norm(_split_heads(y, heads, linear.out_features)), linear.out_features)
     return y
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, d = q.shape
-    q, k, v = (_split_heads(t, heads).transpose(1, 2) for t in (q, k, v))
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+    q, k, v = (_split_heads(t, heads, width).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-    return out.transpose(1, 2).reshape(b, n, d).to(q.dtype)
+    return _merge_heads(out.transpose(1, 2), width).to(q.dtype)
 
 
 def _with_context(fresh: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
     return fresh if context is None else torch.cat([fresh, context.to(fresh.dtype)], dim=1)
 
 
-def joint_attention(attn, img, txt, context_kv=None):
-    """SD3 joint attention (image + text stream), with optional cached image K/V context.
+def joint_attention(attn, img, txt, context_kv=None, text_context_kv=None):
+    """SD3 joint attention (image + text stream), with optional cached image and text K/V.
+
+    Keys are ``[fresh image; cached image; fresh text; cached text]``; softmax attention does not
+    depend on key order, so any split of the tokens into fresh and cached gives diffusers' result
+    when the cached K/V are those the tokens would produce.
 
     Args:
         attn: a diffusers ``Attention`` with ``added_kv_proj_dim`` (the MMDiT joint attention).
         img: ``[B, N, D]`` normalised image tokens that are recomputed.
-        txt: ``[B, T, D]`` normalised text tokens.
-        context_kv: ``None`` or ``(k, v)``, each ``[B, M, D]``: image tokens not recomputed.
+        txt: ``[B, T_q, D]`` normalised text tokens that are recomputed (``T_q`` may be 0).
+        context_kv / text_context_kv: ``None`` or ``(k, v)``, each ``[B, M, D]`` / ``[B, T_c, D]``.
 
     Returns:
-        ``(img_out [B, N, D], txt_out [B, T, D] or None, k_img, v_img)``.
+        ``(img_out [B, N, D], txt_out [B, T_q, D] or None, (k_img, v_img), (k_txt, v_txt))``.
     """
     h = attn.heads
     q_i = _project(attn.to_q, attn.norm_q, img, h)
     k_i = _project(attn.to_k, attn.norm_k, img, h)
     v_i = attn.to_v(img)
-    q_t = _project(attn.add_q_proj, attn.norm_added_q, txt, h)
     k_t = _project(attn.add_k_proj, attn.norm_added_k, txt, h)
     v_t = attn.add_v_proj(txt)
     ctx_k, ctx_v = context_kv if context_kv is not None else (None, None)
-    keys = torch.cat([_with_context(k_i, ctx_k), k_t], dim=1)
-    values = torch.cat([_with_context(v_i, ctx_v), v_t], dim=1)
-    out = _attend(torch.cat([q_i, q_t], dim=1), keys, values, h)
-    n = img.shape[1]
+    tctx_k, tctx_v = text_context_kv if text_context_kv is not None else (None, None)
+    keys = torch.cat([_with_context(k_i, ctx_k), _with_context(k_t, tctx_k)], dim=1)
+    values = torch.cat([_with_context(v_i, ctx_v), _with_context(v_t, tctx_v)], dim=1)
+    n, width = img.shape[1], attn.to_q.out_features
+    if attn.context_pre_only:  # the last block drops its text output: no text queries needed
+        out = _attend(q_i, keys, values, h, width)
+        txt_out = None
+    else:
+        q_t = _project(attn.add_q_proj, attn.norm_added_q, txt, h)
+        out = _attend(torch.cat([q_i, q_t], dim=1), keys, values, h, width)
+        txt_out = attn.to_add_out(out[:, n:])
     img_out = attn.to_out[1](attn.to_out[0](out[:, :n]))
-    txt_out = None if attn.context_pre_only else attn.to_add_out(out[:, n:])
-    return img_out, txt_out, k_i, v_i
+    return img_out, txt_out, (k_i, v_i), (k_t, v_t)
 
 
 def self_attention(attn, img, context_kv=None):
@@ -75,19 +89,21 @@ def self_attention(attn, img, context_kv=None):
     k = _project(attn.to_k, attn.norm_k, img, h)
     v = attn.to_v(img)
     ctx_k, ctx_v = context_kv if context_kv is not None else (None, None)
-    out = _attend(q, _with_context(k, ctx_k), _with_context(v, ctx_v), h)
+    out = _attend(q, _with_context(k, ctx_k), _with_context(v, ctx_v), h, attn.to_q.out_features)
     return attn.to_out[1](attn.to_out[0](out)), k, v
 
 
-def joint_block(block, img, txt, temb, context_kv=()):
-    """One ``JointTransformerBlock`` forward, equal to diffusers', exposing image K/V.
+def joint_block(block, img, txt, temb, context_kv=(), text_context_kv=None):
+    """One ``JointTransformerBlock`` forward, equal to diffusers', exposing image and text K/V.
 
     Args:
         context_kv: per attention module of this block that sees image tokens (``attn``, then
             ``attn2`` for dual-attention blocks) a ``(k, v)`` pair of cached context, or empty.
+        text_context_kv: ``(k, v)`` of cached text tokens for ``attn``, or ``None``.
 
     Returns:
-        ``(img, txt, kv)`` where ``kv`` lists the fresh ``(k, v)`` of the image tokens per module.
+        ``(img, txt, kv, text_kv)``: ``kv`` lists the fresh image ``(k, v)`` per module,
+        ``text_kv`` is the fresh text ``(k, v)`` of this block.
     """
     ctx = list(context_kv) or [None, None]
     if block.use_dual_attention:
@@ -99,8 +115,8 @@ def joint_block(block, img, txt, temb, context_kv=()):
     else:
         n_txt, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(txt, emb=temb)
 
-    attn_img, attn_txt, k, v = joint_attention(block.attn, n_img, n_txt, ctx[0])
-    kv = [(k, v)]
+    attn_img, attn_txt, kv_img, kv_txt = joint_attention(block.attn, n_img, n_txt, ctx[0], text_context_kv)
+    kv = [kv_img]
     img = img + gate_msa.unsqueeze(1) * attn_img
     if block.use_dual_attention:
         attn_img2, k2, v2 = self_attention(block.attn2, n_img2, ctx[1])
@@ -116,105 +132,70 @@ def joint_block(block, img, txt, temb, context_kv=()):
         txt = txt + c_gate_msa.unsqueeze(1) * attn_txt
         n_txt = block.norm2_context(txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
         txt = txt + c_gate_mlp.unsqueeze(1) * block.ff_context(n_txt)
-    return img, txt, kv
+    return img, txt, kv, kv_txt
 
 
 def kv_entries_per_block(transformer) -> list[int]:
-    """How many K/V cache entries each block owns (1, or 2 with dual attention)."""
+    """How many image K/V entries each block owns (1, or 2 with dual attention)."""
     return [2 if b.use_dual_attention else 1 for b in transformer.transformer_blocks]
 
 
-class _GraphBase(nn.Module):
-    graph_name = ""
+class TokenGraph(nn.Module):
+    """One model's graph (``small`` or ``large``): the transformer on ``N`` query tokens.
 
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
+    ``forward`` takes the inputs of :func:`~hs_runtime.contract.graph_spec` in order —
+    ``patches [B, N, P]``, ``token_pos [B, N]``, ``encoder_hidden_states [B, T_q, J]``,
+    ``pooled_projections [B, Q]``, ``timestep [B]``, then one ``[2, B, M, D]`` image K/V context
+    per attention module and one ``[2, B, T_c, D]`` text K/V context per block — and returns its
+    outputs in order: ``velocity_tokens [B, N, P]``, the fresh image K/V ``[2, B, N, D]`` per
+    module and the fresh text K/V ``[2, B, T_q, D]`` per block.
 
-    def _conditioning(self, encoder_hidden_states, pooled_projections, timestep):
-        tr = self.transformer
-        return tr.context_embedder(encoder_hidden_states), tr.time_text_embed(timestep, pooled_projections)
-
-    def _blocks(self, img, txt, temb, kv_context=None):
-        """Runs all blocks; returns the image stream and the per-entry fresh image K/V."""
-        fresh, entry = [], 0
-        for block, count in zip(self.transformer.transformer_blocks, kv_entries_per_block(self.transformer)):
-            ctx = () if kv_context is None else [(kv_context[entry + i, 0], kv_context[entry + i, 1]) for i in range(count)]
-            img, txt, kv = joint_block(block, img, txt, temb, ctx)
-            fresh.extend(kv)
-            entry += count
-        return img, fresh
-
-    def _head(self, img, temb):
-        tr = self.transformer
-        return tr.proj_out(tr.norm_out(img, temb))
-
-    def _full(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        tr = self.transformer
-        p = tr.config.patch_size
-        b, _, height, width = hidden_states.shape
-        img = tr.pos_embed(hidden_states).contiguous()
-        txt, temb = self._conditioning(encoder_hidden_states, pooled_projections, timestep)
-        img, fresh = self._blocks(img, txt, temb)
-        out = self._head(img, temb)
-        out = out.reshape(b, height // p, width // p, p, p, tr.out_channels)
-        velocity = torch.einsum("nhwpqc->nchpwq", out).reshape(b, tr.out_channels, height, width)
-        return velocity, fresh
-
-
-class SmallFull(_GraphBase):
-    """``small.full``: the whole model on all tokens → ``velocity [B, C, H, W]``."""
-
-    graph_name = SMALL_FULL
-
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return self._full(hidden_states, encoder_hidden_states, pooled_projections, timestep)[0]
-
-
-class LargeFull(_GraphBase):
-    """``large.full``: ``velocity [B, C, H, W]`` and ``kv_cache [L, 2, B, N_img, D]``."""
-
-    graph_name = LARGE_FULL
-
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        velocity, fresh = self._full(hidden_states, encoder_hidden_states, pooled_projections, timestep)
-        kv_cache = torch.stack([torch.stack([k, v]) for k, v in fresh])
-        return velocity, kv_cache
-
-    def velocity_only(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        """The velocity without materialising the cache (dense steps that need no cache)."""
-        return self._full(hidden_states, encoder_hidden_states, pooled_projections, timestep)[0]
-
-
-class LargeTokens(_GraphBase):
-    """``large.tokens``: the large model on ``N`` gathered tokens with cached context K/V.
-
-    Inputs are raw latent patches ``[B, N, P]`` and their indices ``[B, N]`` into the position
-    table, so one graph serves every resolution inside ``pos_embed_max_size``.
+    Patches are raw latent patches in (row, column, channel) order and ``token_pos`` indexes the
+    model's ``pos_embed_max_size²`` position table, so one graph serves every resolution.
     """
 
-    graph_name = LARGE_TOKENS
+    def __init__(self, transformer, name: str):
+        super().__init__()
+        if name not in GRAPH_NAMES:
+            raise ValueError(f"graph name must be one of {GRAPH_NAMES}, got {name!r}")
+        self.transformer = transformer
+        self.graph_name = name
+        self.dims = ModelDims.from_config(transformer.config)
+        self.spec = graph_spec(name, self.dims)
 
-    def forward(self, patches, token_pos, kv_context, encoder_hidden_states, pooled_projections, timestep):
+    def forward(self, *inputs):
+        return self.run(inputs, keep_kv=True)
+
+    def run(self, inputs, keep_kv: bool = True) -> tuple[torch.Tensor, ...]:
+        """The outputs in spec order; with ``keep_kv=False`` only ``(velocity_tokens,)`` (the torch
+        backend's dense steps skip stacking K/V nobody reads)."""
+        patches, token_pos, encoder_hidden_states, pooled_projections, timestep, *contexts = inputs
         tr = self.transformer
+        entries, layers = self.dims.kv_entries, self.dims.text_entries
+        if len(contexts) != entries + layers:
+            raise ValueError(f"{self.graph_name}: expected {5 + entries + layers} inputs, got {5 + len(contexts)}")
+        image_context, text_context = contexts[:entries], contexts[entries:]
         conv = tr.pos_embed.proj
         # Conv2d with kernel = stride = p is a linear map of each (row, col, channel) patch.
         weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)
         pos_table = tr.pos_embed.pos_embed[0]
-        img = F.linear(patches, weight, conv.bias) + F.embedding(token_pos, pos_table)
-        img = img.to(patches.dtype)
-        txt, temb = self._conditioning(encoder_hidden_states, pooled_projections, timestep)
-        img, _ = self._blocks(img, txt, temb, kv_context)
-        return self._head(img, temb)
+        img = (F.linear(patches, weight, conv.bias) + F.embedding(token_pos, pos_table)).to(patches.dtype)
+        txt = tr.context_embedder(encoder_hidden_states)
+        temb = tr.time_text_embed(timestep, pooled_projections)
+        fresh, fresh_text, entry = [], [], 0
+        for layer, (block, count) in enumerate(zip(tr.transformer_blocks, kv_entries_per_block(tr))):
+            ctx = [(image_context[entry + i][0], image_context[entry + i][1]) for i in range(count)]
+            tctx = (text_context[layer][0], text_context[layer][1])
+            img, txt, kv, kv_txt = joint_block(block, img, txt, temb, ctx, tctx)
+            fresh.extend(kv)
+            fresh_text.append(kv_txt)
+            entry += count
+        velocity = tr.proj_out(tr.norm_out(img, temb))
+        if not keep_kv:
+            return (velocity,)
+        return (velocity, *(torch.stack(kv) for kv in fresh), *(torch.stack(kv) for kv in fresh_text))
 
 
-GRAPH_MODULES = {SMALL_FULL: SmallFull, LARGE_FULL: LargeFull, LARGE_TOKENS: LargeTokens}
-
-
-def build_graphs(small, large) -> dict[str, nn.Module]:
-    """The three graph modules for a small/large transformer pair, in eval mode."""
-    return {
-        SMALL_FULL: SmallFull(small).eval(),
-        LARGE_FULL: LargeFull(large).eval(),
-        LARGE_TOKENS: LargeTokens(large).eval(),
-    }
+def build_graphs(small, large) -> dict[str, TokenGraph]:
+    """The two graph modules for a small/large transformer pair, in eval mode."""
+    return {"small": TokenGraph(small, "small").eval(), "large": TokenGraph(large, "large").eval()}

@@ -20,8 +20,9 @@ from .errors import ManifestError, describe
 from .profiles import BuildShape
 from .validation import check_folder_path
 
-# Folders written before artifact records existed still load (sizes unchecked); no bump needed.
-SCHEMA_VERSION = 1
+# 2: contract v2 (one graph per model, per-module K/V); folders of schema 1 (three graphs) are
+# refused with the rebuild command. Folders without artifact records still load (sizes unchecked).
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 REQUIRED_KEYS = ("build", "models", "graphs")
 
@@ -120,8 +121,10 @@ class Manifest:
     def engine_path(self, name: str) -> Path:
         return self.folder / self.graph(name)["engine"]["path"]
 
-    def onnx_path(self, name: str) -> Path:
-        return self.folder / self.graph(name)["onnx"]["path"]
+    def onnx_path(self, name: str) -> Path | None:
+        """The graph's ONNX file, or ``None`` when the build deleted it (TensorRT, no --keep-onnx)."""
+        path = self.graph(name)["onnx"]["path"]
+        return None if path is None else self.folder / path
 
     @classmethod
     def load(cls, folder: str | Path) -> "Manifest":
@@ -148,8 +151,9 @@ class Manifest:
         schema = data.get("schema_version")
         manifest = cls(folder, data)
         if schema != SCHEMA_VERSION:
+            what = "an older engine contract (three graphs, one K/V tensor)" if isinstance(schema, int) and schema < SCHEMA_VERSION else "another engine contract"
             raise ManifestError(
-                describe(f"manifest schema version mismatch in {folder}", got=schema, expected=SCHEMA_VERSION, fix=f"rebuild with: {manifest.rebuild_command} --force")
+                describe(f"engine folder {folder} was built for {what}", got=f"schema {schema}", expected=f"schema {SCHEMA_VERSION}", fix=f"rebuild with: {manifest.rebuild_command} --force")
             )
         if not manifest.complete:
             raise ManifestError(describe(f"engine build in {folder} did not finish", got="ONNX files only", fix=f"finish it with: {manifest.rebuild_command}"))

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .contract import GRAPH_NAMES, GRAPH_SPECS
+from .contract import GRAPH_NAMES, VELOCITY
 from .errors import NumericalError, describe
 
 INPUTS = ("latents", "prompt embeddings", "pooled prompt embeddings")
@@ -68,9 +68,8 @@ class FiniteMonitor:
         """Records the range of ``graph``'s velocity at the current step (no host synchronisation)."""
         if not self.enabled:
             return
-        name = GRAPH_SPECS[graph].output_names[0]  # velocity / velocity_tokens
-        if name in outputs:
-            self._write(0, (self.step, GRAPH_NAMES.index(graph)), outputs[name])
+        if VELOCITY in outputs:
+            self._write(0, (self.step, GRAPH_NAMES.index(graph)), outputs[VELOCITY])
 
     def _write(self, which: int, index: tuple, tensor: torch.Tensor) -> None:
         """Stores ``(min, max)`` of ``tensor`` at ``index`` of the table (0) or the inputs (1)."""

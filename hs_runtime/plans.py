@@ -3,7 +3,8 @@
 Actions:
     ``large``   the large model on all tokens.
     ``capture`` a dense large step that also keeps the K/V cache and (re)computes the mask.
-    ``hybrid``  small model on all tokens, large model on the complex tokens with cached context.
+    ``hybrid``  small model on all tokens (or only those outside the mask), large model on the
+                complex tokens with cached context.
     ``small``   the small model on all tokens.
 
 New schedules are new action tuples; the sampler needs no change.
@@ -65,6 +66,8 @@ class PlanConfig:
     srdiff_large_fraction: float = 0.4
     refresh_every: int = 0
     carry_offset: bool = True
+    reuse_text_kv: bool = False
+    small_outside_mask: bool = False
     mask: MaskConfig = field(default_factory=MaskConfig)
 
     def __post_init__(self):
@@ -82,13 +85,16 @@ class PlanConfig:
 
 @dataclass(frozen=True)
 class Plan:
-    """A denoising schedule: one action per step, the mask it uses and whether hybrid steps
-    carry the capture step's large − small offset (:attr:`PlanConfig.carry_offset`)."""
+    """A denoising schedule: one action per step, the mask it uses and how hybrid steps run
+    (:attr:`PlanConfig.carry_offset`, :attr:`PlanConfig.reuse_text_kv`,
+    :attr:`PlanConfig.small_outside_mask`)."""
 
     name: str
     actions: tuple[str, ...]
     mask: MaskConfig = field(default_factory=MaskConfig)
     carry_offset: bool = False
+    reuse_text_kv: bool = False
+    small_outside_mask: bool = False
 
     def __post_init__(self):
         bad = [a for a in self.actions if a not in ACTIONS]
@@ -105,6 +111,13 @@ class Plan:
     @property
     def steps(self) -> int:
         return len(self.actions)
+
+    @property
+    def small_at_capture(self) -> bool:
+        """Whether capture steps also run the small model densely: for the ``disagreement``
+        mask, the carried offset, or the K/V its hybrid-step calls reuse."""
+        uses = self.mask.signal == "disagreement" or self.carry_offset or self.small_outside_mask or self.reuse_text_kv
+        return "capture" in self.actions and uses
 
     def count(self, action: str) -> int:
         return sum(a == action for a in self.actions)
@@ -157,7 +170,10 @@ def make_plan(name: str, steps: int, config: PlanConfig | None = None) -> Plan:
             for j in range(1, b - a):
                 if k and j % k == 0:
                     actions[a + j] = "capture"
-        return Plan(name, tuple(actions), config.mask, carry_offset=config.carry_offset)
+        return Plan(
+            name, tuple(actions), config.mask, carry_offset=config.carry_offset,
+            reuse_text_kv=config.reuse_text_kv, small_outside_mask=config.small_outside_mask,
+        )
     raise ConfigError(describe("unknown plan", got=repr(name), expected=" | ".join(PLAN_NAMES)))
 
 

@@ -1,14 +1,17 @@
 """Shape profiles of an engine set: the build's ranges per graph input, derived from the contract.
 
-The same pure functions serve the build (TensorRT optimization profiles, manifest) and the
-runtime (checking a request against what was built; picking a TensorRT token bucket).
+Each graph gets a *dense* profile (every image token, no context, text recomputed: the large,
+capture and small steps) first, then one *subset* profile per token bucket (a token subset with
+cached context, text recomputed or reused: the hybrid steps), so each kind of call is tuned on
+its own. The same pure functions serve the build (TensorRT optimization profiles, manifest,
+limits) and the runtime (checking a request against what was built; picking a profile).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .contract import GRAPH_SPECS, LARGE_TOKENS, ModelDims, complex_token_count
+from .contract import LARGE, ModelDims, complex_token_count, graph_spec
 from .errors import ConfigError, ShapeError, describe
 
 
@@ -20,9 +23,10 @@ class BuildShape:
         prompts: prompts per call (the CFG batch is twice this when ``cfg``).
         latent_height / latent_width: latent size (image / 8).
         text_tokens: T_txt (CLIP tokens, 77 in SD3, + T5 tokens).
-        mask_ratio: planned mask ratio; ``large.tokens`` is tuned for ``ceil(r · N_img)`` tokens.
+        mask_ratio: planned mask ratio; the subset profiles are tuned for ``ceil(r · N_img)``
+            large-model tokens (and the rest for the small model).
         dynamic_shape: batch 1..B prompts and latent sizes from half to twice the build size.
-        token_buckets: number of ``large.tokens`` profiles splitting ``N ∈ [1, N_img]``.
+        token_buckets: number of subset profiles per graph splitting ``N ∈ [1, N_img]``.
     """
 
     prompts: int
@@ -52,7 +56,7 @@ Range = tuple[int, int, int]  # (min, opt, max)
 
 
 def axis_ranges(shape: BuildShape, dims: ModelDims) -> dict[str, Range]:
-    """Range of each dynamic axis symbol over the build (``tokens`` handled per bucket)."""
+    """Range of batch, latent height/width, text tokens and image tokens over the build."""
     b, h, w = shape.batch, shape.latent_height, shape.latent_width
     if shape.dynamic_shape:
         step = 2 * dims.patch_size
@@ -73,11 +77,20 @@ def axis_ranges(shape: BuildShape, dims: ModelDims) -> dict[str, Range]:
     }
 
 
-def token_buckets(shape: BuildShape, dims: ModelDims) -> list[Range]:
-    """Contiguous ``(lo, opt, hi)`` ranges of N covering ``[1, N_img max]``; opt at the planned ratio."""
+def planned_tokens(graph: str, shape: BuildShape, dims: ModelDims) -> int:
+    """Query tokens of a planned hybrid call: the complex tokens for the large graph, the others
+    for the small one (at least one)."""
+    n_opt = axis_ranges(shape, dims)["image_tokens"][1]
+    k = complex_token_count(shape.mask_ratio, n_opt)
+    return k if graph == LARGE else max(1, n_opt - k)
+
+
+def token_buckets(shape: BuildShape, dims: ModelDims, planned: int | None = None) -> list[Range]:
+    """Contiguous ``(lo, opt, hi)`` ranges of N covering ``[1, N_img max]``; opt at ``planned``
+    (default: the large graph's planned complex-token count)."""
     ranges = axis_ranges(shape, dims)
     n_max = ranges["image_tokens"][2]
-    planned = complex_token_count(shape.mask_ratio, ranges["image_tokens"][1])
+    planned = planned_tokens(LARGE, shape, dims) if planned is None else planned
     k = min(shape.token_buckets, n_max)
     edges = [round(n_max * i / k) for i in range(k + 1)]
     buckets = []
@@ -87,25 +100,32 @@ def token_buckets(shape: BuildShape, dims: ModelDims) -> list[Range]:
     return buckets
 
 
+def profile_sizes(graph: str, shape: BuildShape, dims: ModelDims) -> list[dict[str, Range]]:
+    """Per profile, the ``(min, opt, max)`` of every dynamic axis: the dense profile, then one
+    subset profile per token bucket."""
+    ranges = axis_ranges(shape, dims)
+    n_min, n_opt, n_max = ranges["image_tokens"]
+    t = shape.text_tokens
+    dense = {"batch": ranges["batch"], "tokens": ranges["image_tokens"], "context_tokens": (0, 0, 0), "text_queries": (t, t, t), "text_context": (0, 0, 0)}
+    profiles = [dense]
+    for lo, opt, hi in token_buckets(shape, dims, planned_tokens(graph, shape, dims)):
+        profiles.append({
+            "batch": ranges["batch"],
+            "tokens": (lo, opt, hi),
+            "context_tokens": (max(0, n_min - hi), max(0, n_opt - opt), max(0, n_max - lo)),
+            "text_queries": (0, t, t),  # t: recomputed (the default); 0: reused from the capture step
+            "text_context": (0, 0, t),
+        })
+    return profiles
+
+
 def graph_profiles(graph: str, shape: BuildShape, dims: ModelDims) -> list[dict[str, list[list[int]]]]:
     """Per profile, ``{input name: [min shape, opt shape, max shape]}`` for one graph."""
-    spec = GRAPH_SPECS[graph]
-    ranges = axis_ranges(shape, dims)
-    buckets = token_buckets(shape, dims) if graph == LARGE_TOKENS else [None]
-    n_img_min, _, n_img_max = ranges["image_tokens"]
+    spec = graph_spec(graph, dims)
     profiles = []
-    for bucket in buckets:
-        table = dict(ranges)
-        if bucket is not None:
-            lo, opt, hi = bucket
-            table["tokens"] = bucket
-            n_opt = ranges["image_tokens"][1]
-            table["context_tokens"] = (max(0, n_img_min - hi), max(0, n_opt - opt), max(0, n_img_max - lo))
-        profile: dict[str, list[list[int]]] = {}
-        levels = [spec.shapes(dims, {k: v[level] for k, v in table.items()}) for level in range(3)]
-        for tensor in spec.inputs:
-            profile[tensor.name] = [list(level[tensor.name]) for level in levels]
-        profiles.append(profile)
+    for sizes in profile_sizes(graph, shape, dims):
+        levels = [spec.shapes({axis: r[level] for axis, r in sizes.items()}) for level in range(3)]
+        profiles.append({t.name: [list(level[t.name]) for level in levels] for t in spec.inputs})
     return profiles
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .backends.base import EngineSet
-from .contract import SMALL_FULL
+from .contract import SMALL
 from .errors import ShapeError, describe
 from .mask import TokenMask
 from .plans import Plan
@@ -21,7 +21,7 @@ class HybridStitchRuntime:
     """Runs any plan on one engine set.
 
     Args:
-        engines: the three engines (torch, ONNX Runtime or TensorRT).
+        engines: the ``small`` and ``large`` engines (torch, ONNX Runtime or TensorRT).
         pipeline_source: a diffusers SD3 folder with the large model's text encoders and VAE,
             needed only for prompt-to-image.
         max_sequence_length: T5 tokens the engines were built for (text tokens = CLIP length + this).
@@ -68,8 +68,8 @@ class HybridStitchRuntime:
         return StitchedSampler(self.engines, guidance_scale, shift)
 
     def prompt_range(self, cfg: bool = True) -> tuple[int, int] | None:
-        """Prompts one engine call takes, from the built profiles (batch axis of ``small.full``'s
-        ``hidden_states``; with guidance a prompt takes two rows). ``None``: no built limit (models
+        """Prompts one engine call takes, from the built profiles (batch axis of the ``small``
+        graph's ``patches``; with guidance a prompt takes two rows). ``None``: no built limit (models
         loaded without a manifest).
 
         Raises:
@@ -77,9 +77,9 @@ class HybridStitchRuntime:
         """
         if self.manifest is None:
             return None
-        profiles = self.manifest.graph(SMALL_FULL)["profiles"]
-        low = min(p["hidden_states"][0][0] for p in profiles)
-        high = max(p["hidden_states"][2][0] for p in profiles)
+        profiles = self.manifest.graph(SMALL)["profiles"]
+        low = min(p["patches"][0][0] for p in profiles)
+        high = max(p["patches"][2][0] for p in profiles)
         rows = 2 if cfg else 1
         prompts = (-(-low // rows), high // rows)
         if prompts[0] > prompts[1]:

@@ -1,8 +1,10 @@
 """The stitched sampler: drives any :class:`EngineSet` through a :class:`Plan`.
 
-Per step the plan's action picks the graph calls; the gather (complex tokens → ``large.tokens``)
-and the merge (its velocity over the small model's) stay on the latents' device. The only host
-synchronisation is optional stage timing (``profile=True``).
+Per step the plan's action picks the graph calls: dense calls feed every image token with no
+context; a capture step keeps both models' K/V; a hybrid step feeds the large graph the complex
+tokens (and the small graph all tokens, or only the others) with the cached K/V of the rest. The
+gathers and the merge stay on the latents' device. The only host synchronisation is optional
+stage timing (``profile=True``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends.base import EngineSet
-from .contract import LARGE_FULL, LARGE_TOKENS, SMALL_FULL
+from .contract import LARGE, SMALL, VELOCITY, context_name, kv_name, text_context_name, text_kv_name
 from .errors import ShapeError, describe
 from .mask import TokenMask, compute_mask
 from .numerics import FiniteMonitor
@@ -112,11 +114,40 @@ class _Clock:
         return _Span()
 
 
+@dataclass
+class _Context:
+    """What one model's hybrid-step calls reuse from the last capture step, for the CFG batch.
+
+    Attributes:
+        query_idx: ``[B, N]`` the image tokens this model recomputes.
+        token_pos: ``[B, N]`` their indices into the position table.
+        image_kv: per attention module, the cached ``[2, B, M, D]`` K/V of the other tokens.
+        text_kv: per block, the capture step's text ``[2, B, T, D]`` K/V (text reuse), or ``None``.
+    """
+
+    query_idx: torch.Tensor
+    token_pos: torch.Tensor
+    image_kv: list
+    text_kv: list | None
+
+
+@dataclass
+class _Hybrid:
+    """The hybrid stage's fixed inputs, made once per capture step."""
+
+    complex_idx: torch.Tensor  # [P, K]
+    context_idx: torch.Tensor  # [P, M]
+    large: _Context
+    small: _Context | None  # None: the small model runs on every token
+    small_text: list | None  # the dense small model's capture-step text K/V (text reuse)
+    offset: torch.Tensor | None  # [P, N, P_dim] large − small at capture (carry_offset)
+
+
 class StitchedSampler:
     """Runs a plan on an engine set.
 
     Args:
-        engines: the three engines (any backend).
+        engines: the ``small`` and ``large`` engines (any backend).
         guidance_scale: CFG scale; ``<= 1`` disables guidance (batch = prompts, as diffusers).
         shift: flow-matching timestep shift (SD3: 3.0).
         check_finite: record every graph's velocity on the device and raise
@@ -129,14 +160,14 @@ class StitchedSampler:
         self.shift = shift
         self.check_finite = check_finite
         self._finite = FiniteMonitor.disabled()
-        self.small_dims = engines[SMALL_FULL].dims
-        self.large_dims = engines[LARGE_FULL].dims
+        self.small_dims = engines[SMALL].dims
+        self.large_dims = engines[LARGE].dims
 
     @property
     def cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
-    def _call(self, graph: str, feeds: dict, outputs=None) -> dict:
+    def _call(self, graph: str, feeds: dict, outputs=(VELOCITY,)) -> dict:
         out = self.engines[graph](feeds, outputs)
         self._finite.record(graph, out)  # device-side: no host synchronisation
         return out
@@ -160,65 +191,42 @@ class StitchedSampler:
         timesteps = timesteps.to(device)  # one copy up front, not one per step
         embeds, pooled = conditioning.batch(cfg, device, dtype)
         x = latents.to(device=device, dtype=torch.float32)
-        _, _, height, width = x.shape
+        n_prompts, channels, height, width = x.shape
         self.small_dims.check_latent(height, width, "small")
         self.large_dims.check_latent(height, width, "large")
         p = self.large_dims.patch_size
         positions = position_ids(height, width, p, self.large_dims.pos_embed_max_size, device=device)
+        batch = embeds.shape[0]
+        self._run = _RunInputs(self.engines, embeds, pooled, positions.expand(batch, -1), cfg, dtype)
         finite = self._finite = FiniteMonitor(plan.actions, device, getattr(self.engines, "precision", None), self.engines.backend, self.check_finite)
         finite.record_inputs(x, embeds, pooled)
 
         clock = _Clock(device, profile)
         start = clock.now()
         masks: list[TokenMask] = []
-        hybrid_inputs = None  # (complex_idx, token_pos, kv_context, offset) for the CFG batch
+        hybrid: _Hybrid | None = None
         step_start = start
         for i, action in enumerate(plan.actions):
             finite.step = i
             sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
-            x_in = torch.cat([x, x]) if cfg else x
-            t = timesteps[i].expand(x_in.shape[0])
-            full_feeds = {
-                "hidden_states": x_in.to(dtype),
-                "encoder_hidden_states": embeds,
-                "pooled_projections": pooled,
-                "timestep": t,
-            }
+            t = timesteps[i].expand(batch)
+            patches = patchify(x, p)  # [P, N, P_dim], fp32
             if action in ("large", "capture"):
-                outputs = ("velocity", "kv_cache") if action == "capture" else ("velocity",)
+                outputs = self.engines[LARGE].spec.output_names if action == "capture" else (VELOCITY,)
                 with clock.stage("large"):
-                    out = self._call(LARGE_FULL, full_feeds, outputs)
-                v = guide(out["velocity"].float(), self.guidance_scale, cfg)
+                    out = self._call(LARGE, self._run.dense(LARGE, patches, t), outputs)
+                v_tokens = self._guide(out[VELOCITY])
                 if action == "capture":
                     with clock.stage("mask"):
-                        mask, hybrid_inputs = self._capture(plan, x, v, sigma, full_feeds, out["kv_cache"], positions)
+                        mask, hybrid = self._capture(plan, x, patches, v_tokens, sigma, t, out)
                     masks.append(mask)
             elif action == "small":
                 with clock.stage("small"):
-                    out = self._call(SMALL_FULL, full_feeds)
-                v = guide(out["velocity"].float(), self.guidance_scale, cfg)
+                    v_tokens = self._guide(self._call(SMALL, self._run.dense(SMALL, patches, t))[VELOCITY])
             else:  # hybrid
-                complex_idx, token_pos, kv_context, offset = hybrid_inputs
-                n_prompts = x.shape[0]
-                patches = gather_tokens(patchify(x, p), complex_idx[:n_prompts]).to(dtype)
-                token_feeds = {
-                    "patches": torch.cat([patches, patches]) if cfg else patches,
-                    "token_pos": token_pos,
-                    "kv_context": kv_context,
-                    "encoder_hidden_states": embeds,
-                    "pooled_projections": pooled,
-                    "timestep": t,
-                }
                 with clock.stage("hybrid"):
-                    v_small = self._call(SMALL_FULL, full_feeds)["velocity"]
-                    v_tokens = self._call(LARGE_TOKENS, token_feeds)["velocity_tokens"]
-                v_small = guide(v_small.float(), self.guidance_scale, cfg)
-                if offset is not None:
-                    v_small = v_small + offset
-                v_tokens = guide(v_tokens.float(), self.guidance_scale, cfg)
-                merged = scatter_tokens(patchify(v_small, p), complex_idx[:n_prompts], v_tokens)
-                v = unpatchify(merged, x.shape[1], height, width, p)
-            x = euler_step(x, v, sigma, sigma_next)
+                    v_tokens = self._hybrid_step(plan, hybrid, patches, t)
+            x = euler_step(x, unpatchify(v_tokens, channels, height, width, p), sigma, sigma_next)
             if profile:
                 step_end = clock.now()
                 clock.times.step_seconds[action] += step_end - step_start
@@ -227,18 +235,104 @@ class StitchedSampler:
                     step_end = clock.now()  # the check is no step's time
                 step_start = step_end
         clock.times.total = clock.now() - start if profile else 0.0
+        self._run = None
         finite.check()  # the one read back of an unprofiled run
         return DenoiseResult(latents=x, masks=masks, times=clock.times)
 
-    def _capture(self, plan, x, v_large, sigma, full_feeds, kv_cache, positions):
+    def _guide(self, velocity_tokens: torch.Tensor) -> torch.Tensor:
+        """Engine output ``[B, N, P_dim]`` → guided fp32 ``[P, N, P_dim]``."""
+        return guide(velocity_tokens.float(), self.guidance_scale, self.cfg)
+
+    def _hybrid_step(self, plan: Plan, hybrid: _Hybrid, patches: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One hybrid step → guided velocity tokens ``[P, N, P_dim]``."""
+        run = self._run
+        v_large = self._guide(self._call(LARGE, run.subset(LARGE, patches, hybrid.large, t))[VELOCITY])
+        if hybrid.small is None:  # the small model on every token
+            v_small = self._guide(self._call(SMALL, run.dense(SMALL, patches, t, hybrid.small_text))[VELOCITY])
+            if hybrid.offset is not None:
+                v_small = v_small + hybrid.offset
+            return scatter_tokens(v_small, hybrid.complex_idx, v_large)
+        merged = torch.zeros_like(patches)
+        if hybrid.context_idx.shape[1]:  # no token outside the mask at ratio 1.0: no small call
+            v_small = self._guide(self._call(SMALL, run.subset(SMALL, patches, hybrid.small, t))[VELOCITY])
+            if hybrid.offset is not None:
+                v_small = v_small + gather_tokens(hybrid.offset, hybrid.context_idx)
+            merged = scatter_tokens(merged, hybrid.context_idx, v_small)
+        return scatter_tokens(merged, hybrid.complex_idx, v_large)
+
+    def _capture(self, plan, x, patches, v_large, sigma, t, large_out):
         """Mask at a capture step, then the hybrid stage's fixed inputs, gathered once per mask
-        (and the large − small offset when the plan carries it)."""
-        v_small = None
-        if plan.mask.signal == "disagreement" or plan.carry_offset:
-            v_small = guide(self._call(SMALL_FULL, full_feeds)["velocity"].float(), self.guidance_scale, self.cfg)
-        mask = compute_mask(plan.mask, x, v_large, v_small, sigma, self.large_dims.patch_size)
-        batch_mask = mask.for_batch(self.cfg)
-        token_pos = positions[batch_mask.complex_idx]
-        kv_context = gather_kv(kv_cache, batch_mask.context_idx)
+        (the small model's K/V and the large − small offset when the plan uses them)."""
+        channels, height, width = x.shape[1:]
+        p = self.large_dims.patch_size
+        small_out, v_small = None, None
+        if plan.small_at_capture:
+            keeps_kv = plan.small_outside_mask or plan.reuse_text_kv
+            outputs = self.engines[SMALL].spec.output_names if keeps_kv else (VELOCITY,)
+            small_out = self._call(SMALL, self._run.dense(SMALL, patches, t), outputs)
+            v_small = self._guide(small_out[VELOCITY])
+        as_latent = lambda v: None if v is None else unpatchify(v, channels, height, width, p)  # noqa: E731
+        mask = compute_mask(plan.mask, x, as_latent(v_large), as_latent(v_small), sigma, p)
+        both = mask.for_batch(self.cfg)
+        run, reuse = self._run, plan.reuse_text_kv
+        large = run.context(LARGE, large_out, both.complex_idx, both.context_idx, reuse)
+        small = run.context(SMALL, small_out, both.context_idx, both.complex_idx, reuse) if plan.small_outside_mask else None
+        small_text = run.text_kv(SMALL, small_out) if reuse and small is None else None
         offset = v_large - v_small if plan.carry_offset else None
-        return mask, (batch_mask.complex_idx, token_pos, kv_context, offset)
+        return mask, _Hybrid(mask.complex_idx, mask.context_idx, large, small, small_text, offset)
+
+
+class _RunInputs:
+    """Builds graph feeds for one denoise: conditioning, positions and the empty contexts.
+
+    An empty context is one ``[2, B, 0, D]`` tensor per model, shared by every context input (a
+    zero-volume tensor; the TensorRT backend binds a dummy address for it).
+    """
+
+    def __init__(self, engines: EngineSet, embeds, pooled, positions, cfg: bool, dtype):
+        self.engines, self.embeds, self.pooled, self.positions, self.cfg = engines, embeds, pooled, positions, cfg
+        self.dtype = dtype
+        batch = embeds.shape[0]
+        self.empty = {
+            role: torch.empty(2, batch, 0, engines[role].dims.hidden, dtype=dtype, device=embeds.device) for role in (SMALL, LARGE)
+        }
+
+    def _batch(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prompt-level ``[P, …]`` → the CFG batch ``[B, …]`` in the engines' dtype."""
+        tokens = tokens.to(self.dtype)
+        return torch.cat([tokens, tokens]) if self.cfg else tokens
+
+    def feeds(self, role, patches, token_pos, t, image_kv=None, text_kv=None) -> dict:
+        dims, empty = self.engines[role].dims, self.empty[role]
+        feeds = {
+            "patches": patches,
+            "token_pos": token_pos,
+            "encoder_hidden_states": self.embeds if text_kv is None else self.embeds[:, :0],
+            "pooled_projections": self.pooled,
+            "timestep": t,
+        }
+        for i in range(dims.kv_entries):
+            feeds[context_name(i)] = empty if image_kv is None else image_kv[i]
+        for j in range(dims.text_entries):
+            feeds[text_context_name(j)] = empty if text_kv is None else text_kv[j]
+        return feeds
+
+    def dense(self, role, patches, t, text_kv=None) -> dict:
+        """All image tokens, no image context (text recomputed unless ``text_kv`` is given)."""
+        return self.feeds(role, self._batch(patches), self.positions, t, None, text_kv)
+
+    def subset(self, role, patches, context: _Context, t) -> dict:
+        """``context``'s query tokens (CFG batch) with its cached K/V of the other tokens."""
+        queried = self._batch(gather_tokens(patches, context.query_idx[: patches.shape[0]]))
+        return self.feeds(role, queried, context.token_pos, t, context.image_kv, context.text_kv)
+
+    def text_kv(self, role, out) -> list:
+        """``role``'s per-block text K/V from its capture outputs (copied: engines reuse buffers)."""
+        return [out[text_kv_name(j)].clone() for j in range(self.engines[role].dims.text_entries)]
+
+    def context(self, role, out, query_idx, other_idx, reuse_text: bool) -> _Context:
+        """What ``role``'s hybrid calls on ``query_idx`` reuse from its capture outputs ``out``."""
+        dims = self.engines[role].dims
+        image_kv = [gather_kv(out[kv_name(i)], other_idx) for i in range(dims.kv_entries)]
+        text_kv = self.text_kv(role, out) if reuse_text else None
+        return _Context(query_idx, torch.gather(self.positions, 1, query_idx), image_kv, text_kv)

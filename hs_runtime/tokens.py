@@ -49,8 +49,7 @@ def scatter_tokens(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tens
     return tokens.scatter(1, index[:, :, None].expand(-1, -1, tokens.shape[-1]), values)
 
 
-def gather_kv(kv_cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``kv_cache [L, 2, B, N_img, D]``, ``index [B, M]`` → ``kv_context [L, 2, B, M, D]``."""
-    entries, two, b, _, d = kv_cache.shape
-    idx = index[None, None, :, :, None].expand(entries, two, b, index.shape[1], d)
-    return torch.gather(kv_cache, 3, idx)
+def gather_kv(kv: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """One module's K/V ``[2, B, N, D]``, ``index [B, M]`` → ``[2, B, M, D]``."""
+    two, b, _, d = kv.shape
+    return torch.gather(kv, 2, index[None, :, :, None].expand(two, b, index.shape[1], d))

@@ -1,60 +1,118 @@
+import pytest
 import torch
 
-from hs_runtime.contract import ModelDims
+from hs_runtime.contract import VELOCITY, ModelDims, context_name, graph_spec, kv_name, text_context_name, text_kv_name
 from hs_runtime.graphs import build_graphs
 from hs_runtime.tokens import gather_kv, gather_tokens, patchify, position_ids, unpatchify
 
 from conftest import random_full_inputs
 
 H, W, T = 16, 12, 85  # non-square latent, tiny text length
+N = (H // 2) * (W // 2)
 
 
-def _setup(tiny_models):
+def _feeds(dims, patches, pos, full, image_kv=None, text_kv=None):
+    """Graph feeds in spec order: empty contexts unless given; text recomputed unless text_kv."""
+    b = patches.shape[0]
+    empty = torch.zeros(2, b, 0, dims.hidden)
+    feeds = {
+        "patches": patches,
+        "token_pos": pos,
+        "encoder_hidden_states": full["encoder_hidden_states"] if text_kv is None else full["encoder_hidden_states"][:, :0],
+        "pooled_projections": full["pooled_projections"],
+        "timestep": full["timestep"],
+    }
+    feeds.update({context_name(i): empty if image_kv is None else image_kv[i] for i in range(dims.kv_entries)})
+    feeds.update({text_context_name(j): empty if text_kv is None else text_kv[j] for j in range(dims.text_entries)})
+    return feeds
+
+
+def _run(graph, feeds):
+    out = graph(*[feeds[n] for n in graph.spec.input_names])
+    return dict(zip(graph.spec.output_names, out))
+
+
+def _dense(graph, full):
+    dims = graph.dims
+    pos = position_ids(H, W, 2, dims.pos_embed_max_size)[None].expand(2, -1)
+    return _run(graph, _feeds(dims, patchify(full["hidden_states"], 2), pos, full))
+
+
+def _split(seed=1, complex_count=13):
+    g = torch.Generator().manual_seed(seed)
+    complex_idx = torch.stack([torch.randperm(N, generator=g)[:complex_count].sort().values for _ in range(2)])
+    chosen = torch.zeros(2, N, dtype=torch.bool).scatter(1, complex_idx, True)
+    context_idx = torch.stack([torch.nonzero(~row).squeeze(1) for row in chosen])
+    return complex_idx, context_idx
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models):
     small, large = tiny_models
     graphs = build_graphs(small, large)
-    dims = ModelDims.from_config(large.config)
-    feeds = random_full_inputs(dims, 2, H, W, T)
-    return small, large, graphs, dims, feeds
+    full = random_full_inputs(ModelDims.from_config(large.config), 2, H, W, T)
+    return {"small": small, "large": large}, graphs, full
+
+
+@pytest.mark.parametrize("role", ["small", "large"])
+@torch.no_grad()
+def test_dense_call_equals_diffusers_forward(setup, role):
+    models, graphs, full = setup
+    out = _dense(graphs[role], full)
+    reference = models[role](*full.values(), return_dict=False)[0]
+    assert (unpatchify(out[VELOCITY], 16, H, W, 2) - reference).abs().max() <= 1e-5
 
 
 @torch.no_grad()
-def test_full_graphs_equal_diffusers_forward(tiny_models):
-    small, large, graphs, _, feeds = _setup(tiny_models)
-    args = list(feeds.values())
-    velocity, kv_cache = graphs["large.full"](*args)
-    assert torch.allclose(velocity, large(*args, return_dict=False)[0], atol=1e-6)
-    assert torch.allclose(graphs["small.full"](*args), small(*args, return_dict=False)[0], atol=1e-6)
-    # one entry per attention module seeing image tokens: 2 layers + 1 dual-attention layer
-    assert kv_cache.shape == (3, 2, 2, (H // 2) * (W // 2), large.config.num_attention_heads * large.config.attention_head_dim)
+def test_kv_outputs_one_tensor_per_module(setup):
+    models, graphs, full = setup
+    out = _dense(graphs["large"], full)
+    dims = graphs["large"].dims
+    # 2 layers + 1 dual-attention layer see image tokens; every layer's joint attention sees text
+    assert dims.kv_entries == 3 and dims.text_entries == 2
+    assert all(out[kv_name(i)].shape == (2, 2, N, dims.hidden) for i in range(3))
+    assert all(out[text_kv_name(j)].shape == (2, 2, T, dims.hidden) for j in range(2))
+    assert set(graph_spec("large", dims).output_names) == set(out)
 
 
+@pytest.mark.parametrize("role", ["small", "large"])
 @torch.no_grad()
-def test_tokens_on_all_tokens_equals_full(tiny_models):
-    _, _, graphs, dims, feeds = _setup(tiny_models)
-    velocity, kv_cache = graphs["large.full"](*feeds.values())
-    pos = position_ids(H, W, 2, dims.pos_embed_max_size)[None].expand(2, -1)
-    empty_context = kv_cache[:, :, :, :0]
-    out = graphs["large.tokens"](patchify(feeds["hidden_states"], 2), pos, empty_context, *list(feeds.values())[1:])
-    assert (out - patchify(velocity, 2)).abs().max() <= 1e-5
-
-
-@torch.no_grad()
-def test_kv_cache_makes_token_subset_exact(tiny_models):
-    _, _, graphs, dims, feeds = _setup(tiny_models)
-    velocity, kv_cache = graphs["large.full"](*feeds.values())
-    n = (H // 2) * (W // 2)
-    g = torch.Generator().manual_seed(1)
-    complex_idx = torch.stack([torch.randperm(n, generator=g)[:13].sort().values for _ in range(2)])
-    chosen = torch.zeros(2, n, dtype=torch.bool).scatter(1, complex_idx, True)
-    context_idx = torch.stack([torch.nonzero(~row).squeeze(1) for row in chosen])
+def test_cached_context_makes_token_subset_exact(setup, role):
+    _, graphs, full = setup
+    graph, dims = graphs[role], graphs[role].dims
+    dense = _dense(graph, full)
+    complex_idx, context_idx = _split()
     pos = position_ids(H, W, 2, dims.pos_embed_max_size)[complex_idx]
-    patches = gather_tokens(patchify(feeds["hidden_states"], 2), complex_idx)
-    out = graphs["large.tokens"](patches, pos, gather_kv(kv_cache, context_idx), *list(feeds.values())[1:])
-    expected = gather_tokens(patchify(velocity, 2), complex_idx)
-    assert (out - expected).abs().max() <= 1e-4
+    patches = gather_tokens(patchify(full["hidden_states"], 2), complex_idx)
+    context = [gather_kv(dense[kv_name(i)], context_idx) for i in range(dims.kv_entries)]
+    expected = gather_tokens(dense[VELOCITY], complex_idx)
+    out = _run(graph, _feeds(dims, patches, pos, full, context))
+    assert (out[VELOCITY] - expected).abs().max() <= 1e-4
+    # the fresh K/V of the subset are the dense pass's at those tokens
+    assert (out[kv_name(0)] - gather_kv(dense[kv_name(0)], complex_idx)).abs().max() <= 1e-4
     # and a stale or missing context does change the answer (the cache is really used)
-    wrong = graphs["large.tokens"](patches, pos, torch.zeros_like(gather_kv(kv_cache, context_idx)), *list(feeds.values())[1:])
-    assert (wrong - expected).abs().max() > 1e-3
+    wrong = _run(graph, _feeds(dims, patches, pos, full, [torch.zeros_like(c) for c in context]))
+    assert (wrong[VELOCITY] - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("role", ["small", "large"])
+@torch.no_grad()
+def test_text_kv_from_the_same_step_is_exact(setup, role):
+    """Text queries 0 with the text K/V that this very step produces = recomputing the text."""
+    _, graphs, full = setup
+    graph, dims = graphs[role], graphs[role].dims
+    dense = _dense(graph, full)
+    complex_idx, context_idx = _split(seed=2, complex_count=20)
+    pos = position_ids(H, W, 2, dims.pos_embed_max_size)[complex_idx]
+    patches = gather_tokens(patchify(full["hidden_states"], 2), complex_idx)
+    context = [gather_kv(dense[kv_name(i)], context_idx) for i in range(dims.kv_entries)]
+    text = [dense[text_kv_name(j)] for j in range(dims.text_entries)]
+    out = _run(graph, _feeds(dims, patches, pos, full, context, text))
+    expected = gather_tokens(dense[VELOCITY], complex_idx)
+    assert out[text_kv_name(0)].shape == (2, 2, 0, dims.hidden)  # no text recomputed
+    assert (out[VELOCITY] - expected).abs().max() <= 1e-4
+    stale = _run(graph, _feeds(dims, patches, pos, full, context, [t.flip(2) * 0.5 for t in text]))
+    assert (stale[VELOCITY] - expected).abs().max() > 1e-3
 
 
 def test_patchify_roundtrip_and_positions():

@@ -85,3 +85,36 @@ def test_carry_offset_is_exact_at_full_ratio_and_acts_below_it(tiny_torch_engine
     plain = sampler.denoise(make_plan("hybrid", STEPS, config), latents, tiny_conditioning).latents
     carried = sampler.denoise(make_plan("hybrid", STEPS, replace(config, carry_offset=True)), latents, tiny_conditioning).latents
     assert torch.isfinite(carried).all() and not torch.allclose(plain, carried)
+
+
+def test_small_outside_mask_is_exact_at_full_ratio(tiny_torch_engines, tiny_conditioning):
+    """At ratio 1.0 no token is outside the mask: the small call is skipped and the plan still
+    equals srdiff at the same boundary."""
+    sampler = StitchedSampler(tiny_torch_engines, 7.0)
+    latents = initial_latents(2, 128, 128, 0)
+    srdiff = sampler.denoise(make_plan("srdiff", STEPS, PlanConfig(srdiff_large_fraction=0.8)), latents, tiny_conditioning).latents
+    full = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, small_outside_mask=True, mask=MaskConfig(ratio=1.0)))
+    assert (sampler.denoise(full, latents, tiny_conditioning).latents - srdiff).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("changes", [dict(reuse_text_kv=True), dict(small_outside_mask=True), dict(reuse_text_kv=True, small_outside_mask=True)])
+def test_cheaper_hybrid_steps_change_little_and_really_act(changes, tiny_torch_engines, tiny_conditioning):
+    """Text K/V reuse and the small model on the context tokens are approximations: the image
+    moves (the settings are really used), and on the tiny random pair it moves far less than the
+    hybrid image differs from the small model's."""
+    sampler = StitchedSampler(tiny_torch_engines, 7.0)
+    latents = initial_latents(2, 128, 128, 0)
+    config = PlanConfig(large_fraction=0.2, hybrid_end=0.8)
+    base = sampler.denoise(make_plan("hybrid", STEPS, config), latents, tiny_conditioning).latents
+    small = sampler.denoise(make_plan("small", STEPS), latents, tiny_conditioning).latents
+    cheaper = sampler.denoise(make_plan("hybrid", STEPS, replace(config, **changes)), latents, tiny_conditioning)
+    moved = (cheaper.latents - base).abs().mean().item()
+    assert torch.isfinite(cheaper.latents).all() and moved > 0
+    assert moved < 0.5 * (small - base).abs().mean().item()
+
+
+def test_text_reuse_with_dense_small_and_refresh(tiny_torch_engines, tiny_conditioning):
+    plan = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, refresh_every=2, reuse_text_kv=True, mask=MaskConfig(signal="detail"), carry_offset=False))
+    assert plan.small_at_capture and plan.count("capture") == 2
+    result = StitchedSampler(tiny_torch_engines, 7.0).denoise(plan, initial_latents(2, 128, 128, 0), tiny_conditioning, profile=True)
+    assert torch.isfinite(result.latents).all() and len(result.masks) == 2

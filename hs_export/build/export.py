@@ -1,31 +1,42 @@
-"""ONNX export of the contract's graphs: export, clean up and fold, check, and parity vs PyTorch."""
+"""ONNX export of the contract's graphs without copies of the weights, and parity vs PyTorch.
+
+``torch.onnx.export`` writes the graph alone (``export_params=False``: the weights become graph
+inputs named after the module's parameters); :func:`attach_weights` then streams each parameter
+from the loaded model into one external-data file and turns those inputs into initializers. So
+the export holds the model once (plus one tensor at a time) instead of building a protobuf copy
+of every weight, and ``onnx.checker`` / shape inference run on the graph file without reading
+the weights. Constants are not folded here: ONNX Runtime folds at session start and TensorRT at
+build time, both over the weights they load anyway.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hs_runtime.contract import GRAPH_SPECS, LARGE_TOKENS, GraphSpec, ModelDims
+from hs_runtime.contract import GraphSpec, ModelDims, call_sizes
 from hs_runtime.errors import ExportError, describe
 
-TWO_GB = 2**31
+ALIGN = 64 * 1024  # external tensors start on 64 KiB boundaries, so ONNX Runtime can map them
+INLINE_BYTES = 1024  # smaller tensors stay inside the graph file
 
 
-def dummy_inputs(spec: GraphSpec, dims: ModelDims, sizes: dict, dtype=torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random feeds for ``spec`` at ``sizes`` (valid token positions and timesteps included)."""
+def dummy_inputs(spec: GraphSpec, sizes: dict, dtype=torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random feeds for ``spec`` at ``sizes`` (distinct valid token positions and timesteps)."""
     g = torch.Generator().manual_seed(seed)
-    shapes = spec.shapes(dims, sizes)
+    shapes = spec.shapes(sizes)
     feeds = {}
     for tensor in spec.inputs:
         shape = shapes[tensor.name]
         if tensor.name == "token_pos":
-            table = dims.pos_embed_max_size**2
+            table = spec.dims.pos_embed_max_size**2
             feeds[tensor.name] = torch.stack([torch.randperm(table, generator=g)[: shape[1]] for _ in range(shape[0])])
         elif tensor.name == "timestep":
             feeds[tensor.name] = torch.rand(shape, generator=g) * 1000
@@ -35,76 +46,99 @@ def dummy_inputs(spec: GraphSpec, dims: ModelDims, sizes: dict, dtype=torch.floa
 
 
 def export_sizes(dims: ModelDims, latent_height: int, latent_width: int, text_tokens: int, batch: int) -> dict:
-    """Example sizes for tracing: distinct values on every dynamic axis so none is frozen."""
+    """Example sizes for tracing: a non-zero, distinct value on every dynamic axis, so none is
+    frozen (the graph is exported with a token subset, context and both kinds of text)."""
     n_img = dims.image_tokens(latent_height, latent_width)
     tokens = max(1, min(n_img - 1, n_img // 3 + 1))
-    return {"batch": max(batch, 2), "height": latent_height, "width": latent_width, "text_tokens": text_tokens, "tokens": tokens}
+    sizes = call_sizes(max(batch, 2), tokens, max(1, n_img - tokens), text_tokens)
+    sizes["text_context"] = 3 if text_tokens != 3 else 5  # exported with both text kinds present
+    return sizes
 
 
-def export_graph(module: torch.nn.Module, dims: ModelDims, sizes: dict, path: Path, opset: int = 17, dtype=torch.float32) -> Path:
-    """``torch.onnx.export`` (TorchScript exporter) with the contract's names and dynamic axes.
+def export_graph(module: torch.nn.Module, sizes: dict, path: Path, opset: int = 17, dtype=torch.float32) -> Path:
+    """``torch.onnx.export`` of the graph alone (TorchScript exporter, ``export_params=False``)
+    with the contract's names and dynamic axes, then :func:`attach_weights`.
 
-    Past 2 GB the exporter writes one external file per tensor beside ``path``: give each graph a
-    scratch folder of its own and let :func:`fold_and_check` consolidate.
+    Raises:
+        ExportError: the exporter failed (its one-line reason), or the graph uses a tensor that is
+            neither a contract input nor a parameter/buffer of ``module``.
     """
-    spec = GRAPH_SPECS[module.graph_name]
-    feeds = dummy_inputs(spec, dims, sizes, dtype)
+    spec = module.spec
+    feeds = dummy_inputs(spec, sizes, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    large = sum(p.numel() * p.element_size() for p in module.parameters()) >= TWO_GB
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
-                tuple(feeds.values()),
+                tuple(feeds[n] for n in spec.input_names),
                 str(path),
                 input_names=list(spec.input_names),
                 output_names=list(spec.output_names),
                 dynamic_axes=spec.dynamic_axes(),
                 opset_version=opset,
-                do_constant_folding=True,
+                export_params=False,  # no protobuf copy of the weights: attach_weights streams them
+                do_constant_folding=False,  # folding would turn parameters into unnamed tensors
                 dynamo=False,
-                external_data=large,
             )
     except Exception as exc:  # torch raises many types here; all mean the same to the user
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ExportError(describe(f"torch.onnx.export of {spec.name} failed", got=f"{type(exc).__name__}: {first}", fix=f"try another --opset (now {opset})")) from exc
-    return path
+    return attach_weights(path, module, spec)
 
 
-def fold_and_check(source: Path, path: Path) -> Path:
-    """Cleans up and folds constants with Polygraphy, saves to ``path`` (weights in one
-    ``path.data`` file when the model passes 2 GB), then runs ``onnx.checker`` and shape inference.
+def attach_weights(path: Path, module: torch.nn.Module, spec: GraphSpec) -> Path:
+    """Moves every non-contract graph input into ``path.data`` as an initializer, streaming the
+    tensors from ``module`` one at a time; checks and shape-infers the graph file.
+
+    The graph file holds the graph and tensors under :data:`INLINE_BYTES`; the data file holds
+    the rest, each at a :data:`ALIGN`-byte offset (ONNX external-data format).
     """
-    import logging
-
     import onnx
-    import onnxruntime
-    from polygraphy.backend.onnx import fold_constants, onnx_from_path
-    from polygraphy.logger import G_LOGGER
+    from onnx import helper, numpy_helper
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
-    onnxruntime.set_default_logger_severity(3)
-    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
-    external = _has_external_data(source)
-    with contextlib.redirect_stdout(io.StringIO()):  # symbolic shape inference prints sympy doubts
-        model = fold_constants(onnx_from_path(str(source)), error_ok=False)
-    # onnx.save_model moves tensors out before serialising, so it works past protobuf's 2 GB.
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+    model = onnx.load(str(path))
+    tensors = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+    contract = set(spec.input_names)
+    keep, data_path = [], path.with_name(path.name + ".data")
+    offset = 0
+    with data_path.open("wb") as data:
+        for value in model.graph.input:
+            if value.name in contract:
+                keep.append(value)
+                continue
+            tensor = tensors.get(value.name)
+            if tensor is None:
+                raise ExportError(describe(f"{spec.name}: the exported graph takes an unknown input", got=value.name, expected=f"the contract's inputs or a parameter of the {spec.name} model"))
+            tensor = tensor.detach().cpu().contiguous()
+            raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+            array = raw.numpy()
+            if array.nbytes < INLINE_BYTES:
+                proto = numpy_helper.from_array(array, value.name)
+            else:
+                offset = -(-offset // ALIGN) * ALIGN
+                data.seek(offset)
+                data.write(memoryview(array).cast("B"))
+                proto = onnx.TensorProto(name=value.name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
+                proto.data_location = onnx.TensorProto.EXTERNAL
+                for key, field in (("location", data_path.name), ("offset", offset), ("length", array.nbytes)):
+                    proto.external_data.add(key=key, value=str(field))
+                offset += array.nbytes
+            if tensor.dtype == torch.bfloat16:
+                proto.data_type = onnx.TensorProto.BFLOAT16
+            model.graph.initializer.append(proto)
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    onnx.save_model(model, str(path))
     del model
+    if offset == 0:
+        os.remove(data_path)
     try:
         onnx.checker.check_model(str(path))
         onnx.shape_inference.infer_shapes_path(str(path))
     except Exception as exc:
         raise ExportError(describe(f"ONNX checks failed for {path.name}", got=str(exc).splitlines()[0])) from exc
     return path
-
-
-def _has_external_data(path: Path) -> bool:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 @dataclass(frozen=True)
@@ -119,12 +153,18 @@ class Parity:
         return self.rel <= rtol
 
 
-def parity_sizes(graph: str, dims: ModelDims, base: dict) -> list[dict]:
-    """Input sizes to check: for ``large.tokens`` several N (1, a middle one, all tokens)."""
-    if graph != LARGE_TOKENS:
-        return [base]
+def parity_sizes(dims: ModelDims, base: dict) -> list[dict]:
+    """The calls to check: dense, a subset with context and text recomputed, the same with the
+    text reused, and one token with all others as context (the profile minimum)."""
     n_img = dims.image_tokens(base["height"], base["width"])
-    return [{**base, "tokens": n} for n in sorted({1, max(1, n_img // 3), n_img})]
+    batch, text = base["batch"], base["text_tokens"]
+    third = max(1, n_img // 3)
+    return [
+        call_sizes(batch, n_img, 0, text),
+        call_sizes(batch, third, n_img - third, text),
+        call_sizes(batch, third, n_img - third, text, reuse_text=True),
+        call_sizes(batch, 1, n_img - 1, text, reuse_text=True),
+    ]
 
 
 def compare_outputs(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -145,18 +185,21 @@ def compare_outputs(reference: dict[str, torch.Tensor], candidate: dict[str, tor
     return worst_abs, worst_rel
 
 
-def check_parity(graph: str, module: torch.nn.Module, engine, dims: ModelDims, base_sizes: dict, dtype=torch.float32, seed: int = 1) -> Parity:
-    """Runs ``engine`` (any backend) and ``module`` on fresh random inputs and reports the worst error."""
-    spec = GRAPH_SPECS[graph]
+def check_parity(module: torch.nn.Module, engine, base_sizes: dict, dtype=torch.float32, seed: int = 1, engine_dtype=None) -> Parity:
+    """Runs ``engine`` (any backend) and ``module`` on the same fresh inputs — made on the
+    module's device in ``dtype`` for the module, cast to ``engine_dtype`` for the engine — and
+    reports the worst error over :func:`parity_sizes`' calls and every output."""
+    spec = module.spec
+    device = next(module.parameters()).device
     worst_abs = worst_rel = 0.0
-    cases = parity_sizes(graph, dims, base_sizes)
+    cases = parity_sizes(spec.dims, base_sizes)
     for i, sizes in enumerate(cases):
-        feeds = dummy_inputs(spec, dims, sizes, dtype, seed=seed + i)
+        feeds = {k: v.to(device) for k, v in dummy_inputs(spec, sizes, dtype, seed=seed + i).items()}
         with torch.inference_mode():
-            ref = module(*feeds.values())
-        ref = dict(zip(spec.output_names, ref if isinstance(ref, tuple) else (ref,)))
-        got = engine(feeds)
-        a, r = compare_outputs(ref, got)
+            ref = dict(zip(spec.output_names, module(*[feeds[n] for n in spec.input_names])))
+        if engine_dtype is not None:
+            feeds = {t.name: feeds[t.name].to(engine_dtype) if t.dtype == "float" else feeds[t.name] for t in spec.inputs}
+        a, r = compare_outputs(ref, engine(feeds))
         if math.isnan(r):  # non-finite outputs: no tolerance can pass them
             return Parity(math.nan, math.nan, len(cases))
         worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)

@@ -24,8 +24,8 @@ class RunDefaults:
 class ModelSelection:
     """Sources for the two transformers and the text pipeline, and the run sizes they suit."""
 
-    small: str
-    large: str
+    small: str | None  # None: a preset not written to disk (a dry run needs only its configs)
+    large: str | None
     pipeline: str | None
     height: int
     width: int
@@ -40,18 +40,22 @@ class ModelSelection:
         return RunDefaults(self.height, self.width, self.steps, self.guidance_scale, self.preset)
 
 
-def resolve_models(preset, small_src, large_src, pipeline_src, log=print) -> ModelSelection:
-    """``--preset`` (materialised on disk) or an explicit ``--small`` + ``--large`` pair."""
+def resolve_models(preset, small_src, large_src, pipeline_src, log=print, materialize: bool = True) -> ModelSelection:
+    """``--preset`` (materialised on disk unless ``materialize`` is false) or an explicit
+    ``--small`` + ``--large`` pair."""
     if preset and (small_src or large_src):
         raise ConfigError(describe("pass either --preset or --small/--large, not both"))
     if preset:
         from ..presets import ensure_preset
 
         spec = get_preset(preset)
-        paths = ensure_preset(preset, log=log)
-        pipeline = pipeline_src if pipeline_src is not None else (str(paths.pipeline) if paths.pipeline else None)
+        small = large = pipeline = None
+        if materialize:
+            paths = ensure_preset(preset, log=log)
+            small, large = str(paths.small), str(paths.large)
+            pipeline = pipeline_src if pipeline_src is not None else (str(paths.pipeline) if paths.pipeline else None)
         return ModelSelection(
-            str(paths.small), str(paths.large), pipeline, spec.height, spec.width, spec.max_sequence_length, preset,
+            small, large, pipeline, spec.height, spec.width, spec.max_sequence_length, preset,
             spec.clip_tokens, spec.steps, spec.guidance_scale,
         )
     if not (small_src and large_src):
@@ -72,3 +76,19 @@ def clip_length(pipeline: str | None) -> int:
         if isinstance(length, int) and 0 < length <= 77:
             return length
     return 77
+
+
+def model_configs(selection: ModelSelection) -> dict[str, dict]:
+    """The two transformer configs, read without loading a weight (a preset's from its spec)."""
+    if selection.preset:
+        spec = get_preset(selection.preset)
+        return {"small": dict(spec.small), "large": dict(spec.large)}
+    from diffusers import SD3Transformer2DModel
+
+    from hs_runtime.models import resolve_transformer_source
+
+    configs = {}
+    for role, source in (("small", selection.small), ("large", selection.large)):
+        where, subfolder = resolve_transformer_source(source)
+        configs[role] = dict(SD3Transformer2DModel.load_config(where, subfolder=subfolder))
+    return configs

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hs_runtime.contract import LARGE_FULL, SMALL_FULL, ModelDims
+from hs_runtime.contract import LARGE, SMALL, ModelDims
 from hs_runtime.errors import ConfigError, describe
 from hs_runtime.flops import ideal_speedup, plan_flops
 from hs_runtime.pipeline import initial_latents
@@ -93,7 +93,7 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
     variants = plan_variants(config.plans, config.sweeps, steps, plan_config or PlanConfig(), log)
     text_and_vae = runtime.text_and_vae()
     engines = runtime.engines
-    small_dims, large_dims = engines[SMALL_FULL].dims, engines[LARGE_FULL].dims
+    small_dims, large_dims = engines[SMALL].dims, engines[LARGE].dims
     scale = text_and_vae.vae_scale_factor
     grid_h, grid_w = height // scale // large_dims.patch_size, width // scale // large_dims.patch_size
     cfg = guidance > 1.0

@@ -16,7 +16,7 @@ from typing import Callable, Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from hs_runtime.contract import SMALL_FULL
+from hs_runtime.profiles import axis_ranges
 from hs_runtime.errors import ConfigError, HybridStitchError, ShapeError, describe
 from hs_runtime.pipeline import check_image_size
 from hs_runtime.plans import MaskConfig, Plan, PlanConfig, make_plan
@@ -94,13 +94,11 @@ class ServingLimits:
 
     @classmethod
     def from_manifest(cls, manifest) -> "ServingLimits":
-        profiles = manifest.graph(SMALL_FULL)["profiles"]
-        low = [p["hidden_states"][0] for p in profiles]
-        high = [p["hidden_states"][2] for p in profiles]
         shape, dims = manifest.shape, manifest.dims("large")
+        ranges = axis_ranges(shape, dims)  # the latent sizes the build's profiles were made for
         return cls(
-            latent_height=(min(s[2] for s in low), max(s[2] for s in high)),
-            latent_width=(min(s[3] for s in low), max(s[3] for s in high)),
+            latent_height=(ranges["height"][0], ranges["height"][2]),
+            latent_width=(ranges["width"][0], ranges["width"][2]),
             vae_scale=max(1, int(manifest.build["height"]) // shape.latent_height),
             patch=dims.patch_size, channels=dims.in_channels, text_tokens=shape.text_tokens,
             joint_dim=dims.joint_attention_dim, pooled_dim=dims.pooled_projection_dim,

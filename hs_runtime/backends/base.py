@@ -16,8 +16,8 @@ from ..errors import ConcurrencyError, describe
 class Engine(Protocol):
     """One compiled graph. Inputs and outputs are torch tensors on the engine's device.
 
-    ``outputs`` names the outputs the caller needs; an engine may skip the others (``large.full``
-    skips its K/V cache on steps that do not keep it).
+    ``outputs`` names the outputs the caller needs; an engine may skip the others (dense steps
+    that keep no K/V ask for ``velocity_tokens`` alone).
     """
 
     spec: GraphSpec
@@ -28,7 +28,8 @@ class Engine(Protocol):
 
 
 class EngineSet:
-    """The three engines of one build, with the device and float dtype they exchange tensors in.
+    """The ``small`` and ``large`` engines of one build, with the device and float dtype they
+    exchange tensors in.
 
     ``precision`` is what the engines compute in (``fp32``, ``fp16``, ``bf16``; a TensorRT fp16
     plan exchanges fp32 tensors), used to suggest the fix when a graph overflows.

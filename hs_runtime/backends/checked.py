@@ -20,7 +20,7 @@ class ProfileCheckedEngine:
         self.rebuild_hint = f"rebuild with: {rebuild_hint} (adjusting the sizes)"
 
     def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        self.spec.check_feeds(feeds, self.dims)
+        self.spec.check_feeds(feeds)
         shapes = {name: tuple(feeds[name].shape) for name in self.spec.input_names}
         select_profile(self.profiles, shapes, self.spec.name, self.rebuild_hint)
         return self.engine(feeds, outputs)

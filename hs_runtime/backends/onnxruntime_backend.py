@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from ..contract import GRAPH_SPECS, ModelDims
+from ..contract import ModelDims, graph_spec
 from ..errors import BuildError, EngineLoadError, ManifestError, describe, first_line
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -77,7 +77,7 @@ class OrtEngine:
         fix = fix or "rebuild with hs-export build --force"
         if not Path(path).is_file():
             raise ManifestError(describe(f"engine file missing for {graph}", got=str(path), fix=fix))
-        self.spec = GRAPH_SPECS[graph]
+        self.spec = graph_spec(graph, dims)
         self.dims = dims
         self.device = torch.device(device)
         options, providers = session_options(settings or {}), providers_for(self.device)
@@ -103,7 +103,7 @@ class OrtEngine:
             keep.append(tensor)
             binding.bind_input(name, "cuda", device_id, _NP[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         sizes = self._sizes(feeds)
-        shapes = self.spec.shapes(self.dims, sizes)
+        shapes = self.spec.shapes(sizes)
         out_dtype = feeds[self.spec.inputs[0].name].dtype
         results = {}
         for name in wanted:

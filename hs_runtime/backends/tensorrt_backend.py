@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..contract import GRAPH_SPECS, ModelDims
+from ..contract import ModelDims, graph_spec
 from ..errors import BuildError, EngineLoadError, ManifestError, describe, first_line
 from ..profiles import select_profile
 
@@ -60,7 +60,7 @@ class TrtEngine:
 
     def __init__(self, plan_path: Path, graph: str, dims: ModelDims, device: torch.device, profiles: list[dict], built_with: str | None = None, stream: torch.cuda.Stream | None = None, fix: str | None = None):
         trt = _import_trt()
-        self.spec = GRAPH_SPECS[graph]
+        self.spec = graph_spec(graph, dims)
         self.dims = dims
         self.profiles = profiles
         self.device = torch.device(device)

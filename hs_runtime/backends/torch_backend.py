@@ -9,7 +9,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..contract import GRAPH_SPECS, LARGE_FULL, ModelDims
+from ..contract import VELOCITY, ModelDims
 from ..graphs import build_graphs
 from ..validation import check_device
 from .base import EngineSet
@@ -22,17 +22,14 @@ class TorchEngine:
 
     def __init__(self, module: torch.nn.Module, dims: ModelDims):
         self.module = module
-        self.spec = GRAPH_SPECS[module.graph_name]
+        self.spec = module.spec
         self.dims = dims
 
     @torch.inference_mode()
     def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         args = [feeds[name] for name in self.spec.input_names]
-        wanted = tuple(outputs) if outputs is not None else self.spec.output_names
-        if self.spec.name == LARGE_FULL and "kv_cache" not in wanted:
-            return {"velocity": self.module.velocity_only(*args)}
-        result = self.module(*args)
-        result = result if isinstance(result, tuple) else (result,)
+        wanted = set(outputs) if outputs is not None else set(self.spec.output_names)
+        result = self.module.run(args, keep_kv=bool(wanted - {VELOCITY}))
         return {n: t for n, t in zip(self.spec.output_names, result) if n in wanted}
 
 
@@ -49,8 +46,5 @@ def torch_engines(small, large, device="cpu", dtype=torch.float32) -> EngineSet:
     device = check_device(device)
     small, large = (_to(m, device, dtype) for m in (small, large))
     dims = {"small": ModelDims.from_config(small.config), "large": ModelDims.from_config(large.config)}
-    engines = {
-        name: TorchEngine(module, dims["small" if name.startswith("small") else "large"])
-        for name, module in build_graphs(small, large).items()
-    }
+    engines = {name: TorchEngine(module, dims[name]) for name, module in build_graphs(small, large).items()}
     return EngineSet(engines, device, dtype, "torch", PRECISIONS.get(dtype))

@@ -1,0 +1,166 @@
+"""What a build needs, computed from the contract and the model configs before anything is exported.
+
+Every engine I/O tensor's largest shape over the build's profiles (elements and bytes), each
+engine's weights, and from those the host memory and disk the build needs. ``hs-export build
+--dry-run`` prints it for any preset or model pair, without loading a weight; a real build
+refuses, in one line, a tensor past a backend's limit and a host that cannot hold the build.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hs_runtime.contract import GRAPH_NAMES, ModelDims, graph_spec
+from hs_runtime.errors import BuildError, describe
+from hs_runtime.profiles import BuildShape, profile_sizes
+
+TRT_MAX_ELEMENTS = 2**31 - 1  # TensorRT: "tensor volume must not exceed 2^31-1 elements" (see DESIGN §6)
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+GiB = 2**30
+HOST_OVERHEAD = 1 * GiB  # interpreter, torch, ONNX Runtime/TensorRT libraries, graph protos
+TRT_BUILD_FACTOR = 1.0  # TensorRT builder: the serialized plan beside the parsed weights (an estimate: not run here)
+
+
+@dataclass(frozen=True)
+class TensorLimit:
+    """One engine I/O tensor at the build's profile maxima."""
+
+    graph: str
+    tensor: str
+    direction: str  # "in" | "out"
+    max_shape: tuple[int, ...]
+    elements: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class BuildNeeds:
+    """The limits table and the resources the build needs."""
+
+    tensors: list[TensorLimit]
+    weights: dict[str, int]  # graph → weight bytes in the export precision
+    io_bytes: dict[str, int]  # graph → all I/O buffers at their maxima (a TensorRT backend's allocation)
+    host_bytes: int
+    disk_bytes: int
+    folder_bytes: int  # what stays in the engine folder
+
+    def over_limit(self, backend: str) -> list[TensorLimit]:
+        """Tensors a backend cannot hold (TensorRT: more than 2³¹−1 elements)."""
+        return [t for t in self.tensors if backend == "tensorrt" and t.elements > TRT_MAX_ELEMENTS]
+
+
+def weight_count(config: dict) -> int:
+    """Parameters + buffers of a diffusers ``SD3Transformer2DModel`` built on the meta device
+    (no memory): what the ONNX file and the engine hold."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(dict(config))
+    return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+
+
+def _element_bytes(dtype_kind: str, precision: str) -> int:
+    return {"float": ELEMENT_BYTES[precision], "float32": 4, "int64": 8}[dtype_kind]
+
+
+def io_limits(shape: BuildShape, dims: dict[str, ModelDims], precision: str) -> list[TensorLimit]:
+    """Every graph's I/O tensors at the largest size of each axis over its profiles."""
+    rows = []
+    for name in GRAPH_NAMES:
+        spec = graph_spec(name, dims[name])
+        profiles = profile_sizes(name, shape, dims[name])
+        biggest = {axis: max(p[axis][2] for p in profiles) for axis in profiles[0]}
+        shapes = spec.shapes(biggest)
+        for direction, tensors in (("in", spec.inputs), ("out", spec.outputs)):
+            for t in tensors:
+                elements = 1
+                for size in shapes[t.name]:
+                    elements *= size
+                rows.append(TensorLimit(name, t.name, direction, shapes[t.name], elements, elements * _element_bytes(t.dtype, precision)))
+    return rows
+
+
+def build_needs(shape: BuildShape, dims: dict[str, ModelDims], configs: dict[str, dict], precision: str, backend: str) -> BuildNeeds:
+    """The limits table and the build's host memory and disk needs.
+
+    Host memory: both models loaded for the export, then per graph one model and the engine
+    library's copy of it (ONNX Runtime session for the parity check; TensorRT builder), + 1 GiB.
+    Disk: the ONNX files and the engines (TensorRT: both until the ONNX files are deleted).
+    """
+    tensors = io_limits(shape, dims, precision)
+    weights = {name: weight_count(configs[name]) * ELEMENT_BYTES[precision] for name in GRAPH_NAMES}
+    io_bytes = {name: sum(t.bytes for t in tensors if t.graph == name) for name in GRAPH_NAMES}
+    total, largest = sum(weights.values()), max(weights.values())
+    engine_copy = TRT_BUILD_FACTOR * largest if backend == "tensorrt" else largest
+    host = int(max(total, largest + engine_copy) + HOST_OVERHEAD)
+    disk = 2 * total if backend == "tensorrt" else total
+    return BuildNeeds(tensors, weights, io_bytes, host, disk, total)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 0.01 * GiB else f"{n / 2**20:.2f} MiB"
+
+
+def format_table(needs: BuildNeeds, backend: str, compact: bool = True) -> list[str]:
+    """The table as text lines. ``compact`` folds the per-module K/V rows of each graph into the
+    largest one with a count (SD3.5-large has 38 of each)."""
+    lines = [f"{'graph':6} {'tensor':24} {'dir':3} {'max shape':28} {'elements':>14} {'bytes':>12}"]
+    over = {(t.graph, t.tensor) for t in needs.over_limit(backend)}
+    groups: dict[tuple, list[TensorLimit]] = {}
+    for t in needs.tensors:
+        family = t.tensor.rstrip("0123456789") if compact else t.tensor
+        groups.setdefault((t.graph, family, t.direction), []).append(t)
+    for (graph, family, direction), rows in groups.items():
+        t = max(rows, key=lambda r: r.elements)
+        name = f"{family}* ×{len(rows)}" if len(rows) > 1 else t.tensor
+        flag = "  OVER 2^31-1" if any((r.graph, r.tensor) in over for r in rows) else ""
+        lines.append(f"{graph:6} {name:24} {direction:3} {str(list(t.max_shape)):28} {t.elements:>14,} {_gib(t.bytes):>12}{flag}")
+    for name in GRAPH_NAMES:
+        lines.append(f"{name:6} {'(all I/O at maxima)':24} {'':3} {'':28} {'':>14} {_gib(needs.io_bytes[name]):>12}   weights {_gib(needs.weights[name])}")
+    lines.append(f"largest tensor: {max(t.elements for t in needs.tensors):,} elements (TensorRT limit {TRT_MAX_ELEMENTS:,})")
+    lines.append(f"build needs: host memory ~{_gib(needs.host_bytes)}, disk ~{_gib(needs.disk_bytes)}; the engine folder keeps ~{_gib(needs.folder_bytes)}")
+    return lines
+
+
+def available_memory() -> int:
+    """Bytes the host can give a new process now (``MemAvailable``)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool) -> None:
+    """Refuses, in one line, a tensor past the backend's limit (always) and a host without the
+    memory or disk the build needs (unless ``force``).
+
+    Raises:
+        BuildError: naming the tensor or both numbers, and the way out.
+    """
+    over = needs.over_limit(backend)
+    if over:
+        t = max(over, key=lambda r: r.elements)
+        raise BuildError(
+            describe(
+                f"{t.graph}: tensor {t.tensor} would exceed TensorRT's element limit", got=f"{list(t.max_shape)} = {t.elements:,} elements",
+                expected=f"<= {TRT_MAX_ELEMENTS:,}", fix="build for fewer --prompts or a smaller --height/--width (or without --dynamic-shape)",
+            )
+        )
+    if force:
+        return
+    memory = available_memory()
+    if needs.host_bytes > memory:
+        raise BuildError(
+            describe("this host lacks the memory the build needs", got=f"{_gib(memory)} available", expected=f"~{_gib(needs.host_bytes)} (hs-export build --dry-run shows why)", fix="build on a larger host, or pass --force to try anyway")
+        )
+    target = out if out.exists() else out.resolve().parent
+    while not target.exists():
+        target = target.parent
+    free = shutil.disk_usage(target).free
+    if needs.disk_bytes > free:
+        raise BuildError(
+            describe(f"not enough free disk for the build under {target}", got=f"{_gib(free)} free", expected=f"~{_gib(needs.disk_bytes)}", fix="free disk or choose another --out, or pass --force to try anyway")
+        )
