@@ -10,7 +10,7 @@ from hs_export.cli import main
 from hs_export.build.export import dummy_inputs
 from hs_export.build import resolve_models
 from hs_runtime.backends.onnxruntime_backend import OrtEngine
-from hs_runtime.contract import GRAPH_NAMES, GRAPH_SPECS
+from hs_runtime.contract import GRAPH_NAMES, call_sizes, graph_spec
 from hs_runtime.errors import BuildError, ManifestError
 from hs_runtime.graphs import build_graphs
 from hs_runtime.manifest import Manifest
@@ -21,37 +21,45 @@ QUIET = dict(log=lambda *_: None)
 def test_manifest_records_the_build(tiny_engine_dir):
     manifest = Manifest.load(tiny_engine_dir)
     data = manifest.data
-    assert data["schema_version"] == 1 and data["complete"]
+    assert data["schema_version"] == 2 and data["complete"]
     assert set(data["graphs"]) == set(GRAPH_NAMES)
     assert {"torch", "onnx", "onnxruntime"} <= set(data["versions"])
     for role in ("small", "large"):
         assert len(data["models"][role]["sha256"]) == 64 and data["models"][role]["config"]["num_layers"] == 2
-    tokens = data["graphs"]["large.tokens"]
-    assert tokens["dynamic_axes"]["patches"] == {"0": "batch", "1": "tokens"}
-    assert tokens["dynamic_axes"]["kv_context"] == {"2": "batch", "3": "context_tokens"}
+    large = data["graphs"]["large"]
+    assert large["dynamic_axes"]["patches"] == {"0": "batch", "1": "tokens"}
+    assert large["dynamic_axes"]["kv_context_0"] == {"1": "batch", "2": "context_tokens"}
+    assert large["dynamic_axes"]["text_kv_context_1"] == {"1": "batch", "2": "text_context"}
     for graph in data["graphs"].values():
-        assert graph["onnx"]["parity"]["rel"] <= 1e-4
+        assert graph["parity"]["rel"] <= 1e-4 and graph["parity"]["cases"] == 4
+        assert len(graph["profiles"]) == 2  # dense + one subset profile
     assert data["default_plan"]["name"] == "hybrid"
 
 
 def test_onnx_parity_with_dynamic_token_counts_in_one_session(tiny_engine_dir, tiny_models):
     manifest = Manifest.load(tiny_engine_dir)
     graphs = build_graphs(*tiny_models)
-    dims = manifest.dims("large")
-    engine = OrtEngine(manifest.onnx_path("large.tokens"), "large.tokens", dims, torch.device("cpu"))
-    for n in (1, 7, 33, 64):  # several N (and M = 64 − N) through one session
-        feeds = dummy_inputs(GRAPH_SPECS["large.tokens"], dims, {"batch": 2, "height": 16, "width": 16, "text_tokens": 85, "tokens": n}, seed=n)
-        with torch.no_grad():
-            ref = graphs["large.tokens"](*feeds.values())
-        got = engine(feeds)["velocity_tokens"]
-        assert got.shape == (2, n, 64)
-        assert (got - ref).abs().max() / ref.abs().max() <= 1e-4
-    # the full graphs are dynamic in batch and resolution too
-    engine = OrtEngine(manifest.onnx_path("small.full"), "small.full", manifest.dims("small"), torch.device("cpu"))
-    feeds = dummy_inputs(GRAPH_SPECS["small.full"], manifest.dims("small"), {"batch": 4, "height": 8, "width": 12, "text_tokens": 85})
-    with torch.no_grad():
-        ref = graphs["small.full"](*feeds.values())
-    assert (engine(feeds)["velocity"] - ref).abs().max() / ref.abs().max() <= 1e-4
+    for name in GRAPH_NAMES:
+        dims = manifest.dims(name)
+        engine = OrtEngine(manifest.engine_path(name), name, dims, torch.device("cpu"))
+        spec = graph_spec(name, dims)
+        # several N (and M = 64 − N) through one session, text recomputed or reused, other batches
+        for n, reuse, batch in ((1, True, 2), (7, False, 2), (33, True, 4), (64, False, 2)):
+            feeds = dummy_inputs(spec, call_sizes(batch, n, 64 - n, 85, reuse), seed=n)
+            with torch.no_grad():
+                ref = graphs[name](*feeds.values())
+            got = engine(feeds)
+            assert got["velocity_tokens"].shape == (batch, n, 64)
+            for out_name, expected in zip(spec.output_names, ref):
+                assert got[out_name].shape == expected.shape
+                if expected.numel():  # text K/V outputs are empty when the text is reused
+                    assert (got[out_name] - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max().item())
+
+
+def test_folder_holds_the_weights_once(tiny_engine_dir):
+    manifest = Manifest.load(tiny_engine_dir)
+    files = {a["path"] for a in manifest.artifacts}
+    assert files == {"engines/small.onnx", "engines/small.onnx.data", "engines/large.onnx", "engines/large.onnx.data", "ort_session.json"}
 
 
 def test_cli_inspect_and_verify(tiny_engine_dir):
@@ -116,7 +124,7 @@ def test_tensorrt_missing_keeps_onnx(tiny_paths, tmp_path):
     result = CliRunner().invoke(main, ["build", "--preset", "tiny", "--backend", "tensorrt", "--out", str(out)])
     assert result.exit_code == 1
     assert "TensorRT is not installed" in result.output and "ONNX files were kept" in result.output
-    assert all((out / "onnx" / f"{g}.onnx").is_file() for g in GRAPH_NAMES)
+    assert all((out / "onnx" / f"{g}.onnx").is_file() and (out / "onnx" / f"{g}.onnx.data").is_file() for g in GRAPH_NAMES)
     with pytest.raises(ManifestError, match="did not finish"):
         Manifest.load(out)
 

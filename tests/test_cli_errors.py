@@ -44,8 +44,8 @@ TABLE: dict[str, list[tuple[list[str], int, str]]] = {
         ([*GEN, "--device", "bogus"], ERROR, "unknown device | got 'bogus'"),
         (["{file}", "--prompt", "x"], ERROR, "is a file, not a folder"),
         (["{missing}", "--prompt", "x"], ERROR, "engine folder not found"),
-        (["{truncated}", "--prompt", "x"], ERROR, "engines/large.tokens.ort.onnx has the wrong size"),
-        (["{foreign}", "--prompt", "x"], ERROR, "ONNX Runtime cannot load large.tokens engine"),
+        (["{truncated}", "--prompt", "x"], ERROR, "engines/large.onnx has the wrong size"),
+        (["{foreign}", "--prompt", "x"], ERROR, "ONNX Runtime cannot load large engine"),
         (["--small", "{file}", "--large", "{file}", "--prompt", "x"], ERROR, "is a file, not a folder"),
         ([*GEN_MODELS, "--pipeline", "{file}"], ERROR, "pipeline {file} is a file, not a folder"),
         (["--preset", "tiny", "--small", "{small}", "--prompt", "x"], ERROR, "either --preset or --small/--large"),
@@ -84,7 +84,7 @@ TABLE: dict[str, list[tuple[list[str], int, str]]] = {
         (["{file}"], ERROR, "is a file, not a folder"),
         (["{missing}"], ERROR, "engine folder not found"),
         (["{truncated}"], ERROR, "has the wrong size"),
-        (["{tampered}"], ERROR, "verification failed | got engines/large.tokens.ort.onnx (sha256 differs)"),
+        (["{tampered}"], ERROR, "verification failed | got engines/large.onnx (sha256 differs)"),
         (["{engines}", "--plan", "fastest"], USAGE, "Invalid value for '--plan'"),
         ([], USAGE, "Missing argument"),
     ],
@@ -177,7 +177,7 @@ def places(tiny_engine_dir, tiny_paths, tmp_path_factory) -> dict[str, str]:
     for name in ("truncated", "tampered", "foreign"):
         damaged[name] = root / name
         shutil.copytree(tiny_engine_dir, damaged[name])
-    engine = "engines/large.tokens.ort.onnx"
+    engine = "engines/large.onnx"
     data = (tiny_engine_dir / engine).read_bytes()
     (damaged["truncated"] / engine).write_bytes(data[: len(data) // 3])  # a partial copy
     flipped = bytearray(data)

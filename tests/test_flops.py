@@ -29,3 +29,22 @@ def test_plan_costs():
     assert 1.4 < ideal_speedup(hybrid, small, large, N_IMG, TXT) < 2.0
     wider = make_plan("hybrid", 28, PlanConfig(mask=MaskConfig(ratio=0.6)))
     assert ideal_speedup(wider, small, large, N_IMG, TXT) < ideal_speedup(hybrid, small, large, N_IMG, TXT)
+
+
+def test_cheaper_hybrid_steps_at_sd35_sizes():
+    """Text K/V reuse drops the 333 text queries from the hybrid-step calls; the small model on
+    the context tokens drops the complex ones: 0.71 → 0.52 of a dense large step, and the default
+    plan from 1.61× to 1.75× ideal."""
+    from hs_runtime.flops import hybrid_step_flops
+
+    small, large = dims("sd3.5-medium"), dims("sd3.5-large")
+    dense = transformer_flops(large, N_IMG, N_IMG, TXT)
+    step = lambda **kw: hybrid_step_flops(make_plan("hybrid", 28, PlanConfig(**kw)), small, large, N_IMG, TXT) / dense  # noqa: E731
+    assert step() == pytest.approx(0.714, abs=0.005)
+    assert step(reuse_text_kv=True) == pytest.approx(0.617, abs=0.005)
+    assert step(reuse_text_kv=True, small_outside_mask=True) == pytest.approx(0.515, abs=0.005)
+    both = make_plan("hybrid", 28, PlanConfig(reuse_text_kv=True, small_outside_mask=True))
+    assert ideal_speedup(both, small, large, N_IMG, TXT) == pytest.approx(1.747, abs=0.005)
+    # at ratio 1.0 with the small model outside the mask, the small call disappears
+    full = make_plan("hybrid", 28, PlanConfig(small_outside_mask=True, mask=MaskConfig(ratio=1.0)))
+    assert hybrid_step_flops(full, small, large, N_IMG, TXT) == pytest.approx(dense)

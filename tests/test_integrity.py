@@ -15,7 +15,7 @@ from hs_runtime import HybridStitchRuntime
 from hs_runtime.errors import EngineLoadError, ManifestError
 from hs_runtime.manifest import Manifest, sha256_file
 
-ENGINE = "engines/large.tokens.ort.onnx"
+ENGINE = "engines/large.onnx"
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_manifest_records_every_file(tiny_engine_dir):
     recorded = {a["path"]: a for a in manifest.artifacts}
     on_disk = {p.relative_to(tiny_engine_dir).as_posix() for p in tiny_engine_dir.rglob("*") if p.is_file() and p.name != "manifest.json"}
     assert set(recorded) == on_disk
-    assert {ENGINE, "onnx/large.tokens.onnx", "ort_session.json"} <= on_disk
+    assert {ENGINE, ENGINE + ".data", "ort_session.json"} <= on_disk
     for path, record in recorded.items():
         assert record["bytes"] == (tiny_engine_dir / path).stat().st_size
         assert record["sha256"] == sha256_file(tiny_engine_dir / path)
@@ -59,8 +59,8 @@ def test_recorded_size_that_disagrees(copy):
 
 
 def test_missing_recorded_file(copy):
-    (copy / "onnx" / "small.full.onnx").unlink()
-    with pytest.raises(ManifestError, match=r"onnx/small.full.onnx is missing"):
+    (copy / "engines" / "small.onnx.data").unlink()
+    with pytest.raises(ManifestError, match=r"engines/small.onnx.data is missing"):
         Manifest.load(copy)
 
 
@@ -81,7 +81,7 @@ def test_engine_library_errors_become_one_line_with_the_reason(copy):
     with pytest.raises(EngineLoadError) as info:
         HybridStitchRuntime.from_dir(copy)
     message = str(info.value)
-    assert message.startswith(f"ONNX Runtime cannot load large.tokens engine {copy / ENGINE}")
+    assert message.startswith(f"ONNX Runtime cannot load large engine {copy / ENGINE}")
     assert "INVALID_PROTOBUF" in message and "rebuild with: hs-export build" in message and "\n" not in message
 
 
@@ -143,7 +143,7 @@ def test_tensorrt_plan_of_right_size_but_wrong_bytes(tiny_paths, tmp_path):
 
     out = tmp_path / "trt"
     build(resolve_models("tiny", None, None, None, log=lambda *_: None), BuildConfig(out=out, backend="tensorrt"), log=lambda *_: None)
-    plan = out / "engines" / "large.tokens.plan"
+    plan = out / "engines" / "large.plan"
     plan.write_bytes(b"\0" * plan.stat().st_size)
-    with pytest.raises(EngineLoadError, match=r"TensorRT .* cannot load large.tokens engine .*rebuild with: hs-export build"):
+    with pytest.raises(EngineLoadError, match=r"TensorRT .* cannot load large engine .*rebuild with: hs-export build"):
         HybridStitchRuntime.from_dir(out, device="cuda")

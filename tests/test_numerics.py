@@ -35,13 +35,13 @@ def nan_large(tiny_paths, tmp_path_factory):
 
 def test_monitor_names_the_first_bad_step_and_graph():
     monitor = FiniteMonitor(("large", "capture", "hybrid", "hybrid"), "cpu", precision="fp16", backend="onnxruntime")
-    for step, graph, value in ((0, "large.full", 1.0), (2, "small.full", 1.0), (2, "large.tokens", float("inf")), (3, "large.tokens", float("nan"))):
+    for step, graph, value in ((0, "large", 1.0), (2, "small", 1.0), (2, "large", float("inf")), (3, "large", float("nan"))):
         monitor.step = step
-        monitor.record(graph, {"velocity": torch.full((2, 3), value), "velocity_tokens": torch.full((2, 3), value)})
+        monitor.record(graph, {"velocity_tokens": torch.full((2, 3), value)})
     with pytest.raises(NumericalError) as info:
         monitor.check()
     assert str(info.value) == (
-        "step 2 (hybrid): large.tokens produced inf | expected finite velocities | "
+        "step 2 (hybrid): large produced inf | expected finite velocities | "
         "fp16 overflow? rebuild with --precision bf16 (TensorRT) or fp32 (if fp32 fails too, the weights hold NaN/inf)"
     )
 
@@ -53,7 +53,7 @@ def test_monitor_reads_back_once_per_check(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: reads.append(self.shape) or original(self, *a, **k))
     for step in range(4):
         monitor.step = step
-        monitor.record("large.full", {"velocity": torch.randn(2, 16, 4, 4)})
+        monitor.record("large", {"velocity_tokens": torch.randn(2, 16, 4, 4)})
     assert reads == []  # recording never reads back
     monitor.check()
     assert len(reads) == 1
@@ -74,16 +74,16 @@ def test_nan_weights_stop_denoise_with_step_and_graph(tiny_models, nan_large, ti
     plan = make_plan("hybrid", 6, PlanConfig(large_fraction=0.15, hybrid_end=0.55))  # capture hybrid×2 small×3
     with pytest.raises(NumericalError) as info:
         StitchedSampler(engines).denoise(plan, initial_latents(1, 128, 128, 0), _cond(tiny_conditioning))
-    assert str(info.value).startswith("step 0 (capture): large.full produced NaN | expected finite velocities | do the model weights hold NaN/inf")
+    assert str(info.value).startswith("step 0 (capture): large produced NaN | expected finite velocities | do the model weights hold NaN/inf")
 
 
 def test_profiled_run_stops_at_the_first_stage_boundary(tiny_models, nan_large, tiny_conditioning):
     from hs_runtime.models import load_transformer
 
     engines = torch_engines(tiny_models[0], load_transformer(nan_large))
-    small = engines.engines["small.full"] = _Counting(engines["small.full"])
+    small = engines.engines["small"] = _Counting(engines["small"])
     plan = Plan("custom", ("large", "large", "small", "small"))
-    with pytest.raises(NumericalError, match=r"step 0 \(large\): large.full produced NaN"):
+    with pytest.raises(NumericalError, match=r"step 0 \(large\): large produced NaN"):
         StitchedSampler(engines).denoise(plan, initial_latents(1, 128, 128, 0), _cond(tiny_conditioning), profile=True)
     assert small.calls == 0  # stopped at the large → small boundary
 
@@ -116,7 +116,7 @@ def test_generate_with_nan_weights_fails_in_one_line_and_writes_nothing(tiny_pat
     result = CliRunner().invoke(main, args)
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert errors == ["Error: step 0 (large): large.full produced NaN | expected finite velocities | do the model weights hold NaN/inf "
+    assert errors == ["Error: step 0 (large): large produced NaN | expected finite velocities | do the model weights hold NaN/inf "
                       "(a damaged or badly converted checkpoint)? use a clean checkpoint and rebuild from it"]
     assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []  # no image, no comparison
@@ -143,6 +143,6 @@ def test_verify_reports_non_finite_outputs_as_failures(tiny_engine_dir, nan_larg
     (folder / "manifest.json").write_text(json.dumps(data))
     checks = verify(folder, steps=6)
     failed = {c.name: c.problem for c in checks if not c.ok}
-    assert failed["large.full vs torch"] == "NaN/inf in the engine's or the torch graph's outputs"
-    assert failed["end-to-end hybrid, 6 steps"].startswith("torch reference: step 0 (large): large.full produced NaN")
-    assert "small.full vs torch" not in failed
+    assert failed["large vs torch (4 kinds of call)"] == "NaN/inf in the engine's or the torch graph's outputs"
+    assert failed["end-to-end hybrid, 6 steps"].startswith("torch reference: step 0 (large): large produced NaN")
+    assert "small vs torch (4 kinds of call)" not in failed

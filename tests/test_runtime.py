@@ -62,8 +62,8 @@ def test_wrong_embedding_width(tiny_engine_dir, tiny_conditioning):
 def test_folder_missing_a_graph(tiny_engine_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_engine_dir, broken)
-    (broken / "engines" / "large.tokens.ort.onnx").unlink()
-    with pytest.raises(ManifestError, match=r"missing graph\(s\) \['large.tokens'\].*rebuild with"):
+    (broken / "engines" / "large.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"missing graph\(s\) \['large'\].*rebuild with"):
         HybridStitchRuntime.from_dir(broken)
 
 

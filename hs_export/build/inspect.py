@@ -17,6 +17,15 @@ def _range(bounds) -> str:
     return str(low) if low == high else f"{low} … {opt} … {high}"
 
 
+def _families(tensors: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Groups the per-module tensors (``kv_context_0`` … ``kv_context_37``) into one row each."""
+    groups: dict[str, list[dict]] = {}
+    for t in tensors:
+        stem = t["name"].rstrip("0123456789")
+        groups.setdefault(stem if stem.endswith("_") else t["name"], []).append(t)
+    return list(groups.items())
+
+
 def inspect_folder(folder) -> None:
     """Prints what ``folder`` holds (after the manifest's own checks, file sizes included)."""
     manifest = Manifest.load(folder)
@@ -27,18 +36,21 @@ def inspect_folder(folder) -> None:
         f"{shape.prompts} prompt(s) (batch {shape.batch}), {shape.text_tokens} text tokens, schema {manifest.data['schema_version']}"
     )
     graphs = Table(title="graphs")
-    for column in ("graph", "model", "onnx", "engine", "profiles", "ONNX vs torch (rel)"):
+    for column in ("graph", "onnx", "engine", "profiles", "engine vs torch (rel)"):
         graphs.add_column(column)
     tensors = Table(title="I/O (min … opt … max per profile)")
     for column in ("graph", "tensor", "dtype", "axes", "shape"):
         tensors.add_column(column)
     for name, graph in manifest.data["graphs"].items():
-        graphs.add_row(name, graph["model"], _mib(graph["onnx"]["bytes"]), _mib(graph["engine"]["bytes"]), str(len(graph["profiles"])), f"{graph['onnx']['parity']['rel']:.1e}")
-        for t in graph["inputs"]:
-            shapes = "\n".join(_range(p[t["name"]]) for p in graph["profiles"])
-            tensors.add_row(name, "→ " + t["name"], t["dtype"], ", ".join(t["axes"]), shapes)
-        for t in graph["outputs"]:
-            tensors.add_row(name, "← " + t["name"], t["dtype"], ", ".join(t["axes"]), "")
+        onnx = graph["onnx"]
+        onnx_cell = "deleted (--keep-onnx keeps it)" if onnx["path"] is None else ("= engine" if onnx["path"] == graph["engine"]["path"] else _mib(onnx["bytes"]))
+        graphs.add_row(name, onnx_cell, _mib(graph["engine"]["bytes"]), str(len(graph["profiles"])), f"{graph['parity']['rel']:.1e}")
+        for arrow, key in (("→ ", "inputs"), ("← ", "outputs")):
+            for family, members in _families(graph[key]):
+                t = members[0]
+                label = arrow + (f"{family}0 … {family}{len(members) - 1}" if len(members) > 1 else t["name"])
+                shapes = "\n".join(_range(p[t["name"]]) for p in graph["profiles"]) if key == "inputs" else ""
+                tensors.add_row(name, label, t["dtype"], ", ".join(t["axes"]), shapes)
     console.print(graphs)
     console.print(tensors)
     versions = ", ".join(f"{k} {v}" for k, v in manifest.data["versions"].items() if v)

@@ -1,0 +1,36 @@
+"""The build's memory and disk at scale cannot silently regress: measured on a real (small) pair.
+
+The ratios here are what `scripts/measure_build_memory.py --size test` measures (2026-12-04: the
+build grows 2.75× the fp32 weights over its imports, the folder is 1.03× the weights); the
+previous three-graph build needed ~7–8× and 3.9×. The margins absorb allocator noise, not a
+second copy of the weights.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "measure_build_memory.py"
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("measure_build_memory", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.measure("test", tmp_path_factory.mktemp("build-memory"), bench=True, log=lambda *_: None)
+
+
+def test_build_peak_memory_stays_near_two_copies_of_the_weights(measured):
+    # one copy of both models for the export, then one model plus its ONNX Runtime session
+    assert measured["build_growth_over_weights"] <= 3.25, measured
+
+
+def test_engine_folder_holds_the_weights_once(measured):
+    assert measured["folder_over_weights"] <= 1.2, measured
+
+
+def test_runtime_holds_each_model_once(measured):
+    growth = measured["bench_peak_rss"] - measured["bench_baseline_rss"]
+    assert growth <= 1.5 * measured["weights_bytes_fp32"] + 200 * 2**20, measured
