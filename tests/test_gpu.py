@@ -45,3 +45,114 @@ def test_tensorrt_build_verify_and_buckets(tiny_paths, tmp_path):
     build(selection, BuildConfig(out=out, backend="tensorrt", token_buckets=2), log=lambda *_: None)
     checks = verify(out, device="cuda", steps=6)
     assert all(c.ok for c in checks), checks
+
+
+# ---------------------------------------------------------------- TensorRT engines, call by call
+# The same kinds of call as tests/test_tensorrt_double.py, on a real GPU and TensorRT: dense,
+# subset, text reuse (zero text queries), ratio 1.0 (zero context tokens), one buffer per output,
+# profile switches, the caller's stream, and a second device where there is one.
+
+
+def _trt_feeds(spec, sizes, device, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = spec.shapes(sizes)
+    feeds = {}
+    for t in spec.inputs:
+        shape = shapes[t.name]
+        if t.dtype == "int64":
+            feeds[t.name] = torch.randint(0, spec.dims.pos_embed_max_size**2, shape, generator=g)
+        elif t.name == "timestep":
+            feeds[t.name] = torch.rand(shape, generator=g) * 1000
+        else:
+            feeds[t.name] = torch.randn(shape, generator=g)
+    return {k: v.to(device) for k, v in feeds.items()}
+
+
+@pytest.fixture(scope="module", params=["fp32", "fp16"])
+def tiny_trt_folder(request, tiny_paths, tmp_path_factory):
+    from hs_export.build import BuildConfig, build, resolve_models
+
+    out = tmp_path_factory.mktemp(f"trt-{request.param}")
+    build(resolve_models("tiny", None, None, None, log=lambda *_: None), BuildConfig(out=out, backend="tensorrt", precision=request.param, token_buckets=2), log=lambda *_: None)
+    return out, request.param
+
+
+def _large_engine_and_reference(folder, device):
+    import torch
+
+    from hs_runtime.backends.loading import load_engine
+    from hs_runtime.graphs import TokenGraph
+    from hs_runtime.manifest import Manifest
+    from hs_runtime.models import load_transformer
+
+    manifest = Manifest.load(folder)
+    engine = load_engine(manifest, "large", "tensorrt", torch.device(device))
+    module = TokenGraph(load_transformer(manifest.data["models"]["large"]["source"], torch.float32, device), "large").eval()
+    return manifest, engine, module
+
+
+def _check_call(engine, module, sizes, device, seed, rtol):
+    import torch
+
+    feeds = _trt_feeds(module.spec, sizes, device, seed)
+    with torch.inference_mode():
+        ref = dict(zip(module.spec.output_names, module(*[feeds[n] for n in module.spec.input_names])))
+    got = engine({n: f.to(engine.dtypes[n]) if f.is_floating_point() and n != "timestep" else f for n, f in feeds.items()})
+    for name, want in ref.items():
+        assert tuple(got[name].shape) == tuple(want.shape), name
+        if want.numel():
+            err = (got[name].float() - want).abs().max() / want.abs().max().clamp_min(1e-6)
+            assert err <= rtol, (name, float(err))
+    return got
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engine_every_kind_of_call(tiny_trt_folder):
+    import torch
+
+    from hs_runtime.contract import call_sizes
+
+    folder, precision = tiny_trt_folder
+    manifest, engine, module = _large_engine_and_reference(folder, "cuda")
+    shape = manifest.shape
+    n_img, text, batch = shape.latent_height // 2 * (shape.latent_width // 2), shape.text_tokens, shape.batch
+    rtol = 1e-3 if precision == "fp32" else 3e-2
+    cases = [
+        ("dense", call_sizes(batch, n_img, 0, text), 0),
+        ("subset", call_sizes(batch, 20, n_img - 20, text), 1),
+        ("text reuse", call_sizes(batch, 20, n_img - 20, text, reuse_text=True), 1),
+        ("ratio 1.0, no context", call_sizes(batch, n_img, 0, text, reuse_text=True), 2),
+        ("more tokens, same buffers", call_sizes(batch, 40, n_img - 40, text), 2),
+        ("back to dense", call_sizes(batch, n_img, 0, text), 0),
+    ]
+    starts = {name: buf.data_ptr() for name, buf in engine._buffers.items()}
+    for i, (label, sizes, profile) in enumerate(cases):
+        got = _check_call(engine, module, sizes, "cuda", seed=i, rtol=rtol)
+        assert engine.context.active_optimization_profile == profile, label
+        for name in engine.spec.input_names + engine.spec.output_names:  # setTensorAddress: never null
+            assert engine.context.get_tensor_address(name) != 0, (label, name)
+        assert all(got[n].data_ptr() == starts[n] for n in got if got[n].numel()), label
+    assert {name: buf.data_ptr() for name, buf in engine._buffers.items()} == starts
+    # On a caller's own stream: the engine orders itself after it and the caller sees the outputs.
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        _check_call(engine, module, cases[1][1], "cuda", seed=99, rtol=rtol)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engine_on_a_second_device(tiny_trt_folder):
+    import torch
+
+    from hs_runtime.contract import call_sizes
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    folder, precision = tiny_trt_folder
+    manifest, engine, module = _large_engine_and_reference(folder, "cuda:1")
+    shape = manifest.shape
+    n_img = shape.latent_height // 2 * (shape.latent_width // 2)
+    _check_call(engine, module, call_sizes(shape.batch, 20, n_img - 20, shape.text_tokens), "cuda:1", seed=5, rtol=1e-3 if precision == "fp32" else 3e-2)
+    assert torch.cuda.current_device() == 0

@@ -1,22 +1,58 @@
 """``tensorrt`` backend (TensorRT ≥ 10 name-based API), imported only when an engine is loaded.
 
-Inputs are bound with ``set_tensor_address`` on torch CUDA tensors and run with
-``execute_async_v3`` on the runtime's stream; outputs are preallocated per shape and reused.
-With several optimization profiles (token buckets) the first profile holding the request is
-chosen by :func:`hs_runtime.profiles.select_profile`.
+One :class:`TrtEngine` per plan, with one execution context, its own CUDA stream and its own
+output buffers. What TensorRT requires, and where it says so (``include/NvInferRuntime.h`` of
+TensorRT 11.1, github.com/NVIDIA/TensorRT; the Python names are those of
+``python/src/infer/pyCore.cpp``):
+
+* ``IExecutionContext::setTensorAddress``: "Before calling enqueueV3(), each input must have a
+  non-null address and each output must have a non-null address …" and "The pointer must have at
+  least 256-byte alignment." torch gives a null ``data_ptr()`` for zero-element tensors (no
+  context tokens, text reuse), so those are bound to a persistent 256-byte dummy, as TensorRT's own
+  samples do (``samples/common/sampleDevice.h``: "TensorRT requires a non-null ptr even for empty
+  tensors, so allocate a dummy byte").
+* ``setOptimizationProfileAsync``: "must be called before calling setInputShape() for all dynamic
+  input tensors", on a stream synchronised with the enqueue stream (here: the same stream).
+* ``setInputShape`` for every input, then ``inferShapes`` ("Positive value n if n input tensors
+  were not sufficiently specified"; ``allInputDimensionsSpecified`` "does not work with name-base
+  interfaces").
+* ``enqueueV3``: "Using default stream may lead to performance issues due to additional
+  cudaDeviceSynchronize() calls … Please use non-default stream instead", and "Modifying or
+  releasing memory that has been registered for the tensors before stream synchronization …
+  results in undefined behavior". So each engine runs on a private stream that waits for the
+  caller's current stream before and is waited for after, and every input is
+  ``record_stream``-ed on it so the caching allocator cannot hand its memory to another stream
+  while TensorRT reads it.
+* An engine and its contexts belong to the device that was current when they were made, and
+  calls must run with it current (trtexec: ``cudaSetDevice`` before context creation and in every
+  inference thread, ``samples/common/sampleInference.cpp``). So deserialisation, context creation
+  and every call run under ``torch.cuda.device(self.device)``.
+
+Outputs live in one buffer per output, sized for the largest shape any built profile allows and
+returned as views: **an engine's outputs are valid until its next call** (callers copy what they
+keep). GPU memory therefore stays flat however many shapes a server sees.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
-from ..contract import ModelDims, graph_spec
-from ..errors import BuildError, EngineLoadError, ManifestError, describe, first_line
+from ..contract import DYNAMIC_AXES, GraphSpec, ModelDims, graph_spec
+from ..errors import BuildError, ConfigError, EngineLoadError, ManifestError, ShapeError, describe, first_line
 from ..profiles import select_profile
+
+# setTensorAddress: "The pointer must have at least 256-byte alignment."
+ADDRESS_ALIGNMENT = 256
+
+# cudaStreamLegacy (0x1), cudaStreamPerThread (0x2) and the null stream are all default streams.
+DEFAULT_STREAM_HANDLES = (0, 1, 2)
+
+REBUILD_HINT = "rebuild with more --token-buckets or --dynamic-shape"
 
 
 def _import_trt():
@@ -27,8 +63,17 @@ def _import_trt():
     return tensorrt
 
 
+def _memory_device(device: torch.device) -> torch.device:
+    """Where the engine's tensors live: ``device`` itself. (The CPU test double in
+    ``tests/trt_double.py`` replaces this one function so that host memory stands in for device
+    memory; everything else runs as on a GPU.)"""
+    return device
+
+
 def torch_dtype_of(trt, dtype) -> torch.dtype:
     table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16, trt.int64: torch.int64, trt.int32: torch.int32}
+    if dtype not in table:
+        raise EngineLoadError(describe("TensorRT engine tensor of an unsupported type", got=dtype, expected="float32 | float16 | bfloat16 | int64 | int32"))
     return table[dtype]
 
 
@@ -50,67 +95,175 @@ def recording_logger(trt):
     return RecordingLogger()
 
 
+def max_sizes(spec: GraphSpec, profiles: list[dict]) -> dict[str, int]:
+    """The largest size of every dynamic axis over the profiles' maxima (``{input: [min, opt, max]}``)."""
+    sizes: dict[str, int] = {}
+    for profile in profiles:
+        for tensor in spec.inputs:
+            if tensor.name not in profile:
+                continue
+            for axis, size in zip(tensor.axes, profile[tensor.name][2]):
+                if axis in DYNAMIC_AXES:
+                    sizes[axis] = max(sizes.get(axis, 0), int(size))
+    missing = [a for a in DYNAMIC_AXES if a not in sizes]
+    if missing:
+        raise ManifestError(describe(f"{spec.name}: the manifest's profiles leave axes unbounded", got=missing, expected="a range for every dynamic axis", fix="rebuild the engine folder"))
+    return sizes
+
+
+def output_capacity(spec: GraphSpec, profiles: list[dict]) -> dict[str, int]:
+    """Elements of the largest value of each output any profile allows: one buffer each holds every call."""
+    shapes = spec.shapes(max_sizes(spec, profiles))
+    return {name: math.prod(shapes[name]) for name in spec.output_names}
+
+
 class TrtEngine:
-    """One deserialized plan with one execution context (so: one request at a time).
+    """One deserialized plan with one execution context, on its own CUDA stream.
+
+    Args:
+        plan_path: the serialized plan.
+        graph / dims: which graph of the contract the plan implements.
+        device: the CUDA device (``cuda:N``) the engine is loaded on and runs on.
+        profiles: the manifest's profiles, in the plan's order.
+        built_with: "TensorRT x.y on GPU" for error messages.
+        stream: a non-default ``torch.cuda.Stream`` on ``device`` to run on (e.g. one shared by an
+            engine set); default: a private stream made here.
+        fix: the rebuild command for error messages.
+
+    Calls order themselves after the caller's current stream and make it wait for their work, so
+    callers need no synchronisation of their own. Returned outputs are views of buffers reused by
+    the next call (valid until then). One request at a time (one context).
 
     Raises:
-        EngineLoadError: the plan cannot be read or deserialized here; names the file, TensorRT's
-            reason (a version or GPU mismatch, a damaged file) and ``fix``.
+        EngineLoadError: the plan cannot be read or deserialized here, or does not implement
+            ``graph``; names the file, TensorRT's reason and ``fix``.
+        ManifestError: ``device`` is not a CUDA device.
+        ConfigError: ``stream`` is a default stream.
     """
 
-    def __init__(self, plan_path: Path, graph: str, dims: ModelDims, device: torch.device, profiles: list[dict], built_with: str | None = None, stream: torch.cuda.Stream | None = None, fix: str | None = None):
-        trt = _import_trt()
+    def __init__(self, plan_path: Path, graph: str, dims: ModelDims, device: torch.device, profiles: list[dict], built_with: str | None = None, stream=None, fix: str | None = None):
         self.spec = graph_spec(graph, dims)
         self.dims = dims
         self.profiles = profiles
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ManifestError(describe("TensorRT engines run on CUDA devices", got=str(self.device), fix="pass --device cuda"))
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        trt = _import_trt()
         fix = fix or "rebuild on this host with hs-export build --backend tensorrt --force"
-        self.logger = recording_logger(trt)  # kept alive as long as the runtime and engine
-        self.runtime = trt.Runtime(self.logger)
         try:
             data = Path(plan_path).read_bytes()
         except OSError as exc:
             raise EngineLoadError(describe(f"cannot read {graph} engine {plan_path}", got=first_line(exc), fix=fix)) from exc
-        self.engine = self.runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            reason = self.logger.errors[0] if self.logger.errors else "deserialize_cuda_engine returned None"
-            raise EngineLoadError(
-                describe(
-                    f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(self.device)} cannot load {graph} engine {plan_path}",
-                    got=reason, expected=f"a plan from this TensorRT version and GPU (built with {built_with or 'see manifest'})", fix=fix,
+        memory = _memory_device(self.device)
+        with torch.cuda.device(self.device):
+            self.logger = recording_logger(trt)  # kept alive as long as the runtime and engine
+            self.runtime = trt.Runtime(self.logger)
+            self.engine = self.runtime.deserialize_cuda_engine(data)
+            if self.engine is None:
+                reason = self.logger.errors[0] if self.logger.errors else "deserialize_cuda_engine returned None"
+                raise EngineLoadError(
+                    describe(
+                        f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(self.device)} cannot load {graph} engine {plan_path}",
+                        got=reason, expected=f"a plan from this TensorRT version and GPU (built with {built_with or 'see manifest'})", fix=fix,
+                    )
                 )
-            )
-        self.context = self.engine.create_execution_context()
-        self.stream = stream or torch.cuda.current_stream(self.device)
-        self.dtypes = {name: torch_dtype_of(trt, self.engine.get_tensor_dtype(name)) for name in (*self.spec.input_names, *self.spec.output_names)}
-        self._profile = None
-        self._buffers: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+            self._check_io(plan_path, fix)
+            self.context = self.engine.create_execution_context()
+            if self.context is None:
+                reason = self.logger.errors[-1] if self.logger.errors else "create_execution_context returned None"
+                raise EngineLoadError(describe(f"TensorRT cannot create an execution context for {graph} engine {plan_path}", got=reason, fix="free GPU memory or load fewer engines per GPU"))
+            if stream is None:
+                stream = torch.cuda.Stream(self.device)
+            elif stream.cuda_stream in DEFAULT_STREAM_HANDLES:
+                raise ConfigError(describe("TensorRT engines run on a non-default CUDA stream", got=f"stream handle {stream.cuda_stream}", fix="pass torch.cuda.Stream(device), or no stream (the engine makes its own)"))
+            self.stream = stream
+            self.dtypes = {name: torch_dtype_of(trt, self.engine.get_tensor_dtype(name)) for name in (*self.spec.input_names, *self.spec.output_names)}
+            with torch.cuda.stream(self.stream):  # persistent memory, owned by this stream
+                # setTensorAddress needs a non-null, 256-byte-aligned address even for zero-element tensors.
+                self._dummy = torch.empty(ADDRESS_ALIGNMENT, dtype=torch.uint8, device=memory)
+                self._buffers = {
+                    name: torch.empty(max(1, n), dtype=self.dtypes[name], device=memory) for name, n in output_capacity(self.spec, profiles).items()
+                }
+        self._profile: int | None = None
+
+    def _check_io(self, plan_path: Path, fix: str) -> None:
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        expected = {*self.spec.input_names, *self.spec.output_names}
+        if names != expected:
+            odd = sorted(names ^ expected)
+            raise EngineLoadError(describe(f"{plan_path} is not a {self.spec.name} engine of this contract", got=f"tensors differ: {odd[:4]}", expected=f"{len(expected)} tensors from graph_spec('{self.spec.name}')", fix=fix))
+        if self.engine.num_optimization_profiles != len(self.profiles):
+            raise EngineLoadError(describe(f"{plan_path} does not match its manifest", got=f"{self.engine.num_optimization_profiles} optimization profiles", expected=len(self.profiles), fix=fix))
+
+    def _address(self, tensor: torch.Tensor) -> int:
+        return tensor.data_ptr() if tensor.numel() else self._dummy.data_ptr()
+
+    def _bind_input(self, name: str, feed: torch.Tensor, stream) -> torch.Tensor:
+        """``feed`` on this device in the engine's type, contiguous and aligned (copies made on
+        ``stream``), its shape set and its address bound; recorded on ``stream``."""
+        tensor = feed.to(device=_memory_device(self.device), dtype=self.dtypes[name]).contiguous()
+        if tensor.numel() and tensor.data_ptr() % ADDRESS_ALIGNMENT:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)  # a view at an odd offset
+        if not self.context.set_input_shape(name, tuple(tensor.shape)):
+            allowed = " or ".join(f"{p[name][0]}..{p[name][2]}" for p in self.profiles if name in p)
+            raise ShapeError(describe(f"{self.spec.name}: TensorRT refused the shape of {name} in profile {self._profile}", got=list(tensor.shape), expected=allowed, fix=REBUILD_HINT))
+        self.context.set_tensor_address(name, self._address(tensor))
+        if tensor.numel():
+            tensor.record_stream(stream)  # the allocator keeps it until this stream's work is done
+        return tensor
+
+    def _bind_output(self, name: str) -> torch.Tensor:
+        shape = tuple(int(s) for s in self.context.get_tensor_shape(name))
+        if any(s < 0 for s in shape):
+            raise ShapeError(describe(f"{self.spec.name}: TensorRT cannot infer the shape of output {name}", got=shape, fix="set every input's shape (a contract or plan mismatch)"))
+        numel = math.prod(shape)
+        buffer = self._buffers[name]
+        if numel > buffer.numel():
+            raise ManifestError(describe(f"{self.spec.name}: output {name} outgrows the largest shape of the manifest's profiles", got=shape, expected=f"<= {buffer.numel()} elements", fix="rebuild the engine folder (the plan and manifest disagree)"))
+        view = buffer[:numel].view(shape)
+        self.context.set_tensor_address(name, self._address(view))
+        return view
 
     def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Runs the engine on ``feeds`` (any device and float type: converted here).
+
+        Returns:
+            The outputs named in ``outputs`` (default: all), views of this engine's buffers:
+            valid until the next call.
+        """
+        self.spec.check_feeds(feeds)
         shapes = {name: tuple(feeds[name].shape) for name in self.spec.input_names}
-        profile = select_profile(self.profiles, shapes, self.spec.name, "rebuild with more --token-buckets or --dynamic-shape")
-        handle = self.stream.cuda_stream
+        profile = select_profile(self.profiles, shapes, self.spec.name, REBUILD_HINT)
+        wanted = set(self.spec.output_names if outputs is None else outputs)
+        with torch.cuda.device(self.device):
+            caller = torch.cuda.current_stream(self.device)
+            stream = self.stream
+            stream.wait_stream(caller)  # the feeds were made on the caller's stream
+            try:
+                with torch.cuda.stream(stream):
+                    results = self._enqueue(feeds, profile, stream)
+            finally:
+                caller.wait_stream(stream)  # the caller's next work sees the outputs
+        return {name: results[name] for name in self.spec.output_names if name in wanted}
+
+    def _enqueue(self, feeds: Mapping[str, torch.Tensor], profile: int, stream) -> dict[str, torch.Tensor]:
+        handle = stream.cuda_stream
         if profile != self._profile:
-            self.context.set_optimization_profile_async(profile, handle)
+            try:  # before any setInputShape; on the enqueue stream, so no other synchronisation
+                self.context.set_optimization_profile_async(profile, handle)
+            except RuntimeError as exc:
+                raise ShapeError(describe(f"{self.spec.name}: TensorRT refused optimization profile {profile}", got=first_line(exc), fix=REBUILD_HINT)) from exc
             self._profile = profile
-        keep = []
-        for name in self.spec.input_names:
-            tensor = feeds[name].to(device=self.device, dtype=self.dtypes[name]).contiguous()
-            keep.append(tensor)
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        results = {}
-        for name in self.spec.output_names:  # every output needs an address, wanted or not
-            shape = tuple(self.context.get_tensor_shape(name))
-            key = (name, shape)
-            if key not in self._buffers:
-                self._buffers[key] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
-            self.context.set_tensor_address(name, self._buffers[key].data_ptr())
-            results[name] = self._buffers[key]
+        # Held through the enqueue; record_stream keeps their memory until the stream is past it.
+        bound = [self._bind_input(name, feeds[name], stream) for name in self.spec.input_names]
+        missing = self.context.infer_shapes()
+        if missing:
+            raise ShapeError(describe(f"{self.spec.name}: TensorRT input shapes not fully specified", got=list(missing), fix="feed every input of the contract"))
+        results = {name: self._bind_output(name) for name in self.spec.output_names}  # all need an address
         if not self.context.execute_async_v3(handle):
-            raise BuildError(describe(f"TensorRT execution of {self.spec.name} failed", got=shapes))
-        wanted = set(outputs) if outputs is not None else set(self.spec.output_names)
-        # Buffers are reused on the next call with the same shape: callers consume them first.
-        return {name: t for name, t in results.items() if name in wanted}
+            reason = self.logger.errors[-1] if self.logger.errors else "execute_async_v3 returned False"
+            raise BuildError(describe(f"TensorRT execution of {self.spec.name} failed", got=reason, expected=f"shapes inside profile {profile}"))
+        del bound
+        return results
