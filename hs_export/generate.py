@@ -73,7 +73,7 @@ def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, step
         for i, (base, mine) in enumerate(zip(baseline_images, images)):
             panels = [base, mine]
             if result.masks:
-                p = runtime.engines["large.full"].dims.patch_size
+                p = runtime.engines["large"].dims.patch_size
                 scale = pipe.text_and_vae.vae_scale_factor
                 grid = result.masks[0].as_grid(height // scale // p, width // scale // p)[i]
                 panels.append(mask_overlay(mine, grid))

@@ -149,3 +149,21 @@ def select_profile(profiles: list[dict[str, list[list[int]]]], feeds_shapes: dic
 def _inside(shape, bounds) -> bool:
     low, _, high = bounds
     return len(shape) == len(low) and all(lo <= s <= hi for s, lo, hi in zip(shape, low, high))
+
+
+def check_latent_size(shape: BuildShape, dims: ModelDims, latent_height: int, latent_width: int, rebuild_hint: str, vae_scale: int = 8) -> None:
+    """Raises :class:`ShapeError` unless a latent size is one the build's profiles were made for.
+
+    The graphs see token counts only, so this names the image size a request asked for instead
+    of a tensor shape it implies.
+    """
+    ranges = axis_ranges(shape, dims)
+    (h_lo, _, h_hi), (w_lo, _, w_hi) = ranges["height"], ranges["width"]
+    if not (h_lo <= latent_height <= h_hi and w_lo <= latent_width <= w_hi):
+        px = lambda lo, hi: f"{lo * vae_scale}" if lo == hi else f"{lo * vae_scale}..{hi * vae_scale}"  # noqa: E731
+        raise ShapeError(
+            describe(
+                "image size outside the built profiles", got=f"{latent_width * vae_scale}×{latent_height * vae_scale} px",
+                expected=f"width {px(w_lo, w_hi)} × height {px(h_lo, h_hi)} px", fix=f"{rebuild_hint} (--height/--width, or --dynamic-shape)",
+            )
+        )

@@ -194,6 +194,8 @@ class StitchedSampler:
         n_prompts, channels, height, width = x.shape
         self.small_dims.check_latent(height, width, "small")
         self.large_dims.check_latent(height, width, "large")
+        if getattr(self.engines, "check_size", None) is not None:
+            self.engines.check_size(height, width)
         p = self.large_dims.patch_size
         positions = position_ids(height, width, p, self.large_dims.pos_embed_max_size, device=device)
         batch = embeds.shape[0]

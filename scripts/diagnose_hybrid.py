@@ -20,7 +20,7 @@ import torch
 
 from hs_export.presets import ensure_preset
 from hs_export.quality.prompts import builtin_prompts
-from hs_runtime.contract import LARGE_FULL, LARGE_TOKENS, SMALL_FULL
+from hs_runtime.contract import VELOCITY, context_name, kv_name, text_context_name
 from hs_runtime.graphs import build_graphs
 from hs_runtime.mask import compute_mask
 from hs_runtime.models import load_transformer
@@ -31,11 +31,38 @@ from hs_runtime.schedule import euler_step, flow_match_sigmas, guide
 from hs_runtime.tokens import gather_kv, gather_tokens, patchify, position_ids, scatter_tokens, unpatchify
 
 
+class _Graphs:
+    """The two contract graphs called the way this diagnosis needs: dense (velocity as a latent
+    and the image K/V per module) and on a token subset with cached context."""
+
+    def __init__(self, small, large, latent):
+        self.graphs, self.latent = build_graphs(small, large), latent
+        self.positions = position_ids(latent, latent, 2, large.config.pos_embed_max_size)
+
+    def _run(self, role, patches, pos, embeds, pooled, t, context=None):
+        graph = self.graphs[role]
+        dims = graph.dims
+        empty = torch.zeros(2, patches.shape[0], 0, dims.hidden)
+        feeds = {"patches": patches, "token_pos": pos, "encoder_hidden_states": embeds, "pooled_projections": pooled, "timestep": t}
+        feeds.update({context_name(i): empty if context is None else context[i] for i in range(dims.kv_entries)})
+        feeds.update({text_context_name(j): empty for j in range(dims.text_entries)})
+        return dict(zip(graph.spec.output_names, graph(*[feeds[n] for n in graph.spec.input_names])))
+
+    def full(self, role, xin, embeds, pooled, t):
+        pos = self.positions[None].expand(xin.shape[0], -1)
+        out = self._run(role, patchify(xin, 2), pos, embeds, pooled, t)
+        kv = [out[kv_name(i)] for i in range(self.graphs[role].dims.kv_entries)]
+        return unpatchify(out[VELOCITY], xin.shape[1], self.latent, self.latent, 2), kv
+
+    def tokens(self, patches, pos, context, embeds, pooled, t):
+        return self._run("large", patches, pos, embeds, pooled, t, context)[VELOCITY]
+
+
 class Diagnosis:
     def __init__(self, prompts: int, seeds: int):
         spec = get_preset("shapes")
         paths = ensure_preset("shapes")
-        self.graphs = build_graphs(load_transformer(paths.small), load_transformer(paths.large))
+        self.graphs = _Graphs(load_transformer(paths.small), load_transformer(paths.large), spec.height // 8)
         self.tv = TextAndVae.from_pretrained(paths.pipeline)
         self.prompts = builtin_prompts(prompts, "shapes")
         c = self.tv.encode(self.prompts, None, True, spec.max_sequence_length)
@@ -44,17 +71,17 @@ class Diagnosis:
         self.steps, self.scale, self.size = spec.steps, spec.guidance_scale, spec.height
         self.sigmas, self.timesteps = flow_match_sigmas(self.steps)
         self.latent = self.size // 8
-        self.positions = position_ids(self.latent, self.latent, 2, self.graphs[LARGE_FULL].transformer.config.pos_embed_max_size)
+        self.positions = self.graphs.positions
         self.seeds = list(range(seeds))
         self.reference = {s: self.decode(self.sample(self.steps, self.steps, seed=s)) for s in self.seeds}
 
     def velocities(self, x, i, large=True):
         """Guided v_large (+ its K/V) and v_small at step i."""
         xin, t = torch.cat([x, x]), self.timesteps[i].expand(2 * x.shape[0])
-        v_small = guide(self.graphs[SMALL_FULL](xin, self.embeds, self.pooled, t), self.scale, True)
+        v_small = guide(self.graphs.full("small", xin, self.embeds, self.pooled, t)[0], self.scale, True)
         if not large:
             return None, None, v_small
-        v_large, kv = self.graphs[LARGE_FULL](xin, self.embeds, self.pooled, t)
+        v_large, kv = self.graphs.full("large", xin, self.embeds, self.pooled, t)
         return guide(v_large, self.scale, True), kv, v_small
 
     @torch.inference_mode()
@@ -77,12 +104,13 @@ class Diagnosis:
                 else:
                     xin, t = torch.cat([x, x]), self.timesteps[i].expand(2 * x.shape[0])
                     if oracle_kv:
-                        _, kv = self.graphs[LARGE_FULL](xin, self.embeds, self.pooled, t)
+                        _, kv = self.graphs.full("large", xin, self.embeds, self.pooled, t)
                     _, _, v_small = self.velocities(x, i, large=False)
                     base = v_small + offset if carry else v_small
                     batch_mask = mask.for_batch(True)
                     patches = gather_tokens(patchify(x, 2), mask.complex_idx)
-                    v_tokens = self.graphs[LARGE_TOKENS](torch.cat([patches, patches]), self.positions[batch_mask.complex_idx], gather_kv(kv, batch_mask.context_idx), self.embeds, self.pooled, t)
+                    context = [gather_kv(entry, batch_mask.context_idx) for entry in kv]
+                    v_tokens = self.graphs.tokens(torch.cat([patches, patches]), self.positions[batch_mask.complex_idx], context, self.embeds, self.pooled, t)
                     merged = scatter_tokens(patchify(base, 2), mask.complex_idx, guide(v_tokens, self.scale, True))
                     v = unpatchify(merged, x.shape[1], self.latent, self.latent, 2)
             else:

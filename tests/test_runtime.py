@@ -40,7 +40,7 @@ def _runtime_and_inputs(tiny_engine_dir, tiny_conditioning):
 
 def test_resolution_outside_profiles(tiny_engine_dir, tiny_conditioning):
     runtime, cond = _runtime_and_inputs(tiny_engine_dir, tiny_conditioning)
-    with pytest.raises(ShapeError, match=r"hidden_states outside the built profiles.*rebuild with: hs-export build --preset tiny"):
+    with pytest.raises(ShapeError, match=r"image size outside the built profiles \| got 128×256 px \| expected width 128 × height 128 px \| rebuild with: hs-export build --preset tiny"):
         runtime.denoise(make_plan("large", 2), initial_latents(1, 256, 128, 0), cond)
 
 
@@ -55,7 +55,7 @@ def test_prompt_count_outside_profiles(tiny_engine_dir, tiny_conditioning):
 def test_wrong_embedding_width(tiny_engine_dir, tiny_conditioning):
     runtime, cond = _runtime_and_inputs(tiny_engine_dir, tiny_conditioning)
     wide = Conditioning(torch.zeros(1, 85, 4096), cond.pooled_prompt_embeds, torch.zeros(1, 85, 4096), cond.negative_pooled_prompt_embeds)
-    with pytest.raises(ShapeError, match=r"encoder_hidden_states axis 'joint_dim'.*expected \('batch', 'text_tokens', 32\)"):
+    with pytest.raises(ShapeError, match=r"encoder_hidden_states axis 'joint_dim'.*expected \('batch', 'text_queries', 32\)"):
         runtime.denoise(make_plan("large", 2), initial_latents(1, 128, 128, 0), wide)
 
 
@@ -68,14 +68,15 @@ def test_folder_missing_a_graph(tiny_engine_dir, tmp_path):
 
 
 def test_manifest_of_another_schema_version(tiny_engine_dir, tmp_path):
-    other = tmp_path / "v2"
+    other = tmp_path / "v1"
     shutil.copytree(tiny_engine_dir, other)
     data = json.loads((other / "manifest.json").read_text())
-    data["schema_version"] = 2
+    data["schema_version"] = 1  # a folder of the three-graph contract
     (other / "manifest.json").write_text(json.dumps(data))
-    result = CliRunner().invoke(main, ["generate", str(other), "--prompt", "x", "--steps", "2"])
+    result = CliRunner().invoke(main, ["generate", str(other), "--prompt", "x", "--steps", "4"])
     assert result.exit_code == 1
-    assert "schema version mismatch" in result.output and "got 2" in result.output and "expected 1" in result.output
+    assert "was built for an older engine contract" in result.output and "got schema 1" in result.output and "expected schema 2" in result.output
+    assert "rebuild with: hs-export build --preset tiny" in result.output
     assert "Traceback" not in result.output
 
 

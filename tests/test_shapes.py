@@ -90,11 +90,11 @@ def shapes_runtime():
 
 
 def test_shipped_weights_load_with_from_pretrained(shapes_runtime):
-    from hs_runtime.contract import LARGE_FULL, SMALL_FULL
+    from hs_runtime.contract import LARGE, SMALL
 
     spec = get_preset("shapes")
-    assert shapes_runtime.engines[LARGE_FULL].dims.num_layers == spec.large["num_layers"]
-    assert shapes_runtime.engines[SMALL_FULL].dims.hidden == spec.small["num_attention_heads"] * spec.small["attention_head_dim"]
+    assert shapes_runtime.engines[LARGE].dims.num_layers == spec.large["num_layers"]
+    assert shapes_runtime.engines[SMALL].dims.hidden == spec.small["num_attention_heads"] * spec.small["attention_head_dim"]
     assert shapes_runtime.text_and_vae().vae_scale_factor == 8
 
 

@@ -38,8 +38,11 @@ class EngineSet:
     :meth:`exclusive` makes a second concurrent user fail loudly instead of corrupting them.
     """
 
-    def __init__(self, engines: Mapping[str, Engine], device: torch.device, dtype: torch.dtype, backend: str, precision: str | None = None):
+    def __init__(self, engines: Mapping[str, Engine], device: torch.device, dtype: torch.dtype, backend: str, precision: str | None = None, check_size=None):
         self.engines = dict(engines)
+        # check_size(latent_height, latent_width): raises for a size the build was not made for
+        # (engine folders; None for torch models, which take any size their position table holds).
+        self.check_size = check_size
         self.device = torch.device(device)
         self.dtype = dtype
         self.backend = backend

@@ -6,6 +6,7 @@ import torch
 
 from ..contract import GRAPH_NAMES
 from ..errors import ManifestError, describe
+from ..profiles import check_latent_size
 from ..validation import check_device
 from .base import EngineSet
 from .checked import ProfileCheckedEngine
@@ -60,4 +61,8 @@ def engines_from_manifest(manifest, backend: str, device) -> EngineSet:
     checked = {
         name: ProfileCheckedEngine(inner[name], manifest.graph(name)["profiles"], manifest.rebuild_command) for name in GRAPH_NAMES
     }
-    return EngineSet(checked, inner.device, inner.dtype, inner.backend, precision)
+    shape, large = manifest.shape, manifest.dims("large")
+    scale = max(1, int(manifest.build["height"]) // shape.latent_height)
+    hint = f"rebuild with: {manifest.rebuild_command} --force"
+    check_size = lambda h, w: check_latent_size(shape, large, h, w, hint, scale)  # noqa: E731
+    return EngineSet(checked, inner.device, inner.dtype, inner.backend, precision, check_size)

@@ -34,7 +34,7 @@ def session_options(settings: Mapping):
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings.get("graph_optimization_level", "ORT_ENABLE_ALL"))
     options.intra_op_num_threads = int(settings.get("intra_op_num_threads", 0))
     options.log_severity_level = int(settings.get("log_severity_level", 3))
-    # The sampler alternates between sessions (small.full, large.tokens): a session whose idle
+    # The sampler alternates between sessions (small, large): a session whose idle
     # threads keep spinning steals the cores the next one needs (measured: ~18% per hybrid step
     # on 2 cores). Spinning is off unless the settings turn it on.
     spinning = "1" if settings.get("intra_op_allow_spinning", False) else "0"
