@@ -16,6 +16,7 @@ from .bench import BenchConfig
 from .build import BuildConfig
 from .quality.runner import QualityConfig
 from .serve.bench_serve import ServeBenchConfig
+from .serve.repository import RepositoryConfig
 from .serve.server import ServeConfig
 from .shapes.train import ShapesTrainConfig
 
@@ -387,40 +388,71 @@ def train_shapes(out, **options):
 
 
 _SERVE_DEFAULTS = ServeConfig()
+_REPO_DEFAULTS = RepositoryConfig()
 _SERVE_BENCH_DEFAULTS = ServeBenchConfig()
+
+
+def repository_options(fn):
+    """Options of the model repository, shared by ``triton-repo`` and ``serve``."""
+    options = [
+        click.option("--instances", type=int, default=_REPO_DEFAULTS.instances, show_default=True, help="Instances per model, each a Triton Python-backend process with its own runtime."),
+        click.option("--device", default=_REPO_DEFAULTS.device, show_default=True, help="cpu (KIND_CPU) or cuda:N (KIND_GPU on GPU N; one server per GPU)."),
+        click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: the folder's own backend."),
+        click.option("--pipeline", default=None, help="Text encoders + VAE folder (default: the folder's; without one only hybridstitch_latents is served)."),
+        click.option("--dynamic-batching/--no-dynamic-batching", default=_REPO_DEFAULTS.dynamic_batching, show_default=True, help="Triton's dynamic batcher (off: one request per execution, no queue bound)."),
+        click.option("--max-batch-size", type=int, default=None, help="Requests per execution (default: the prompts one engine call takes)."),
+        click.option("--max-queue-delay-ms", type=float, default=_REPO_DEFAULTS.max_queue_delay_ms, show_default=True, help="How long the batcher may hold a request to fill a batch."),
+        click.option("--max-queue", type=int, default=_REPO_DEFAULTS.max_queue, show_default=True, help="Requests that may wait; more are refused at once (UNAVAILABLE, HTTP 503). 0: no bound."),
+        click.option("--copy-engines", is_flag=True, help="Copy the engine folder into the repository instead of referencing its path."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command("triton-repo")
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model repository folder (created; may hold only this toolkit's models).")
+@repository_options
+@_one_line_errors
+def triton_repo(engine_dir, out, **options):
+    """Write a Triton model repository for an engine folder.
+
+    hybridstitch and hybridstitch_latents: config.pbtxt (Python backend, instance group, dynamic
+    batching, bounded queue) and 1/model.py. Runs on NVIDIA's tritonserver container as is, or with
+    hs-export serve.
+    """
+    from .serve.repository import write_repository
+
+    repository = write_repository(RepositoryConfig(engine_dir=engine_dir, **options), out, log=_log)
+    _log(f"models {', '.join(repository.models)} (max batch {repository.max_batch_size}) for {repository.engine_dir}; run with: tritonserver --model-repository {repository.path}")
+    click.echo(repository.path)
 
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
-@click.option("--instances", type=int, default=_SERVE_DEFAULTS.instances, show_default=True, help="Model instances, each with its own runtime (engines, CUDA stream).")
-@click.option("--device", default=_SERVE_DEFAULTS.device, show_default=True, help="cpu or cuda:N (one server per GPU).")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: the folder's own backend.")
-@click.option("--pipeline", "pipeline_src", default=None, help="Text encoders + VAE folder (default: the folder's).")
+@repository_options
 @click.option("--host", default=_SERVE_DEFAULTS.host, show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--http-port", type=int, default=_SERVE_DEFAULTS.http_port, show_default=True)
 @click.option("--grpc-port", type=int, default=_SERVE_DEFAULTS.grpc_port, show_default=True)
 @click.option("--metrics-port", type=int, default=_SERVE_DEFAULTS.metrics_port, show_default=True)
-@click.option("--dynamic-batching/--no-dynamic-batching", default=_SERVE_DEFAULTS.dynamic_batching, show_default=True, help="Triton's dynamic batcher in front of the handlers.")
-@click.option("--max-queue-delay-ms", type=float, default=_SERVE_DEFAULTS.max_queue_delay_ms, show_default=True, help="How long the batcher may hold a request to fill a batch.")
-@click.option("--max-batch-size", type=int, default=None, help="Requests per execution (default: the prompts one engine call takes).")
-@click.option("-v", "--verbose", is_flag=True, help="Log every batch and PyTriton's own messages.")
+@click.option("--repo", type=click.Path(path_type=Path), default=None, help="Write the model repository here and keep it (default: a temporary folder).")
+@click.option("--exit-timeout-secs", "exit_timeout_s", type=int, default=_SERVE_DEFAULTS.exit_timeout_s, show_default=True, help="How long in-flight requests may finish after SIGTERM or Ctrl+C.")
+@click.option("-v", "--verbose", is_flag=True, help="Triton's verbose log, and one line per batch from the models.")
 @_one_line_errors
-def serve(engine_dir, pipeline_src, verbose, **options):
+def serve(engine_dir, host, http_port, grpc_port, metrics_port, repo, exit_timeout_s, verbose, **options):
     """Serve an engine folder on Triton Inference Server.
 
-    Binds hybridstitch (prompt → image) and hybridstitch_latents (embeddings + noise → latents)
-    behind Triton's dynamic batcher; KServe v2 over HTTP and gRPC, Prometheus metrics. Stops,
-    after finishing in-flight requests, on SIGTERM or Ctrl+C.
+    Writes the model repository (as triton-repo does) and runs the tritonserver binary of the
+    nvidia-pytriton wheel on it: hybridstitch (prompt → image) and hybridstitch_latents
+    (embeddings + noise → latents) behind Triton's dynamic batcher; KServe v2 over HTTP and gRPC,
+    Prometheus metrics. Stops, after finishing in-flight requests, on SIGTERM or Ctrl+C.
     """
-    import logging
-
     from .serve.server import serve as run_serve
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("hs_export.serve").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if verbose:
-        logging.getLogger("pytriton").setLevel(logging.INFO)
-    run_serve(ServeConfig(engine_dir=engine_dir, pipeline=pipeline_src, **options), log=_log)
+    model = RepositoryConfig(engine_dir=engine_dir, **options)
+    config = ServeConfig(model, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, repo=repo, exit_timeout_s=exit_timeout_s, verbose=verbose)
+    run_serve(config, log=_log)
 
 
 @main.command()

@@ -1,6 +1,8 @@
 """Serving: per-prompt seeds and prompt padding in the runtime, request validation and grouping,
-the handlers without Triton, then a real Triton server started by ``hs-export serve`` on loopback
-ports (8 concurrent clients, batching, bad requests, the latents model, bench-serve, SIGTERM)."""
+the handlers without Triton (per-request errors, cancellation, stats), then a real Triton server
+started by ``hs-export serve`` on loopback ports (8 concurrent clients, batching, KServe errors
+among good requests, the latents model, bench-serve, SIGTERM). The repository run directly on
+``tritonserver`` is in ``test_triton_repo.py``, which shares this file's server helpers."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from click.testing import CliRunner
 
 from hs_export.cli import main
 from hs_export.serve.batching import RunSettings, ServingDefaults, ServingLimits, group_calls, parse_generation, parse_rows
-from hs_export.serve.handlers import GenerateHandler, Instance, LatentsHandler, SharedTextAndVae
+from hs_export.serve.handlers import CANCELLED, INTERNAL, INVALID_ARG, GenerateHandler, Instance, LatentsHandler, takes_should_stop
 from hs_export.serve.protocol import GENERATE, LATENTS, TIMING_KEYS, ServingError
 from hs_runtime import HybridStitchRuntime
 from hs_runtime.errors import HybridStitchError
@@ -41,7 +43,7 @@ def tiny4_engine_dir(tiny_paths, tmp_path_factory):
     from hs_export.build import BuildConfig, build
     from hs_export.build import resolve_models
 
-    out = tmp_path_factory.mktemp("engines4") / "tiny4"
+    out = tmp_path_factory.getbasetemp() / "engines4" / "tiny4"  # one path per session: test_triton_repo's copy of this fixture finds the build done
     build(resolve_models("tiny", None, None, None, log=lambda *_: None), BuildConfig(out=out, prompts=4), log=lambda *_: None)
     return out
 
@@ -54,7 +56,7 @@ def tiny4_runtime(tiny4_engine_dir):
 @pytest.fixture(scope="session")
 def instance(tiny4_runtime):
     m = tiny4_runtime.manifest
-    return Instance(0, tiny4_runtime, SharedTextAndVae(tiny4_runtime.text_and_vae()), ServingDefaults.from_manifest(m), ServingLimits.from_manifest(m))
+    return Instance("test", tiny4_runtime, tiny4_runtime.text_and_vae(), ServingDefaults.from_manifest(m), ServingLimits.from_manifest(m))
 
 
 def _alone(runtime, prompt, seed, steps=STEPS, plan=None):
@@ -159,46 +161,101 @@ def test_group_calls_by_settings_in_arrival_order():
     assert group_calls(items, key=lambda s: s, max_prompts=lambda s: None) == [[0, 1, 3, 4, 5], [2, 6]]
 
 
+# ----------------------------------------------------------------------------- handlers (no Triton)
+
+
+def _placeholders(items) -> list[dict]:
+    return [{"image": np.zeros((1, 1, 3), np.uint8), "mask": np.zeros((1, 1), np.uint8), "timings_s": np.zeros(len(TIMING_KEYS), np.float32)} for _ in items]
+
+
 def test_handler_serves_a_batch_around_a_bad_request(instance, tiny4_runtime):
-    """One dynamic batch: good, bad, good, good. The bad one gets its reason and a 1×1 placeholder;
-    the three good ones run in one engine call and equal their images alone."""
+    """One dynamic batch: good, bad, good, good. The bad one fails alone with INVALID_ARG and its
+    one-line reason; the three good ones run in one engine call and equal their images alone; the
+    stats count stages, images and mask tokens."""
     handler = GenerateHandler(instance)
     requests = [_request(PROMPTS[0], 1, steps=STEPS), _request(PROMPTS[1], 2, steps=STEPS, plan="fastest"), _request(PROMPTS[2], 3, steps=STEPS), _request(PROMPTS[3], 4, steps=STEPS, negative_prompt="blurry")]
     out = handler(requests)
-    assert [o["error"][0, 0] for o in out][1].startswith(b"unknown plan")
-    assert out[1]["image"].shape == (1, 1, 1, 3)
-    assert handler.counters.denoise_calls == 1 and handler.counters.largest_call == 3
+    assert out[1].code == INVALID_ARG and out[1].outputs is None
+    assert out[1].error == "unknown plan | got 'fastest' | expected large | small | tstitch | srdiff | hybrid"
+    stats = handler.stats
+    assert stats.denoise_calls == 1 and stats.largest_call == 3 and stats.refused == {INVALID_ARG: 1}
     for i in (0, 2):
-        assert out[i]["error"][0, 0] == b""
-        assert out[i]["image"].shape == (1, 128, 128, 3) and out[i]["mask"].shape == (1, 8, 8)
-        assert out[i]["timings_s"].shape == (1, len(TIMING_KEYS))
-        assert np.abs(out[i]["image"][0].astype(np.int16) - _alone(tiny4_runtime, PROMPTS[i], i + 1)).max() <= MAX_PIXEL_DIFF
-    assert out[0]["mask"].sum() == int(np.ceil(0.3 * 64))  # the hybrid plan's 30% of 8×8 tokens
+        assert out[i].error == "" and out[i].outputs["image"].shape == (1, 128, 128, 3) and out[i].outputs["mask"].shape == (1, 8, 8)
+        assert out[i].outputs["timings_s"].shape == (1, len(TIMING_KEYS))
+        assert np.abs(out[i].outputs["image"][0].astype(np.int16) - _alone(tiny4_runtime, PROMPTS[i], i + 1)).max() <= MAX_PIXEL_DIFF
+    tokens = int(np.ceil(0.3 * 64))  # the hybrid plan's 30% of 8×8 tokens
+    assert out[0].outputs["mask"].sum() == tokens
+    assert stats.images == {"hybrid": 3} and stats.mask_tokens == {"hybrid": 3 * tokens}
+    assert all(stats.stage_seconds[s] > 0 for s in ("large", "mask", "hybrid", "small", "text_encoding", "vae_decode")), stats.stage_seconds
 
 
 def test_a_request_with_several_rows(instance, tiny4_runtime):
-    """A client may send [N, 1] arrays: each row is a prompt; a refused row gets zeros shaped like
-    the others and its own reason."""
-    request = {"prompt": np.array([[b"a red cat"], [b" "], [PROMPTS[1].encode()]], dtype=np.object_), "seed": np.array([[1], [2], [3]], np.int64), "steps": np.array([[STEPS]] * 3, np.int64)}
-    out = GenerateHandler(instance)([request])[0]
-    assert out["image"].shape == (3, 128, 128, 3) and out["mask"].shape == (3, 8, 8)
-    assert [e[0] for e in out["error"]] == [b"", b"empty prompt | send a non-empty prompt", b""]
-    assert not out["image"][1].any()
-    assert np.abs(out["image"][2].astype(np.int16) - _alone(tiny4_runtime, PROMPTS[1], 3)).max() <= MAX_PIXEL_DIFF
+    """A client may send [N, 1] arrays: each row is a prompt. A request with a bad row fails as a
+    whole, naming the row; a request beside it is served."""
+    rows = lambda prompts: {"prompt": np.array([[p.encode()] for p in prompts], dtype=np.object_), "seed": np.array([[s] for s in range(1, len(prompts) + 1)], np.int64), "steps": np.array([[STEPS]] * len(prompts), np.int64)}  # noqa: E731
+    out = GenerateHandler(instance)([rows(["a red cat", PROMPTS[1]]), rows(["a red cat", " ", "x"])])
+    assert out[0].outputs["image"].shape == (2, 128, 128, 3) and out[0].outputs["mask"].shape == (2, 8, 8)
+    assert np.abs(out[0].outputs["image"][1].astype(np.int16) - _alone(tiny4_runtime, PROMPTS[1], 2)).max() <= MAX_PIXEL_DIFF
+    assert out[1].code == INVALID_ARG and out[1].error == "row 1 of 3: empty prompt | send a non-empty prompt"
 
 
-def test_an_engine_call_error_stays_with_its_request(instance):
-    """An error validation did not foresee fails one engine call: its members are retried alone,
-    so only the culprit gets the error."""
+def test_engine_call_errors_stay_with_their_requests(instance, caplog):
+    """A toolkit error validation did not foresee fails one engine call: its members are retried
+    alone, so only the culprit gets it. A bug fails the requests of its engine call alone, with a
+    one-line INTERNAL message; the traceback goes to the log."""
 
     class Fussy(GenerateHandler):
-        def run(self, items):
+        def run(self, items, should_stop=None):
             if any(i.prompt == "boom" for i in items):
                 raise HybridStitchError("boom | got a prompt the engines refuse")
-            return [self.placeholder() for _ in items]
+            if any(i.prompt == "bug" for i in items):
+                return {}["no such key"]
+            return _placeholders(items)
 
-    out = Fussy(instance)([_request("a", 1), _request("boom", 2), _request("c", 3)])
-    assert [o["error"][0, 0] for o in out] == [b"", b"boom | got a prompt the engines refuse", b""]
+    with caplog.at_level("ERROR", logger="hs_export.serve"):
+        out = Fussy(instance)([_request("a", 1), _request("boom", 2), _request("c", 3), _request("bug", 4, plan="small"), _request("d", 5, plan="large")])
+    assert [o.code for o in out] == ["", INVALID_ARG, "", INTERNAL, ""]
+    assert out[1].error == "boom | got a prompt the engines refuse"
+    assert out[3].error == "internal error in hybridstitch | got KeyError: 'no such key' | see the server log for the traceback"
+    assert "Traceback" in caplog.text and "no such key" in caplog.text
+
+
+def test_cancelled_requests_never_reach_an_engine(instance):
+    """Cancelled before the batch runs, or while an earlier engine call of the same batch runs:
+    CANCELLED, and no engine call for it."""
+    seen = []
+    gone = {1}
+
+    class Recording(GenerateHandler):
+        def run(self, items, should_stop=None):
+            seen.append([i.prompt for i in items])
+            gone.add(2)  # request 2's client leaves while this call runs
+            return _placeholders(items)
+
+    requests = [_request("a", 1), _request("b", 2), _request("c", 3, plan="small")]
+    out = Recording(instance)(requests, cancelled=[lambda i=i: i in gone for i in range(3)])
+    assert [o.code for o in out] == ["", CANCELLED, CANCELLED]
+    assert seen == [["a"]]
+
+
+def test_all_cancelled_engine_call_stops_at_the_next_step(instance, tiny_conditioning):
+    """With every request of an engine call cancelled, the runtime stops at the next step
+    (1000 large steps take ~4 s on tiny engines; this must take a fraction)."""
+    pipe = instance.runtime.pipeline(7.0, text_and_vae=instance.text_and_vae)
+    if not (takes_should_stop(pipe) and takes_should_stop(instance.runtime.denoise)):
+        pytest.skip("the runtime has no should_stop hook yet: HybridStitchPipeline.__call__ / HybridStitchRuntime.denoise(..., should_stop=None)")
+    c = tiny_conditioning
+    latents_request = {
+        "prompt_embeds": c.prompt_embeds[:1].numpy(), "pooled_prompt_embeds": c.pooled_prompt_embeds[:1].numpy(), "negative_prompt_embeds": c.negative_prompt_embeds[:1].numpy(),
+        "negative_pooled_prompt_embeds": c.negative_pooled_prompt_embeds[:1].numpy(), "latents": initial_latents(1, 128, 128, 0).numpy(),
+        "steps": np.array([[1000]], np.int64), "plan": np.array([[b"large"]], dtype=np.object_),
+    }
+    for handler, request in ((GenerateHandler(instance), _request("a red cat", 1, steps=1000, plan="large")), (LatentsHandler(instance), latents_request)):
+        asked = []
+        cancelled = lambda: asked.append(1) or len(asked) > 3  # noqa: E731  (gone after the first step)
+        start = time.perf_counter()
+        out = handler([request], cancelled=[cancelled])
+        assert out[0].code == CANCELLED and time.perf_counter() - start < 1.5, (out[0], time.perf_counter() - start)
 
 
 def test_latents_handler_matches_the_runtime(instance, tiny4_runtime, tiny_conditioning):
@@ -211,18 +268,20 @@ def test_latents_handler_matches_the_runtime(instance, tiny4_runtime, tiny_condi
         for i in range(2)
     ]
     bad = dict(requests[0], latents=noise[:1, :, :8])  # 8×16 latent: outside the built profile
-    out = LatentsHandler(instance)([*requests, bad])
+    handler = LatentsHandler(instance)
+    out = handler([*requests, bad])
     want = tiny4_runtime.denoise(make_plan("hybrid", STEPS), torch.from_numpy(noise), c).latents.numpy()
     for i in range(2):
-        assert out[i]["error"][0, 0] == b""
-        np.testing.assert_allclose(out[i]["latents"][0], want[i], atol=1e-4)
-    assert b"height outside the built profiles" in out[2]["error"][0, 0]
+        assert out[i].error == ""
+        np.testing.assert_allclose(out[i].outputs["latents"][0], want[i], atol=1e-4)
+    assert out[2].code == INVALID_ARG and out[2].error.startswith("height outside the built profiles")
+    assert handler.stats.images == {"hybrid": 2} and handler.stats.stage_seconds["large"] > 0
 
 
-# ----------------------------------------------------------------------------- a real server
+# ----------------------------------------------------------------------------- a real server (helpers shared with test_triton_repo.py)
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     try:
         for s in sockets:
@@ -233,7 +292,7 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _session_processes(session: int) -> list[tuple[int, str]]:
+def session_processes(session: int) -> list[tuple[int, str]]:
     """(pid, name) of every live process in ``session`` (the server was started as its leader)."""
     found = []
     for entry in Path("/proc").iterdir():
@@ -250,7 +309,29 @@ def _session_processes(session: int) -> list[tuple[int, str]]:
     return found
 
 
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text → {(name, {(label, value), …}): value}."""
+    import re
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    out = {}
+    for match in re.finditer(r"^(\w+)(?:\{([^}]*)\})?\s+([0-9.eE+-]+)$", text, flags=re.M):
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        out[(match.group(1), labels)] = float(match.group(3))
+    return out
+
+
+def metric(values: dict, name: str, **labels) -> float:
+    """The series of ``name`` whose labels include ``labels`` (0 when absent)."""
+    want = set(labels.items())
+    return sum(v for (n, l), v in values.items() if n == name and want <= l)
+
+
 class Server:
+    """A server process started as the leader of its own session, so everything it starts
+    (``tritonserver``, the Python-backend processes) can be found and never left behind."""
+
     def __init__(self, proc: subprocess.Popen, ports: list[int], log: Path):
         self.proc, self.log = proc, log
         self.url = f"http://127.0.0.1:{ports[0]}"
@@ -270,10 +351,10 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         deadline = time.monotonic() + 10
-        left = _session_processes(self.proc.pid)
+        left = session_processes(self.proc.pid)
         while left and time.monotonic() < deadline:
             time.sleep(0.2)
-            left = _session_processes(self.proc.pid)
+            left = session_processes(self.proc.pid)
         for pid, _ in left:  # never leave anything behind, even when the test fails
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -282,33 +363,52 @@ class Server:
         return left
 
 
-def start_server(engine_dir: Path, log: Path, preset_root: Path, *extra: str, ready_timeout_s: float = 180.0) -> Server:
+def start_process(cmd: list[str], ports: list[int], log: Path, env: dict, models=(GENERATE.name, LATENTS.name), ready_timeout_s: float = 180.0) -> Server:
+    """Starts ``cmd`` and waits (bounded) until every model's ready endpoint answers."""
     pytest.importorskip("pytriton", reason="serving needs nvidia-pytriton (pip install '.[serve]')")
     pytest.importorskip("tritonclient.http", reason="serving needs tritonclient (pip install '.[serve]')")
-    ports = _free_ports(3)
+    handle = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env={**env, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    handle.close()
+    server = Server(proc, ports, log)
+    deadline = time.monotonic() + ready_timeout_s
+    pending = list(models)
+    while pending and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            server.stop()
+            pytest.fail(f"{cmd[0]} exited with {proc.returncode}:\n{server.log_tail()}")
+        for model in list(pending):  # the model's endpoint: a model is ready only once warmed up
+            try:
+                with urllib.request.urlopen(f"{server.url}/v2/models/{model}/ready", timeout=2) as response:
+                    if response.status == 200:
+                        pending.remove(model)
+            except OSError:
+                pass
+        if pending:
+            time.sleep(0.5)
+    if pending:
+        left = server.stop()
+        pytest.fail(f"models {pending} not ready after {ready_timeout_s:.0f} s (left {left}):\n{server.log_tail()}")
+    return server
+
+
+def start_server(engine_dir: Path, log: Path, preset_root: Path, *extra: str) -> Server:
+    """``hs-export serve`` on free loopback ports."""
+    ports = free_ports(3)
     cmd = [
         sys.executable, "-c", "from hs_export.cli import main; main()", "serve", str(engine_dir), "--host", "127.0.0.1",
         "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra,
     ]
-    env = {**os.environ, "HS_PRESET_DIR": str(preset_root), "HF_HUB_OFFLINE": "1"}
-    handle = log.open("w")
-    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    handle.close()
-    server = Server(proc, ports, log)
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:  # the model's ready endpoint: /v2/health/ready is true before models are bound
-        if proc.poll() is not None:
-            server.stop()
-            pytest.fail(f"hs-export serve exited with {proc.returncode}:\n{server.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/v2/models/{GENERATE.name}/ready", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.5)
-    left = server.stop()
-    pytest.fail(f"server not ready after {ready_timeout_s:.0f} s (left {left}):\n{server.log_tail()}")
+    return start_process(cmd, ports, log, {**os.environ, "HS_PRESET_DIR": str(preset_root)})
+
+
+def generate_cli_image(engine_dir: Path, prompt: str, seed: int, out: Path) -> np.ndarray:
+    """``hs-export generate`` on the same folder, prompt, seed and steps."""
+    from PIL import Image
+
+    done = CliRunner().invoke(main, ["generate", str(engine_dir), "--prompt", prompt, "--seed", str(seed), "--steps", str(STEPS), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    return np.asarray(Image.open(out), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")
@@ -319,20 +419,12 @@ def server(tiny4_engine_dir, preset_root, tmp_path_factory):
     assert not left, f"processes left behind: {left}"
 
 
-def _metric(url: str, name: str, model: str) -> float:
-    from hs_export.serve.bench_serve import scrape_counts
-
-    counts = scrape_counts(url, model)
-    assert counts is not None, f"no metrics at {url}"
-    return dict(zip(("nv_inference_count", "nv_inference_exec_count"), counts))[name]
-
-
 def test_eight_concurrent_clients_get_the_images_generate_makes(server, tiny4_runtime, tmp_path):
     """8 clients × 4 requests (HTTP and gRPC), distinct seeds: every image equals the one made
     alone; Triton batched them (fewer executions than requests)."""
     from hs_export.serve.client import HybridStitchClient
 
-    count0, exec0 = (_metric(server.metrics_url, n, GENERATE.name) for n in ("nv_inference_count", "nv_inference_exec_count"))
+    before = scrape(server.metrics_url)
 
     def client(c: int):
         url = server.url if c % 2 == 0 else server.grpc_url
@@ -342,6 +434,7 @@ def test_eight_concurrent_clients_get_the_images_generate_makes(server, tiny4_ru
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = [r for rs in pool.map(client, range(8), timeout=300) for r in rs]
     assert len(results) == 32
+    after = scrape(server.metrics_url)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine may be shared
     try:
@@ -353,22 +446,17 @@ def test_eight_concurrent_clients_get_the_images_generate_makes(server, tiny4_ru
             assert np.abs(result.image.astype(np.int16) - want).max() <= MAX_PIXEL_DIFF, f"request {index}"
     finally:
         torch.set_num_threads(threads)
-    count1, exec1 = (_metric(server.metrics_url, n, GENERATE.name) for n in ("nv_inference_count", "nv_inference_exec_count"))
-    assert count1 - count0 == 32
-    assert exec1 - exec0 < count1 - count0, "Triton never put two requests in one execution"
-
-    # The command itself: hs-export generate on the same folder, same prompt, seed and steps.
-    out = tmp_path / "generate.png"
-    done = CliRunner().invoke(main, ["generate", str(tiny4_runtime.manifest.folder), "--prompt", PROMPTS[0], "--seed", "100", "--steps", str(STEPS), "--out", str(out)])
-    assert done.exit_code == 0, done.output
-    from PIL import Image
-
-    assert np.abs(np.asarray(Image.open(out), dtype=np.int16) - results[0][1].image).max() <= MAX_PIXEL_DIFF
+    delta = lambda name: metric(after, name, model=GENERATE.name) - metric(before, name, model=GENERATE.name)  # noqa: E731
+    assert delta("nv_inference_count") == 32 and delta("hybridstitch_images_total") == 32
+    assert delta("nv_inference_exec_count") < 32, "Triton never put two requests in one execution"
+    assert delta("hybridstitch_engine_calls_total") < 32, "no engine call served two requests"
+    want = generate_cli_image(tiny4_runtime.manifest.folder, PROMPTS[0], 100, tmp_path / "generate.png")
+    assert np.abs(want - results[0][1].image).max() <= MAX_PIXEL_DIFF
 
 
 def test_bad_requests_among_good_ones(server, tmp_path):
-    """Bad requests get their one-line reason (ours or Triton's), the good ones sent with them
-    succeed, and the server keeps answering."""
+    """Bad requests fail alone as KServe errors (HTTP 400 / gRPC INVALID_ARGUMENT) with the one-line
+    reason; the good ones sent with them succeed, and the server keeps answering."""
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
@@ -378,23 +466,25 @@ def test_bad_requests_among_good_ones(server, tmp_path):
         with HybridStitchClient(server.url, timeout_s=120) as remote:
             return remote.generate(PROMPTS[i % 4], seed=i, steps=STEPS, plan="hybrid").image.shape
 
-    def bad(options):
-        with HybridStitchClient(server.url, timeout_s=120) as remote:
+    def bad(index_options):
+        index, options = index_options
+        with HybridStitchClient(server.url if index % 2 == 0 else server.grpc_url, timeout_s=120) as remote:
             try:
                 # infer(), not generate(): the client's own checks would stop these before the server sees them
                 remote.infer(GENERATE, {"prompt": "a red cat", "seed": 1, "steps": STEPS, "plan": "hybrid", **options})
             except ServingError as exc:
-                return str(exc)
-        return "no error"
+                return exc.status, str(exc)
+        return None, "no error"
 
-    bad_options = [dict(plan="fastest"), dict(steps=0), dict(prompt="  "), dict(height=1000), dict(mask_ratio=0.0)]
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    bad_options = [dict(plan="fastest"), dict(steps=0), dict(prompt="  "), dict(height=1000), dict(mask_ratio=0.0), dict(height=256)]
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
         goods = [pool.submit(good, i) for i in range(4)]
-        bads = [pool.submit(bad, o) for o in bad_options]
+        bads = list(pool.map(bad, enumerate(bad_options), timeout=120))
         assert [g.result(timeout=120) for g in goods] == [(128, 128, 3)] * 4
-        reasons = [b.result(timeout=120) for b in bads]
-    for reason, expected in zip(reasons, ["unknown plan", "steps out of range", "empty prompt", "height must be a positive multiple of 16", "mask ratio out of range"]):
-        assert reason.startswith(expected) and "\n" not in reason and "Traceback" not in reason
+    reasons = ["unknown plan", "steps out of range", "empty prompt", "height must be a positive multiple of 16", "mask ratio out of range", "height outside the built profiles | got 256 px"]
+    for index, ((status, reason), expected) in enumerate(zip(bads, reasons)):
+        assert status == ("400" if index % 2 == 0 else "StatusCode.INVALID_ARGUMENT"), (status, reason)
+        assert reason.startswith(expected) and "\n" not in reason and "Traceback" not in reason, reason
 
     def raw_input(name, triton_dtype, value):
         item = http.InferInput(name, [1, 1], triton_dtype)
@@ -403,20 +493,28 @@ def test_bad_requests_among_good_ones(server, tmp_path):
 
     raw = http.InferenceServerClient(server.url.removeprefix("http://"))
     try:
+        # A plain tritonclient call with an unknown plan: a KServe error, HTTP 400, the one-line reason.
+        with pytest.raises(InferenceServerException) as refused:
+            raw.infer(GENERATE.name, [raw_input("prompt", "BYTES", b"a cat"), raw_input("seed", "INT64", 1), raw_input("plan", "BYTES", b"fastest")])
+        assert refused.value.status() == "400" and "unknown plan | got 'fastest' | expected large | small | tstitch | srdiff | hybrid" in refused.value.message()
         # Wrong dtype, too few inputs: Triton refuses the request itself, with its own reason.
         with pytest.raises(InferenceServerException, match="data-type is 'INT64', but model 'hybridstitch' expects 'BYTES'"):
             raw.infer(GENERATE.name, [raw_input("prompt", "INT64", 1), raw_input("seed", "INT64", 1)])
         with pytest.raises(InferenceServerException, match=r"missing required input\(s\) \['seed'\]"):
             raw.infer(GENERATE.name, [raw_input("prompt", "BYTES", b"a cat")])
-        # A required input missing among enough others: Triton 2.51 passes it on; the handler refuses it.
-        response = raw.infer(GENERATE.name, [raw_input("seed", "INT64", 1), raw_input("steps", "INT64", STEPS)])
-        assert response.as_numpy("error")[0, 0].decode() == "missing input prompt | send prompt with every hybridstitch request"
+        # A required input missing among enough others: Triton passes it on; the model refuses it.
+        with pytest.raises(InferenceServerException) as refused:
+            raw.infer(GENERATE.name, [raw_input("seed", "INT64", 1), raw_input("steps", "INT64", STEPS)])
+        assert refused.value.status() == "400" and refused.value.message().endswith("missing input prompt | send prompt with every hybridstitch request")
+        assert raw.infer(GENERATE.name, [raw_input("prompt", "BYTES", b"a cat"), raw_input("seed", "INT64", 1), raw_input("steps", "INT64", STEPS)]).as_numpy("image").shape == (1, 128, 128, 3)
     finally:
         raw.close()  # an open keep-alive connection holds Triton's shutdown for its exit timeout
 
-    # The client command: one line, exit 1.
+    # The client command: one line, exit 1, from the client's own check or from the server.
     done = CliRunner().invoke(main, ["client", "--url", server.url, "--prompt", "a red cat", "--plan", "large", "--steps", "0", "--out", str(tmp_path / "x.png")])
     assert done.exit_code == 1 and done.output.strip() == "Error: steps must be >= 1 | got 0"  # checked by the client, no round trip
+    done = CliRunner().invoke(main, ["client", "--url", server.url, "--prompt", "a red cat", "--height", "256", "--out", str(tmp_path / "x.png")])
+    assert done.exit_code == 1 and done.output.startswith("Error: height outside the built profiles | got 256 px") and len(done.output.strip().splitlines()) == 1, done.output
     done = CliRunner().invoke(main, ["client", "--url", server.url, "--prompt", "a red cat", "--seed", "5", "--steps", str(STEPS), "--out", str(tmp_path / "ok.png")])
     assert done.exit_code == 0, done.output
     assert (tmp_path / "ok.png").is_file()
@@ -430,7 +528,7 @@ def test_latents_model_over_the_wire(server, tiny4_runtime, tiny_conditioning):
     with HybridStitchClient(server.grpc_url, timeout_s=120) as remote:
         assert remote.ready(LATENTS.name)
         got = remote.denoise(c.prompt_embeds[0].numpy(), c.pooled_prompt_embeds[0].numpy(), noise[0].numpy(), c.negative_prompt_embeds[0].numpy(), c.negative_pooled_prompt_embeds[0].numpy(), steps=STEPS)
-        with pytest.raises(ServingError, match="guidance_scale > 1 needs negative_prompt_embeds"):
+        with pytest.raises(ServingError, match="^guidance_scale > 1 needs negative_prompt_embeds"):
             remote.denoise(c.prompt_embeds[0].numpy(), c.pooled_prompt_embeds[0].numpy(), noise[0].numpy(), steps=STEPS)
     one = Conditioning(c.prompt_embeds[:1], c.pooled_prompt_embeds[:1], c.negative_prompt_embeds[:1], c.negative_pooled_prompt_embeds[:1])
     want = tiny4_runtime.denoise(make_plan("hybrid", STEPS), noise, one).latents[0].numpy()
@@ -445,9 +543,9 @@ def test_readme_python_example_runs(server):
     assert len(blocks) == 1
     namespace: dict = {}
     exec(blocks[0].replace("127.0.0.1:8000", server.url.removeprefix("http://")), namespace)  # noqa: S102
-    assert namespace["image"].shape == (128, 128, 3) and namespace["error"] == ""
+    assert namespace["image"].shape == (128, 128, 3)
     bad = blocks[0].replace("127.0.0.1:8000", server.url.removeprefix("http://")).replace('("steps", 8, "INT64")', '("steps", 0, "INT64")')
-    with pytest.raises(SystemExit, match=r"^Error: steps out of range \| got 0"):
+    with pytest.raises(SystemExit, match=r"^Error \(HTTP 400\): steps out of range \| got 0"):
         exec(bad, {})  # noqa: S102
 
 
@@ -464,7 +562,7 @@ def test_bench_serve_reports_mode_and_percentiles(server, tmp_path):
 
 
 def test_client_without_a_server_says_how_to_start_one(tmp_path):
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     done = CliRunner().invoke(main, ["client", "--url", f"http://127.0.0.1:{port}", "--prompt", "x", "--out", str(tmp_path / "x.png")])
     assert done.exit_code == 1
     assert f"cannot reach a HybridStitch server at http://127.0.0.1:{port}" in done.output and "hs-export serve ENGINE_DIR" in done.output
@@ -477,6 +575,8 @@ def test_serve_refuses_bad_setups_in_one_line(tiny4_engine_dir, tmp_path):
     assert done.exit_code == 1 and "engine folder not found" in done.output
     done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--instances", "0"])
     assert done.exit_code == 1 and "--instances must be >= 1" in done.output
+    done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--max-queue", "2"])
+    assert done.exit_code == 1 and "--max-queue is below the batch size | got 2 < 4" in done.output
     if not torch.cuda.is_available():
         done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--device", "cuda:0"])
         assert done.exit_code == 1 and "--device cuda:0: no such CUDA device here" in done.output
@@ -495,14 +595,14 @@ def test_sigterm_drains_in_flight_requests(server):
 
     def slow(i):
         with HybridStitchClient(server.url, timeout_s=120) as remote:
-            remote.generate(PROMPTS[i], seed=i, steps=1000, plan="large")  # ~5 s on tiny engines
+            remote.generate(PROMPTS[i], seed=i, steps=600, plan="large")  # ~2.5 s on tiny engines
             return time.monotonic()
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(slow, i) for i in range(4)]
         time.sleep(1.0)
         assert not any(f.done() for f in futures), "requests finished before SIGTERM: make them slower"
-        names = [name for _, name in _session_processes(server.proc.pid)]
+        names = [name for _, name in session_processes(server.proc.pid)]
         assert "tritonserver" in names
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -510,4 +610,5 @@ def test_sigterm_drains_in_flight_requests(server):
     assert max(finished) > signalled
     assert server.proc.wait(timeout=60) == 0, server.log_tail()
     assert server.stop() == []
-    assert "SIGTERM: draining in-flight requests" in server.log_tail(20000)
+    log = server.log_tail(20000)
+    assert "SIGTERM: draining in-flight requests" in log and "stopped: tritonserver drained and exited" in log

@@ -1,12 +1,14 @@
 """A KServe v2 client for a HybridStitch server (``tritonclient``, HTTP or gRPC).
 
-Anything that speaks the KServe v2 protocol can call the server; this client adds the protocol's
-one rule on top of it: a response whose ``error`` output is not empty is a failed request, raised
-here as a one-line :class:`ServingError`.
+Anything that speaks the KServe v2 protocol can call the server. A refused request is a KServe
+error (HTTP 400 / gRPC ``INVALID_ARGUMENT`` for a bad value, 503 / ``UNAVAILABLE`` when the queue
+is full); this client raises it as a one-line :class:`ServingError` carrying the server's own
+message and status.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,7 +17,7 @@ import numpy as np
 
 from hs_runtime.errors import describe
 
-from .protocol import GENERATE, LATENTS, TIMING_KEYS, ServingError, decode_text, infer_inputs
+from .protocol import GENERATE, LATENTS, TIMING_KEYS, ServingError, infer_inputs
 
 
 @dataclass
@@ -94,12 +96,21 @@ class HybridStitchClient:
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as exc:
-            status, message = str(exc.status() or ""), (exc.message() or "").strip()
-            if "unavailable" in status.lower() or "failed to connect" in message.lower() or "connection refused" in message.lower():
+            status, message = str(exc.status() or ""), _REQUEST_ID.sub("", _first_line(exc.message() or "")).strip()
+            if any(s in message.lower() for s in ("failed to connect", "connection refused", "connect failed")):
                 raise self._unreachable(message) from None
-            raise ServingError(describe(f"{what} failed on {self.url}", got=_first_line(message) or status)) from None
+            if "maximum queue size" in message.lower():  # UNAVAILABLE: refused at once, not queued
+                raise ServingError(describe(f"{what} refused: the server's queue is full", got=message, fix="retry later, or serve with more --instances or a larger --max-queue"), status=status) from None
+            if "deadline exceeded" in message.lower() or "timed out" in message.lower():
+                raise self._timed_out(what, status) from None
+            raise ServingError(message or describe(f"{what} failed on {self.url}", got=status), status=status) from None
+        except TimeoutError:
+            raise self._timed_out(what) from None
         except (OSError, ConnectionError) as exc:
             raise self._unreachable(str(exc) or type(exc).__name__) from None
+
+    def _timed_out(self, what: str, status: str | None = None) -> ServingError:
+        return ServingError(describe(f"{what} took longer than the client timeout", got=f"{self.timeout_s:g} s", fix="pass a longer --timeout, or ask for fewer steps"), status=status)
 
     def _unreachable(self, reason: str) -> ServingError:
         return ServingError(describe(f"cannot reach a HybridStitch server at {self.url}", got=_first_line(reason), fix="start one with: hs-export serve ENGINE_DIR (and check --url)"))
@@ -125,16 +136,17 @@ class HybridStitchClient:
     # ------------------------------------------------------------------ inference
 
     def infer(self, spec, values: dict) -> dict[str, np.ndarray]:
-        """One request to ``spec``'s model; raises :class:`ServingError` on a non-empty ``error``."""
+        """One request to ``spec``'s model.
+
+        Raises:
+            ServingError: the server refused it (its one-line reason; ``status`` is the HTTP
+                status or gRPC code), or cannot be reached.
+        """
         inputs = infer_inputs(self._module, spec, {k: v for k, v in values.items() if v is not None})
         outputs = [self._module.InferRequestedOutput(name) for name in spec.output_names]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         response = self._call(f"{spec.name} request", self._client.infer, spec.name, inputs, outputs=outputs, **kwargs)
-        result = {name: response.as_numpy(name) for name in spec.output_names}
-        error = decode_text(result.get("error"))
-        if error:
-            raise ServingError(error)
-        return result
+        return {name: response.as_numpy(name) for name in spec.output_names}
 
     def generate(self, prompt: str, seed: int = 0, negative_prompt: str | None = None, plan: str | None = None, steps: int | None = None,
                  guidance_scale: float | None = None, mask_ratio: float | None = None, height: int | None = None, width: int | None = None) -> GenerationResult:
@@ -175,6 +187,9 @@ def check_request_values(prompt, seed, steps, guidance_scale, mask_ratio, height
     if mask_ratio is not None:
         MaskConfig(ratio=mask_ratio)
     check_image_size(height, width)
+
+
+_REQUEST_ID = re.compile(r"^\[request id: [^\]]*\]\s*")
 
 
 def _first_line(text: str) -> str:

@@ -1,14 +1,12 @@
 """The served models' inputs and outputs, defined once (like ``hs_runtime.contract`` for engines).
 
-The server binds these specs into Triton, the client and the serving benchmark build their
-requests from them. Every tensor is per request: Triton prepends the batch axis, so a client sends
+The model repository's ``config.pbtxt`` files, the client and the serving benchmark are all made
+from these specs. Every tensor is per request: Triton prepends the batch axis, so a client sends
 ``[1, 1]`` for a one-element input (``[1, *shape]`` in general).
 
-Errors: PyTriton 0.7 fails every request of a dynamic batch when the handler raises, and sends the
-Python traceback as the message. So the handler never raises for a bad request: it answers that
-request with a non-empty ``error`` output (the toolkit's one-line message) and a 1×1 black image
-(PyTriton cannot send zero-sized tensors), while the rest of the batch is served normally.
-Malformed requests (wrong dtype, wrong rank) are refused by Triton itself, per request.
+Errors are KServe errors, one per request: a bad value fails its request alone with
+``INVALID_ARG`` (HTTP 400) and the toolkit's one-line reason, while the requests batched with it
+are served. Malformed requests (wrong dtype, wrong rank) are refused by Triton itself, per request.
 """
 
 from __future__ import annotations
@@ -30,7 +28,16 @@ _TRITON_DTYPES = {np.bytes_: "BYTES", np.int64: "INT64", np.float32: "FP32", np.
 
 
 class ServingError(HybridStitchError):
-    """A served request failed, the server cannot start, or a client cannot reach a server."""
+    """A served request failed, the server cannot start, or a client cannot reach a server.
+
+    Attributes:
+        status: for a refused request, the server's status (HTTP status such as ``400``/``503``,
+            or the gRPC code); ``None`` otherwise.
+    """
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -51,12 +58,6 @@ class IOSpec:
     @property
     def triton_dtype(self) -> str:
         return _TRITON_DTYPES[self.dtype]
-
-    def tensor(self):
-        """The PyTriton ``Tensor`` for ``Triton.bind``."""
-        from pytriton.model_config import Tensor
-
-        return Tensor(name=self.name, dtype=self.dtype, shape=self.shape, optional=self.optional)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,6 @@ _PLAN_INPUTS = (
     _one("guidance_scale", np.float32, True, "CFG scale; <= 1 turns guidance off (default: the folder's)"),
     _one("mask_ratio", np.float32, True, "share of complex tokens, in (0, 1] (default: the build's)"),
 )
-_ERROR = _one("error", np.bytes_, doc="empty when the request succeeded, else the one-line reason")
 
 GENERATE = ModelSpec(
     GENERATE_MODEL,
@@ -101,10 +101,9 @@ GENERATE = ModelSpec(
         _one("width", np.int64, True, "pixels (default: the build's)"),
     ),
     outputs=(
-        IOSpec("image", np.uint8, (-1, -1, 3), doc="RGB image [H, W, 3] (1×1 black on error)"),
+        IOSpec("image", np.uint8, (-1, -1, 3), doc="RGB image [H, W, 3]"),
         IOSpec("mask", np.uint8, (-1, -1), doc="complex-token grid [H/16, W/16], 1 = refined by the large model; zeros for plans without one"),
-        IOSpec("timings_s", np.float32, (len(TIMING_KEYS),), doc="seconds per stage of the engine call that served the request: " + ", ".join(TIMING_KEYS) + " (several instances on one GPU: the call's wall time in total, stages 0)"),
-        _ERROR,
+        IOSpec("timings_s", np.float32, (len(TIMING_KEYS),), doc="seconds per stage of the engine call that served the request: " + ", ".join(TIMING_KEYS) + ""),
     ),
 )
 
@@ -119,8 +118,7 @@ LATENTS = ModelSpec(
         *_PLAN_INPUTS,
     ),
     outputs=(
-        IOSpec("latents", np.float32, (-1, -1, -1), doc="denoised latents [C, H/8, W/8] (1×1×1 zeros on error)"),
-        _ERROR,
+        IOSpec("latents", np.float32, (-1, -1, -1), doc="denoised latents [C, H/8, W/8]"),
     ),
 )
 
@@ -154,10 +152,3 @@ def infer_inputs(client_module, spec: ModelSpec, values: dict) -> list:
         inputs.append(item)
     return inputs
 
-
-def decode_text(array: np.ndarray | None) -> str:
-    """First element of a BYTES output as text (``""`` when absent)."""
-    if array is None or array.size == 0:
-        return ""
-    value = array.reshape(-1)[0]
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)

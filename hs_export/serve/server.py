@@ -1,233 +1,315 @@
-"""``hs-export serve``: the runtime inside Triton Inference Server, through PyTriton.
+"""``hs-export serve``: a model repository run on the ``tritonserver`` binary.
 
 Life of a server:
 
-1. Triton starts with no models (``/v2/health/live`` answers; no model is ready yet).
-2. ``K`` instances load, each with its own :class:`HybridStitchRuntime` (own engines, own CUDA
-   stream on a GPU); the text encoders and VAE are loaded once and shared. Every instance runs
-   one warm-up generation.
-3. ``hybridstitch`` and ``hybridstitch_latents`` are bound with ``K`` handlers each (Triton's
-   instance group), behind Triton's dynamic batcher: ``/v2/models/NAME/ready`` turns true only now.
-4. SIGTERM or SIGINT: Triton stops taking requests, finishes the ones in flight (up to 30 s) and
-   exits; the process exits 0 and leaves no ``tritonserver`` behind.
+1. The repository is written (``repository.write_repository``) into a temporary folder, or into
+   ``--repo``, which is kept.
+2. The ``tritonserver`` binary that the ``nvidia-pytriton`` wheel ships (PyTriton's own binding
+   code is not used) starts on it with the Python backend: ``K`` instances per model, each a
+   Python-backend process that loads its runtime and warms it up in ``initialize``, so
+   ``/v2/models/NAME/ready`` turns true only when the model can serve.
+3. SIGTERM or SIGINT is forwarded to Triton, which stops taking requests, finishes the ones in
+   flight (up to ``--exit-timeout-secs``) and exits; the command then exits 0 and leaves no
+   ``tritonserver`` behind.
 
-Scale-out is Triton's own: one server per GPU (``--device cuda:i``), many servers behind a load
-balancer or a KServe InferenceService; nothing here coordinates servers.
+What runs is what NVIDIA's ``tritonserver`` container runs on the same repository. Scale-out is
+Triton's own (one server per GPU, servers behind a load balancer or KServe); nothing here
+coordinates servers.
 """
 
 from __future__ import annotations
 
+import collections
+import ctypes
+import ctypes.util
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import sysconfig
+import tempfile
+import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from hs_runtime.errors import ConfigError, HybridStitchError, ModelLoadError, describe
-from hs_runtime.runtime import HybridStitchRuntime
+from hs_runtime.errors import ConfigError, describe
 
-from .batching import ServingDefaults, ServingLimits
-from .handlers import Counters, GenerateHandler, Instance, LatentsHandler, SharedTextAndVae, warm_up, warm_up_latents
-from .protocol import GENERATE, LATENTS, ServingError
+from .protocol import ServingError
+from .repository import Repository, RepositoryConfig, write_repository
+from .triton_model import LOG_LEVEL_ENV
 
 LOGGER = logging.getLogger("hs_export.serve")
-
-#: How long Triton waits for in-flight requests on SIGTERM (PyTriton kills it after 30 s anyway).
-DRAIN_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Everything ``hs-export serve`` takes; CLI defaults come from here.
+    """Everything ``hs-export serve`` takes besides the repository's own settings; CLI defaults
+    come from here.
 
     Attributes:
-        instances: model instances, each with its own runtime (engines, CUDA stream).
-        max_queue_delay_ms: how long Triton's dynamic batcher may hold a request to fill a batch.
-        dynamic_batching: off: Triton's default scheduler, one request per execution.
-        max_batch_size: rows per Triton execution (default: the prompts one engine call takes).
-        pipeline: text encoders + VAE folder (default: the engine folder's).
-        backend: ``torch`` to serve the PyTorch graphs of the manifest's models (default: the
-            folder's own backend).
+        model: what the repository serves and how Triton schedules it.
+        repo: write the repository here and keep it (default: a temporary folder, removed at exit).
+        exit_timeout_s: how long Triton waits for in-flight requests after SIGTERM/SIGINT.
+        ready_timeout_s: how long the models may take to load and warm up.
+        verbose: Triton's verbose log, and one log line per batch from the models.
     """
 
-    engine_dir: Path | None = None
-    instances: int = 1
-    device: str = "cpu"
+    model: RepositoryConfig = field(default_factory=RepositoryConfig)
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    max_queue_delay_ms: float = 50.0
-    dynamic_batching: bool = True
-    max_batch_size: int | None = None
-    pipeline: str | None = None
-    backend: str | None = None
+    repo: Path | None = None
+    exit_timeout_s: int = 30
+    ready_timeout_s: float = 1800.0
+    verbose: bool = False
 
     def validate(self) -> None:
-        if self.engine_dir is None:
-            raise ConfigError(describe("no engine folder", fix="hs-export serve ENGINE_DIR (built by hs-export build)"))
-        if self.instances < 1:
-            raise ConfigError(describe("--instances must be >= 1", got=self.instances))
+        self.model.validate()
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
         for flag, port in ports.items():
             if not 1 <= port <= 65535:
                 raise ConfigError(describe(f"{flag} out of range", got=port, expected="1..65535"))
         if len(set(ports.values())) != 3:
             raise ConfigError(describe("HTTP, gRPC and metrics ports must differ", got=ports))
-        if not 0 <= self.max_queue_delay_ms <= 60_000:
-            raise ConfigError(describe("--max-queue-delay-ms out of range", got=self.max_queue_delay_ms, expected="0..60000"))
-        if self.max_batch_size is not None and self.max_batch_size < 1:
-            raise ConfigError(describe("--max-batch-size must be >= 1", got=self.max_batch_size))
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(describe("unknown device", got=repr(self.device), expected="cpu, cuda or cuda:N")) from None
-        if device.type not in ("cpu", "cuda"):
-            raise ConfigError(describe("unknown device", got=repr(self.device), expected="cpu, cuda or cuda:N"))
-        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        if self.exit_timeout_s < 0:
+            raise ConfigError(describe("--exit-timeout-secs must be >= 0", got=self.exit_timeout_s))
+        kind, gpu = self.model.device_kind()
+        if kind == "KIND_GPU" and (not torch.cuda.is_available() or gpu >= torch.cuda.device_count()):
             found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            raise ConfigError(describe(f"--device {self.device}: no such CUDA device here", got=f"{found} CUDA device(s)", fix="serve on a GPU host, or pass --device cpu"))
+            raise ConfigError(describe(f"--device {self.model.device}: no such CUDA device here", got=f"{found} CUDA device(s)", fix="serve on a GPU host, or pass --device cpu"))
 
 
-def use_own_libpython(environ=os.environ) -> str | None:
-    """Puts this interpreter's ``LIBDIR`` first on ``LD_LIBRARY_PATH`` so Triton's Python stub
-    loads the same ``libpython`` as the running interpreter (else, e.g., ``'_thread.RLock' object
-    has no attribute '_recursion_count'``). Must run before Triton starts."""
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir:
-        rest = [p for p in environ.get("LD_LIBRARY_PATH", "").split(":") if p and p != libdir]
-        environ["LD_LIBRARY_PATH"] = ":".join([libdir, *rest])
-    return libdir
+# ----------------------------------------------------------------------------- the binary
 
 
-def check_ports_free(config: ServeConfig) -> None:
-    """Fails early, in one line, when a port is taken (Triton would only log it and hang)."""
-    for flag, port in (("--http-port", config.http_port), ("--grpc-port", config.grpc_port), ("--metrics-port", config.metrics_port)):
-        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+@dataclass(frozen=True)
+class TritonDist:
+    """The ``tritonserver`` binary, its libraries and Python backend, as the wheel ships them."""
+
+    binary: Path
+    libs: Path
+    python_backend: Path  # libtriton_python.so, triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub for this interpreter's Python version
+
+    @classmethod
+    def find(cls) -> "TritonDist":
+        """Locates the binary in the installed ``nvidia-pytriton`` wheel.
+
+        Raises:
+            ServingError: the wheel is missing or lacks a stub for this Python.
+        """
+        try:
+            import pytriton
+        except ImportError:
+            raise ServingError(describe("serving needs the tritonserver binary of nvidia-pytriton", fix="pip install 'hybridstitch[serve]' (Linux x86-64/aarch64), or run the repository in NVIDIA's tritonserver container")) from None
+        root = Path(pytriton.__file__).resolve().parent
+        dist = root / "tritonserver"
+        version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        libs = next((p for p in (root.parent / "nvidia_pytriton.libs", dist / "external_libs") if p.is_dir()), root.parent / "nvidia_pytriton.libs")
+        found = cls(dist / "bin" / "tritonserver", libs, dist / "backends" / "python", dist / "python_backend_stubs" / version / "triton_python_backend_stub")
+        for what, path in (("tritonserver binary", found.binary), ("Python backend", found.python_backend / "libtriton_python.so"), (f"Python {version} backend stub", found.stub)):
+            if not path.exists():
+                raise ServingError(describe(f"nvidia-pytriton has no {what}", got=f"nothing at {path}", fix="reinstall nvidia-pytriton for this platform and Python"))
+        return found
+
+    def backend_directory(self, work: Path) -> Path:
+        """``work/backends`` with a ``python`` backend whose stub sits beside
+        ``libtriton_python.so`` (the wheel keeps one stub per Python version elsewhere)."""
+        python = work / "backends" / "python"
+        python.mkdir(parents=True, exist_ok=True)
+        for source in (self.python_backend / "libtriton_python.so", self.python_backend / "triton_python_backend_utils.py", self.stub):
+            target = python / source.name
+            if not target.exists():
+                target.symlink_to(source)
+        return python.parent
+
+    def environment(self, environ=None) -> dict[str, str]:
+        """Triton's environment: this interpreter's ``LIBDIR`` first on ``LD_LIBRARY_PATH`` (else
+        the stub may load another ``libpython``: ``'_thread.RLock' object has no attribute
+        '_recursion_count'``), the wheel's libraries last; this interpreter first on ``PATH``, so
+        the stub's Python finds this environment's packages."""
+        env = dict(os.environ if environ is None else environ)
+        libdir = sysconfig.get_config_var("LIBDIR")
+        paths = [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p and p not in (libdir, str(self.libs))]
+        env["LD_LIBRARY_PATH"] = ":".join([*([libdir] if libdir else []), *paths, str(self.libs)])
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    def command(self, repo: Path, backends: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, exit_timeout_s: int = 30, gpu_metrics: bool = False, verbose: bool = False) -> list[str]:
+        """``tritonserver --model-repository REPO`` with addresses, ports and the drain timeout."""
+        return [
+            str(self.binary), f"--model-repository={repo}", f"--backend-directory={backends}",
+            f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
+            f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--allow-metrics=true", f"--allow-gpu-metrics={str(gpu_metrics).lower()}",
+            f"--exit-timeout-secs={exit_timeout_s}", f"--log-verbose={1 if verbose else 0}",
+        ]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: its own process group (a terminal's Ctrl+C reaches only the
+    parent, which forwards it once), and SIGTERM when the parent dies, so no tritonserver
+    outlives ``serve`` even on SIGKILL."""
+    os.setpgid(0, 0)
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Fails early, in one line, when a port is taken (Triton would only log it)."""
+    for flag, port in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((config.host, port))
+                probe.bind((host, port))
             except OSError as exc:
-                raise ServingError(describe(f"cannot listen on {config.host}:{port}", got=exc.strerror or str(exc), fix=f"pick another {flag}, or stop what uses it")) from None
+                raise ServingError(describe(f"cannot listen on {host}:{port}", got=exc.strerror or str(exc), fix=f"pick another {flag}, or stop what uses it")) from None
 
 
-def load_instances(config: ServeConfig, log=LOGGER.info) -> tuple[list[Instance], bool]:
-    """``K`` warmed-up instances and whether prompt-to-image is served (text encoders + VAE found)."""
-    device = torch.device(config.device)
-    instances: list[Instance] = []
-    shared = None
-    with_images = True
-    for index in range(config.instances):
-        start = time.perf_counter()
-        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():  # TensorRT engines bind the current stream
-            runtime = HybridStitchRuntime.from_dir(config.engine_dir, backend=config.backend, device=config.device, pipeline_source=config.pipeline)
-        if index == 0:
-            try:
-                shared = SharedTextAndVae(runtime.text_and_vae())
-            except ModelLoadError as exc:
-                with_images = False
-                log(f"no text encoders/VAE ({exc}): serving {LATENTS.name} only")
-        # Stage timings synchronise the whole device (torch.cuda.synchronize): with several GPU
-        # instances that would stall the others' streams, so there only the total is measured.
-        profile = stream is None or config.instances == 1
-        instance = Instance(index, runtime, shared, ServingDefaults.from_manifest(runtime.manifest), ServingLimits.from_manifest(runtime.manifest), stream, profile)
-        loaded = time.perf_counter() - start
-        warm = warm_up(instance) if with_images else warm_up_latents(instance)
-        log(f"instance {index}: engines loaded in {loaded:.1f} s, warmed up in {warm:.1f} s ({runtime.engines.backend} on {runtime.engines.device})")
-        instances.append(instance)
-    return instances, with_images
+def local_address(host: str, port: int) -> str:
+    """Where this host reaches a server listening on ``host:port``."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _model_config(config: ServeConfig, instance: Instance):
-    from pytriton.model_config import DynamicBatcher, ModelConfig
-
-    d = instance.defaults.settings
-    max_batch = config.max_batch_size or instance.max_prompts(d.guidance_scale) or 4
-    batcher = DynamicBatcher(max_queue_delay_microseconds=int(config.max_queue_delay_ms * 1000)) if config.dynamic_batching else None
-    return ModelConfig(batching=True, max_batch_size=max_batch, batcher=batcher), max_batch
-
-
-def _triton_config(config: ServeConfig):
-    from pytriton.triton import TritonConfig
-
-    return TritonConfig(
-        http_address=config.host, http_port=config.http_port, grpc_address=config.host, grpc_port=config.grpc_port,
-        metrics_address=config.host, metrics_port=config.metrics_port, allow_metrics=True,
-        allow_gpu_metrics=config.device.startswith("cuda"), exit_timeout_secs=DRAIN_TIMEOUT_S, log_verbose=0,
-    )
+def model_ready(address: str, model: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{address}/v2/models/{model}/ready", timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
-def _install_signal_handlers(log) -> None:
-    """SIGTERM and SIGINT → one ``KeyboardInterrupt`` (the only thing PyTriton stops on); later
-    signals are ignored while in-flight requests drain."""
+class _Output:
+    """Copies Triton's output to ours line by line and keeps the last lines for error messages."""
 
-    def _stop(signum, _frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        log(f"{signal.Signals(signum).name}: draining in-flight requests (up to {DRAIN_TIMEOUT_S} s), then stopping")
-        raise KeyboardInterrupt
+    def __init__(self, stream, sink):
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        self.thread = threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
+        self.thread.start()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    def _pump(self, stream, sink) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            self.lines.append(line.rstrip())
+            sink.write(line)
+            sink.flush()
+
+    def reason(self) -> str:
+        """Why Triton stopped: the first model that failed to load and its one-line reason, else
+        the last error line, else the last line."""
+        lines = [line for line in self.lines if line.strip()]
+        for line in lines:
+            found = _LOAD_FAILURE.search(line)
+            if found:
+                return f"model {found.group(1)} failed to load: {found.group(2).strip()}"
+        errors = [line for line in lines if "error" in line.lower()]
+        return (errors or lines or ["no output"])[-1].strip()
 
 
-def serve(config: ServeConfig, log=None) -> Counters:
-    """Runs the server until SIGTERM/SIGINT; returns the handlers' counters after the drain.
+#: Triton's line for a model that failed to load; the message ends at the first escaped newline.
+_LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (?:Internal: )?(.*?)(?:\\n|\"?$)")
+
+
+def serve(config: ServeConfig, log=None) -> None:
+    """Writes the repository, runs ``tritonserver`` on it until SIGTERM/SIGINT, and returns once
+    Triton has drained and exited 0.
 
     Raises:
         ConfigError, ServingError, ManifestError: bad options, a taken port, an unusable engine
-            folder (before anything is started).
+            folder (before anything starts), or Triton failing to start or stop cleanly.
     """
     log = log or LOGGER.info
     config.validate()
+    dist = TritonDist.find()
+    check_ports_free(config.host, {"--http-port": config.http_port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port})
+    work = Path(tempfile.mkdtemp(prefix="hybridstitch-serve-"))
+    proc = None
     try:
-        import pytriton  # noqa: F401
-        from pytriton.triton import Triton
-    except ImportError:
-        raise ServingError(describe("serving needs nvidia-pytriton", fix="pip install 'hybridstitch[serve]'")) from None
-    from hs_runtime.manifest import Manifest
-
-    Manifest.load(config.engine_dir)  # a bad folder fails before Triton starts
-    check_ports_free(config)
-    use_own_libpython()
-    _install_signal_handlers(log)
-    counters = Counters()
-    triton = Triton(config=_triton_config(config))
-    try:
-        log(f"starting Triton Inference Server on {config.host} (HTTP {config.http_port}, gRPC {config.grpc_port}, metrics {config.metrics_port})")
-        triton.run()  # live, no model ready yet
-        instances, with_images = load_instances(config, log)
-        model_config, max_batch = _model_config(config, instances[0])
-        specs = [(GENERATE, GenerateHandler), (LATENTS, LatentsHandler)] if with_images else [(LATENTS, LatentsHandler)]
-        for spec, handler in specs:
-            triton.bind(
-                model_name=spec.name, infer_func=[handler(instance, counters) for instance in instances],
-                inputs=[t.tensor() for t in spec.inputs], outputs=[t.tensor() for t in spec.outputs], config=model_config, strict=False,
-            )
-        batching = f"dynamic batching on (max batch {max_batch}, queue delay {config.max_queue_delay_ms:g} ms)" if config.dynamic_batching else f"dynamic batching off (max batch {max_batch})"
-        log(
-            f"ready: {', '.join(s.name for s, _ in specs)} on http://{config.host}:{config.http_port} and grpc://{config.host}:{config.grpc_port}, "
-            f"metrics http://{config.host}:{config.metrics_port}/metrics; {config.instances} instance(s), {batching}"
+        repository = write_repository(config.model, config.repo or work / "repository", log=log)
+        log(f"model repository: {repository.path}" + ("" if config.repo else " (temporary)"))
+        env = dist.environment()
+        env[LOG_LEVEL_ENV] = "DEBUG" if config.verbose else "INFO"
+        command = dist.command(
+            repository.path.resolve(), dist.backend_directory(work), config.host, config.http_port, config.grpc_port, config.metrics_port,
+            config.exit_timeout_s, gpu_metrics=config.model.device.startswith("cuda"), verbose=config.verbose,
         )
-        triton.serve()  # returns once stopped (KeyboardInterrupt from the signal handler)
-    except KeyboardInterrupt:
-        pass
-    except HybridStitchError:
-        raise
-    except Exception as exc:  # PyTriton/Triton start-up failures: one line, the log has the rest
-        if type(exc).__module__.startswith("pytriton") or isinstance(exc, TimeoutError):
-            raise ServingError(describe("Triton Inference Server failed", got=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", fix="see the server log above")) from None
-        raise
+        log(f"starting {dist.binary.name} on {config.host} (HTTP {config.http_port}, gRPC {config.grpc_port}, metrics {config.metrics_port}); models load and warm up before they report ready")
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        output = _Output(proc.stdout, sys.stdout)
+        stopping = threading.Event()
+
+        def _forward(signum, _frame):
+            if not stopping.is_set():
+                log(f"{signal.Signals(signum).name}: draining in-flight requests (up to {config.exit_timeout_s} s), then stopping")
+            stopping.set()
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+        previous = {s: signal.signal(s, _forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            _wait_ready(config, repository, proc, output, stopping, log)
+            _wait_exit(config, proc, stopping)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        output.thread.join(timeout=5)
+        if proc.returncode != 0:
+            raise ServingError(describe("tritonserver stopped with an error", got=f"exit code {proc.returncode}: {output.reason()}", fix="see its log above"))
+        log("stopped: tritonserver drained and exited")
     finally:
-        triton.stop()
-        log(f"stopped: {counters.executions} execution(s), {counters.rows} request row(s), {counters.denoise_calls} engine call(s), {counters.errors} refused")
-        sys.stdout.flush()
-    return counters
+        if proc is not None and proc.poll() is None:  # only on an error above: never leave one behind
+            _kill(proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_ready(config: ServeConfig, repository: Repository, proc, output: _Output, stopping: threading.Event, log) -> None:
+    address = local_address(config.host, config.http_port)
+    deadline = time.monotonic() + config.ready_timeout_s
+    pending = list(repository.models)
+    while pending and not stopping.is_set():
+        if proc.poll() is not None:
+            raise ServingError(describe("tritonserver exited during start-up", got=f"exit code {proc.returncode}: {output.reason()}", fix="see its log above"))
+        if time.monotonic() > deadline:
+            raise ServingError(describe(f"models not ready after {config.ready_timeout_s:.0f} s", got=f"waiting for {pending}", fix="see the log above"))
+        pending = [m for m in pending if not model_ready(address, m)]
+        if pending:
+            time.sleep(0.25)
+    if not pending:
+        m = config.model
+        batching = f"dynamic batching on (max batch {repository.max_batch_size}, queue delay {m.max_queue_delay_ms:g} ms, queue {m.max_queue or 'unbounded'})" if m.dynamic_batching else f"dynamic batching off (max batch {repository.max_batch_size})"
+        log(
+            f"ready: {', '.join(repository.models)} on http://{config.host}:{config.http_port} and grpc://{config.host}:{config.grpc_port}, "
+            f"metrics http://{config.host}:{config.metrics_port}/metrics; {m.instances} instance(s) per model on {m.device}, {batching}"
+        )
+
+
+def _wait_exit(config: ServeConfig, proc, stopping: threading.Event) -> None:
+    """Waits for Triton to exit; after a stop signal, at most the drain timeout plus a margin,
+    then kills it."""
+    while proc.poll() is None and not stopping.is_set():
+        time.sleep(0.25)
+    try:
+        proc.wait(timeout=config.exit_timeout_s + 30)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+
+
+def _kill(proc) -> None:
+    """SIGKILL to Triton and its Python-backend processes (its process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
