@@ -8,8 +8,10 @@ refuses, in one line, a tensor past a backend's limit and a host that cannot hol
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -56,10 +58,15 @@ class BuildNeeds:
 def weight_count(config: dict) -> int:
     """Parameters + buffers of a diffusers ``SD3Transformer2DModel`` built on the meta device
     (no memory): what the ONNX file and the engine hold."""
+    return _weight_count(json.dumps(dict(config), sort_keys=True, default=list))
+
+
+@lru_cache(maxsize=16)
+def _weight_count(config_json: str) -> int:
     from diffusers import SD3Transformer2DModel
 
     with torch.device("meta"):
-        model = SD3Transformer2DModel.from_config(dict(config))
+        model = SD3Transformer2DModel.from_config(json.loads(config_json))
     return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
 
 

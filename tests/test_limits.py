@@ -1,0 +1,85 @@
+"""The limits table: computed from the contract and the configs alone, before anything is exported."""
+
+import pytest
+from click.testing import CliRunner
+
+from hs_export.build import BuildConfig, resolve_models
+from hs_export.build import limits
+from hs_export.build.builder import dry_run, plan_build
+from hs_export.cli import main
+from hs_runtime.contract import ModelDims
+from hs_runtime.errors import BuildError
+from hs_runtime.presets import MODEL_CONFIGS
+from hs_runtime.profiles import BuildShape
+
+SD35 = {"small": MODEL_CONFIGS["sd3.5-medium"], "large": MODEL_CONFIGS["sd3.5-large"]}
+DIMS = {role: ModelDims.from_config(c) for role, c in SD35.items()}
+
+
+def _needs(prompts=2, backend="tensorrt", precision="bf16", **shape):
+    return limits.build_needs(BuildShape(prompts, 128, 128, 333, **shape), DIMS, SD35, precision, backend)
+
+
+def test_sd35_large_two_prompts_fits_tensorrt_per_module_kv():
+    needs = _needs()
+    biggest = max(needs.tensors, key=lambda t: t.elements)
+    assert biggest.tensor.startswith("kv_") and biggest.max_shape == (2, 4, 4096, 2432)
+    assert biggest.elements == 79_691_776 and biggest.bytes == 2 * biggest.elements  # bf16 I/O
+    assert not needs.over_limit("tensorrt")
+    # the old one-tensor cache [38, 2, 4, 4096, 2432] would have been 3.0e9 elements
+    assert 38 * biggest.elements > limits.TRT_MAX_ELEMENTS
+    # weights from the configs on the meta device: SD3.5-large ~8.1 B parameters, medium ~2.5 B
+    assert needs.weights["large"] / 2 == pytest.approx(8.1e9, rel=0.03)
+    assert needs.weights["small"] / 2 == pytest.approx(2.47e9, rel=0.03)
+    assert needs.host_bytes < 64 * 2**30  # the issue's 64 GB host
+
+
+def test_a_tensor_past_the_element_limit_is_refused_in_one_line(tmp_path):
+    needs = _needs(prompts=120)  # kv_* [2, 240, 4096, 2432] = 4.8e9 elements
+    over = needs.over_limit("tensorrt")
+    assert over and not needs.over_limit("onnxruntime")
+    with pytest.raises(BuildError) as info:
+        limits.check_limits(needs, "tensorrt", tmp_path / "out", force=True)  # force does not lift it
+    message = str(info.value)
+    assert "would exceed TensorRT's element limit" in message and "2,147,483,647" in message and "\n" not in message
+    assert "--prompts" in message
+
+
+def test_host_memory_and_disk_are_checked_unless_forced(tmp_path, monkeypatch):
+    needs = _needs()
+    monkeypatch.setattr(limits, "available_memory", lambda: 8 * 2**30)
+    with pytest.raises(BuildError, match=r"lacks the memory .* 8.00 GiB available .* --force to try anyway"):
+        limits.check_limits(needs, "tensorrt", tmp_path / "out", force=False)
+    limits.check_limits(needs, "tensorrt", tmp_path / "out", force=True)
+    monkeypatch.setattr(limits, "available_memory", lambda: 10**15)
+    monkeypatch.setattr(limits.shutil, "disk_usage", lambda _: type("U", (), {"free": 2**30})())
+    with pytest.raises(BuildError, match=r"not enough free disk .* 1.00 GiB free"):
+        limits.check_limits(needs, "tensorrt", tmp_path / "out", force=False)
+
+
+def test_dry_run_loads_no_weights_and_prints_the_table(tmp_path):
+    selection = resolve_models("sd3.5-large", None, None, None, materialize=False)
+    assert selection.small is None  # the preset was not written to disk
+    lines = []
+    plan = dry_run(selection, BuildConfig(out=tmp_path / "e", backend="tensorrt", precision="bf16", prompts=2), log=lines.append)
+    text = "\n".join(lines)
+    assert "kv_* ×38" in text and "[2, 4, 4096, 2432]" in text and "limits: ok" in text
+    assert "host memory" in text and plan.shape.batch == 4
+    assert not (tmp_path / "e").exists()
+
+
+def test_cli_dry_run(tmp_path):
+    result = CliRunner().invoke(main, ["build", "--preset", "sd3.5-large", "--backend", "tensorrt", "--precision", "bf16", "--prompts", "2", "--dry-run", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert "largest tensor: 79,691,776 elements" in result.output
+    result = CliRunner().invoke(main, ["build", "--preset", "sd3.5-large", "--backend", "tensorrt", "--prompts", "200", "--dry-run", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 1 and result.output.count("\n") >= 1 and "would exceed TensorRT's element limit" in result.output.splitlines()[-1]
+
+
+def test_tiny_plan_matches_the_built_profiles(tiny_paths, tmp_path):
+    selection = resolve_models("tiny", None, None, None, log=lambda *_: None)
+    plan = plan_build(selection, BuildConfig(out=tmp_path / "e"))
+    rows = {(t.graph, t.tensor): t for t in plan.needs.tensors}
+    assert rows[("large", "patches")].max_shape == (2, 64, 64)
+    assert rows[("large", "kv_context_0")].max_shape == (2, 2, 63, 32)  # one query token, the rest context
+    assert rows[("large", "encoder_hidden_states")].max_shape == (2, 85, 32)
