@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contract import GRAPH_NAMES, ModelDims, graph_spec
+from .upcast import run_planned
 
 
 # Reshapes spell every size out (head count and width as Python ints, never -1): ONNX Runtime
@@ -186,7 +187,8 @@ class TokenGraph(nn.Module):
         for layer, (block, count) in enumerate(zip(tr.transformer_blocks, kv_entries_per_block(tr))):
             ctx = [(image_context[entry + i][0], image_context[entry + i][1]) for i in range(count)]
             tctx = (text_context[layer][0], text_context[layer][1])
-            img, txt, kv, kv_txt = joint_block(block, img, txt, temb, ctx, tctx)
+            # blocks a reduced-precision build keeps in fp32 cast at their edges (hs_runtime.upcast)
+            img, txt, kv, kv_txt = run_planned(block, joint_block, block, img, txt, temb, ctx, tctx)
             fresh.extend(kv)
             fresh_text.append(kv_txt)
             entry += count

@@ -191,7 +191,7 @@ class StitchedSampler:
         timesteps = timesteps.to(device)  # one copy up front, not one per step
         embeds, pooled = conditioning.batch(cfg, device, dtype)
         x = latents.to(device=device, dtype=torch.float32)
-        n_prompts, channels, height, width = x.shape
+        _, channels, height, width = x.shape
         self.small_dims.check_latent(height, width, "small")
         self.large_dims.check_latent(height, width, "large")
         if getattr(self.engines, "check_size", None) is not None:
@@ -199,7 +199,7 @@ class StitchedSampler:
         p = self.large_dims.patch_size
         positions = position_ids(height, width, p, self.large_dims.pos_embed_max_size, device=device)
         batch = embeds.shape[0]
-        self._run = _RunInputs(self.engines, embeds, pooled, positions.expand(batch, -1), cfg, dtype)
+        run = _RunInputs(self.engines, embeds, pooled, positions.expand(batch, -1), cfg, dtype)
         finite = self._finite = FiniteMonitor(plan.actions, device, getattr(self.engines, "precision", None), self.engines.backend, self.check_finite)
         finite.record_inputs(x, embeds, pooled)
 
@@ -216,18 +216,18 @@ class StitchedSampler:
             if action in ("large", "capture"):
                 outputs = self.engines[LARGE].spec.output_names if action == "capture" else (VELOCITY,)
                 with clock.stage("large"):
-                    out = self._call(LARGE, self._run.dense(LARGE, patches, t), outputs)
+                    out = self._call(LARGE, run.dense(LARGE, patches, t), outputs)
                 v_tokens = self._guide(out[VELOCITY])
                 if action == "capture":
                     with clock.stage("mask"):
-                        mask, hybrid = self._capture(plan, x, patches, v_tokens, sigma, t, out)
+                        mask, hybrid = self._capture(plan, run, x, patches, v_tokens, sigma, t, out)
                     masks.append(mask)
             elif action == "small":
                 with clock.stage("small"):
-                    v_tokens = self._guide(self._call(SMALL, self._run.dense(SMALL, patches, t))[VELOCITY])
+                    v_tokens = self._guide(self._call(SMALL, run.dense(SMALL, patches, t))[VELOCITY])
             else:  # hybrid
                 with clock.stage("hybrid"):
-                    v_tokens = self._hybrid_step(plan, hybrid, patches, t)
+                    v_tokens = self._hybrid_step(plan, run, hybrid, patches, t)
             x = euler_step(x, unpatchify(v_tokens, channels, height, width, p), sigma, sigma_next)
             if profile:
                 step_end = clock.now()
@@ -237,7 +237,6 @@ class StitchedSampler:
                     step_end = clock.now()  # the check is no step's time
                 step_start = step_end
         clock.times.total = clock.now() - start if profile else 0.0
-        self._run = None
         finite.check()  # the one read back of an unprofiled run
         return DenoiseResult(latents=x, masks=masks, times=clock.times)
 
@@ -245,9 +244,8 @@ class StitchedSampler:
         """Engine output ``[B, N, P_dim]`` → guided fp32 ``[P, N, P_dim]``."""
         return guide(velocity_tokens.float(), self.guidance_scale, self.cfg)
 
-    def _hybrid_step(self, plan: Plan, hybrid: _Hybrid, patches: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _hybrid_step(self, plan: Plan, run: "_RunInputs", hybrid: _Hybrid, patches: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One hybrid step → guided velocity tokens ``[P, N, P_dim]``."""
-        run = self._run
         v_large = self._guide(self._call(LARGE, run.subset(LARGE, patches, hybrid.large, t))[VELOCITY])
         if hybrid.small is None:  # the small model on every token
             v_small = self._guide(self._call(SMALL, run.dense(SMALL, patches, t, hybrid.small_text))[VELOCITY])
@@ -262,7 +260,7 @@ class StitchedSampler:
             merged = scatter_tokens(merged, hybrid.context_idx, v_small)
         return scatter_tokens(merged, hybrid.complex_idx, v_large)
 
-    def _capture(self, plan, x, patches, v_large, sigma, t, large_out):
+    def _capture(self, plan, run, x, patches, v_large, sigma, t, large_out):
         """Mask at a capture step, then the hybrid stage's fixed inputs, gathered once per mask
         (the small model's K/V and the large − small offset when the plan uses them)."""
         channels, height, width = x.shape[1:]
@@ -271,12 +269,12 @@ class StitchedSampler:
         if plan.small_at_capture:
             keeps_kv = plan.small_outside_mask or plan.reuse_text_kv
             outputs = self.engines[SMALL].spec.output_names if keeps_kv else (VELOCITY,)
-            small_out = self._call(SMALL, self._run.dense(SMALL, patches, t), outputs)
+            small_out = self._call(SMALL, run.dense(SMALL, patches, t), outputs)
             v_small = self._guide(small_out[VELOCITY])
         as_latent = lambda v: None if v is None else unpatchify(v, channels, height, width, p)  # noqa: E731
         mask = compute_mask(plan.mask, x, as_latent(v_large), as_latent(v_small), sigma, p)
         both = mask.for_batch(self.cfg)
-        run, reuse = self._run, plan.reuse_text_kv
+        reuse = plan.reuse_text_kv
         large = run.context(LARGE, large_out, both.complex_idx, both.context_idx, reuse)
         small = run.context(SMALL, small_out, both.context_idx, both.complex_idx, reuse) if plan.small_outside_mask else None
         small_text = run.text_kv(SMALL, small_out) if reuse and small is None else None

@@ -45,6 +45,7 @@ from hs_runtime.validation import check_folder_path, check_int
 
 from . import export as onnx_export
 from .limits import BuildNeeds, build_needs, check_limits, format_table
+from .precision import apply_precision_plan, precision_plan
 from .sources import ModelSelection, model_configs
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -288,11 +289,17 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
     export_dtype = TORCH_DTYPES[config.precision]
     with phases("load", f"small {selection.small} + large {selection.large} ({config.precision})"):
         models = {role: load_transformer(src, export_dtype) for role, src in (("small", selection.small), ("large", selection.large))}
+        # Reduced precision: the layers NVIDIA's SD3.5 demo keeps in fp32 stay fp32 (build/precision.py).
+        fp32_layers = {role: precision_plan(m.config, config.precision) for role, m in models.items()}
+        for role, layers in fp32_layers.items():
+            apply_precision_plan(models[role], layers)
         records = {
             role: {"source": src, "config": dict(models[role].config), "dims": dims[role].to_dict(), "sha256": weights_sha256(src, models[role])}
             for role, src in (("small", selection.small), ("large", selection.large))
         }
     versions = library_versions()
+    if config.backend == "tensorrt":
+        versions["build_device"] = _trt_device()
     build_section = {
         "backend": config.backend, "precision": config.precision, "height": height, "width": width,
         "shape": shape.to_dict(), "max_sequence_length": text_tokens - selection.clip_tokens,
@@ -315,7 +322,7 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "models": records, "pipeline": selection.pipeline, "build": build_section, "versions": versions,
         "io_dtype": config.precision,
-        "fp32_layers": {},
+        "fp32_layers": fp32_layers,
         "limits": {"largest_tensor_elements": max(t.elements for t in plan.needs.tensors), "io_bytes": plan.needs.io_bytes, "weights_bytes": plan.needs.weights},
         "default_plan": {
             "name": "hybrid", "config": _plan_config_dict(config.mask_ratio), "steps": selection.steps, "guidance_scale": selection.guidance_scale,
@@ -406,8 +413,8 @@ def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Pha
             with phases("engine", f"{name}: TensorRT {config.precision} plan (strongly typed)"):
                 trt = import_tensorrt(Path(config.out) / "onnx")
                 manifest["versions"]["tensorrt"] = trt.__version__
-                cache = Path.home() / ".cache" / "hybridstitch" / "trt_timing.cache"
-                build_plan(onnx_path, engine_path, config.precision, graph["profiles"], cache, config.builder_optimization_level)
+                # timing cache keyed by GPU name, compute capability and TensorRT version
+                build_plan(onnx_path, engine_path, config.precision, graph["profiles"], None, config.builder_optimization_level)
         graph["engine"] = {"path": f"engines/{engine_path.name}", "backend": config.backend, "precision": config.precision, "bytes": _size(engine_path)}
         if config.backend == "onnxruntime":
             graph["onnx"] = {"path": graph["engine"]["path"], "bytes": graph["engine"]["bytes"]}
@@ -438,6 +445,18 @@ def _check_engines(selection: ModelSelection, config: BuildConfig, work: Path, m
         if not parity.ok(rtol):
             raise ToleranceError(describe(f"{name} engine disagrees with PyTorch", got=f"relative error {parity.rel:.2e}", expected=f"<= {rtol:g}", fix="try another --opset"))
         manifest["graphs"][name]["parity"] = asdict(parity)
+
+
+def _trt_device() -> dict | None:
+    """The GPU and TensorRT a plan is built for (part of the fingerprint: a folder built on another
+    GPU or TensorRT is rebuilt, not reused); ``None`` where TensorRT or CUDA is missing, so the
+    export still runs and the engine phase names what is missing."""
+    from .tensorrt import device_fingerprint
+
+    try:
+        return device_fingerprint()
+    except BuildError:
+        return None
 
 
 def _size(path: Path) -> int:

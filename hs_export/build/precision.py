@@ -28,16 +28,15 @@ heads × 64, qk RMS norm, no dual attention), whose block 35 is kept in fp32 at 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Mapping
 
 import torch
 
 from hs_runtime.errors import ConfigError, describe
+from hs_runtime.upcast import UPCAST_ATTR, cast_tree as _cast_tree, run_planned  # noqa: F401  (re-exported)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
-# The module attribute apply_precision_plan sets: (compute dtype, dtype of the surrounding model).
-UPCAST_ATTR = "hs_upcast"
 
 _DEMO_FILE = "NVIDIA/TensorRT demo/Diffusion/demo_diffusion/model/diffusion_transformer.py (SD3TransformerModel.get_model, UpcastLayer)"
 
@@ -94,20 +93,6 @@ def precision_plan(config: Mapping, precision: str) -> list[dict]:
     return plan
 
 
-def _cast_tree(value: Any, dtype: torch.dtype) -> Any:
-    """``value`` with every floating-point tensor in it (through tuples, lists, dicts) cast to
-    ``dtype``; integer tensors (``token_pos``) and other objects unchanged."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
-    if isinstance(value, tuple):
-        return tuple(_cast_tree(v, dtype) for v in value)
-    if isinstance(value, list):
-        return [_cast_tree(v, dtype) for v in value]
-    if isinstance(value, dict):
-        return {k: _cast_tree(v, dtype) for k, v in value.items()}
-    return value
-
-
 def _float_dtype(module: torch.nn.Module, default: torch.dtype) -> torch.dtype:
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.is_floating_point():
@@ -122,9 +107,8 @@ def apply_precision_plan(model: torch.nn.Module, plan: list[dict]) -> list:
     module's parameters and buffers become fp32; forward pre/post hooks cast its floating-point
     inputs to fp32 and its floating-point outputs back to the model's dtype, so ``module(...)``
     calls run in fp32 and ``torch.onnx.export(dynamo=False)`` records them as ``Cast`` nodes.
-    Code that runs a module through a function rather than its ``forward`` (e.g. a graph that
-    calls ``joint_block(block, …)``) wraps that call in :func:`run_planned`, which reads the
-    ``hs_upcast`` attribute set here.
+    The contract's graphs call blocks through ``joint_block(block, …)``; they go through
+    :func:`hs_runtime.upcast.run_planned`, which reads the ``hs_upcast`` attribute set here.
 
     Returns:
         The hook handles (``handle.remove()`` removes the hooks, not the fp32 weights).
@@ -156,18 +140,3 @@ def apply_precision_plan(model: torch.nn.Module, plan: list[dict]) -> list:
         handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
     return handles
-
-
-def run_planned(module: torch.nn.Module, fn: Callable, *args, **kwargs):
-    """``fn(*args, **kwargs)`` in ``module``'s planned precision: when :func:`apply_precision_plan`
-    marked ``module``, floating-point tensors in the arguments are cast to fp32 and those in the
-    result back to the model's dtype (exported as ``Cast`` nodes); otherwise a plain call.
-
-    For graphs that run a block through a function, e.g.
-    ``run_planned(block, joint_block, block, img, txt, temb, ctx, tctx)``.
-    """
-    marker = getattr(module, UPCAST_ATTR, None)
-    if marker is None:
-        return fn(*args, **kwargs)
-    inner, outer = marker
-    return _cast_tree(fn(*_cast_tree(args, inner), **_cast_tree(kwargs, inner)), outer)

@@ -31,8 +31,8 @@ class EngineSet:
     """The ``small`` and ``large`` engines of one build, with the device and float dtype they
     exchange tensors in.
 
-    ``precision`` is what the engines compute in (``fp32``, ``fp16``, ``bf16``; a TensorRT fp16
-    plan exchanges fp32 tensors), used to suggest the fix when a graph overflows.
+    ``precision`` is what the engines compute in (``fp32``, ``fp16``, ``bf16``; engine I/O is in
+    the same type, ``timestep`` fp32), used to suggest the fix when a graph overflows.
 
     Not thread-safe: TensorRT contexts and reused output buffers serve one request at a time.
     :meth:`exclusive` makes a second concurrent user fail loudly instead of corrupting them.
