@@ -280,6 +280,7 @@ def _wait_ready(config: ServeConfig, repository: Repository, proc, output: _Outp
     pending = list(repository.models)
     while pending and not stopping.is_set():
         if proc.poll() is not None:
+            output.thread.join(timeout=5)  # its last lines hold the reason
             raise ServingError(describe("tritonserver exited during start-up", got=f"exit code {proc.returncode}: {output.reason()}", fix="see its log above"))
         if time.monotonic() > deadline:
             raise ServingError(describe(f"models not ready after {config.ready_timeout_s:.0f} s", got=f"waiting for {pending}", fix="see the log above"))
