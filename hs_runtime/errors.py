@@ -52,6 +52,11 @@ class NumericalError(HybridStitchError, ArithmeticError):
     """A graph produced NaN or inf (fp16 overflow, non-finite weights or inputs)."""
 
 
+class CancelledError(HybridStitchError):
+    """A denoise stopped between steps because its caller's ``should_stop`` said so (e.g. every
+    client of a served batch went away)."""
+
+
 def describe(what: str, got: object = None, expected: object = None, fix: str | None = None) -> str:
     """Formats the one-line "what | got | expected | fix" message used across the toolkit."""
     parts = [what]

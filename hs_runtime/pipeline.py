@@ -106,11 +106,12 @@ class HybridStitchPipeline:
         self.text_and_vae = text_and_vae
         self.max_sequence_length = max_sequence_length
 
-    def __call__(self, prompts, plan: Plan, height: int, width: int, seed: int | Sequence[int] = 0, negative_prompts=None, profile=True):
+    def __call__(self, prompts, plan: Plan, height: int, width: int, seed: int | Sequence[int] = 0, negative_prompts=None, profile=True, should_stop=None):
         """Returns ``(images, DenoiseResult)``.
 
         Args:
             seed: one int for all prompts, or one per prompt (see :func:`initial_latents`).
+            should_stop: checked before every denoising step; see :meth:`StitchedSampler.denoise`.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -119,5 +120,5 @@ class HybridStitchPipeline:
             negative_prompts = [negative_prompts] * len(prompts)
         conditioning = self.text_and_vae.encode(prompts, negative_prompts, self.sampler.cfg, self.max_sequence_length)
         latents = initial_latents(len(prompts), height, width, seed, self.text_and_vae.vae_scale_factor)
-        result: DenoiseResult = self.sampler.denoise(plan, latents, conditioning, profile=profile)
+        result: DenoiseResult = self.sampler.denoise(plan, latents, conditioning, profile=profile, should_stop=should_stop)
         return self.text_and_vae.decode(result.latents), result

@@ -93,10 +93,10 @@ class HybridStitchRuntime:
         sampler = self.sampler(guidance_scale, shift)
         return PromptBatchingSampler(sampler, self.prompt_range(sampler.cfg))
 
-    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, guidance_scale: float = 7.0, profile: bool = False) -> DenoiseResult:
+    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, guidance_scale: float = 7.0, profile: bool = False, should_stop=None) -> DenoiseResult:
         """Prompt embeddings → latents for any number of prompts (padded or split to what the
         engines were built for). See :meth:`StitchedSampler.denoise` and :class:`PromptBatchingSampler`."""
-        return self.batching_sampler(guidance_scale).denoise(plan, latents, conditioning, profile)
+        return self.batching_sampler(guidance_scale).denoise(plan, latents, conditioning, profile, should_stop)
 
     def text_and_vae(self):
         from .pipeline import TextAndVae
@@ -144,20 +144,20 @@ class PromptBatchingSampler:
     def __getattr__(self, name):  # cfg, guidance_scale, engines, … of the wrapped sampler
         return getattr(self.sampler, name)
 
-    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False) -> DenoiseResult:
+    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False, should_stop=None) -> DenoiseResult:
         """Denoises ``latents [P, C, H, W]`` for any ``P >= 1``; see :meth:`StitchedSampler.denoise`."""
         n = latents.shape[0]
         if n < 1:
             raise ShapeError(describe("no prompts to denoise", got=tuple(latents.shape), expected="latents [P >= 1, C, H, W]"))
         if self.prompt_range is None or n != conditioning.prompts or self.prompt_range[0] <= n <= self.prompt_range[1]:
-            return self.sampler.denoise(plan, latents, conditioning, profile)
+            return self.sampler.denoise(plan, latents, conditioning, profile, should_stop)
         low, high = self.prompt_range
         parts = []
         for start in range(0, n, high):
             rows = list(range(start, min(start + high, n)))
             real = len(rows)
             rows += [rows[-1]] * (low - real)
-            result = self.sampler.denoise(plan, _take(latents, rows), _take_conditioning(conditioning, rows), profile)
+            result = self.sampler.denoise(plan, _take(latents, rows), _take_conditioning(conditioning, rows), profile, should_stop)
             parts.append((result, real))
         return _concat_results(parts)
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .backends.base import EngineSet
 from .contract import LARGE, SMALL, VELOCITY, context_name, kv_name, text_context_name, text_kv_name
-from .errors import ShapeError, describe
+from .errors import CancelledError, ShapeError, describe
 from .mask import TokenMask, compute_mask
 from .numerics import FiniteMonitor
 from .plans import Plan
@@ -172,17 +173,22 @@ class StitchedSampler:
         self._finite.record(graph, out)  # device-side: no host synchronisation
         return out
 
-    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False) -> DenoiseResult:
+    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False, should_stop: Callable[[], bool] | None = None) -> DenoiseResult:
         """Denoises ``latents [P, C, H, W]`` (initial noise) through every step of ``plan``.
+
+        Args:
+            should_stop: called before every step after the first (a host-side check, no device
+                synchronisation); ``True`` stops the denoise with :class:`CancelledError`.
 
         Raises:
             ConcurrencyError: if the same engines are already serving another thread.
             NumericalError: if a graph produced NaN/inf (naming the first such step and graph).
+            CancelledError: if ``should_stop`` said so.
         """
         with self.engines.exclusive():
-            return self._denoise(plan, latents, conditioning, profile)
+            return self._denoise(plan, latents, conditioning, profile, should_stop)
 
-    def _denoise(self, plan, latents, conditioning, profile) -> DenoiseResult:
+    def _denoise(self, plan, latents, conditioning, profile, should_stop=None) -> DenoiseResult:
         device, dtype, cfg = self.engines.device, self.engines.dtype, self.cfg
         if latents.shape[0] != conditioning.prompts:
             raise ShapeError(describe("latents and prompt embeddings disagree on prompt count", got=(latents.shape[0], conditioning.prompts)))
@@ -209,6 +215,8 @@ class StitchedSampler:
         hybrid: _Hybrid | None = None
         step_start = start
         for i, action in enumerate(plan.actions):
+            if i and should_stop is not None and should_stop():
+                raise CancelledError(describe(f"denoise stopped before step {i} of {plan.steps}", got="should_stop() is True (e.g. every request cancelled)"))
             finite.step = i
             sigma, sigma_next = sigma_list[i], sigma_list[i + 1]
             t = timesteps[i].expand(batch)

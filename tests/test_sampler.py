@@ -118,3 +118,14 @@ def test_text_reuse_with_dense_small_and_refresh(tiny_torch_engines, tiny_condit
     assert plan.small_at_capture and plan.count("capture") == 2
     result = StitchedSampler(tiny_torch_engines, 7.0).denoise(plan, initial_latents(2, 128, 128, 0), tiny_conditioning, profile=True)
     assert torch.isfinite(result.latents).all() and len(result.masks) == 2
+
+
+def test_should_stop_ends_a_denoise_between_steps(tiny_torch_engines, tiny_conditioning):
+    from hs_runtime.errors import CancelledError
+
+    calls = []
+    stop_after = lambda: calls.append(1) or len(calls) >= 3  # noqa: E731
+    with pytest.raises(CancelledError, match=r"denoise stopped before step 3 of 6"):
+        StitchedSampler(tiny_torch_engines, 7.0).denoise(make_plan("hybrid", STEPS), initial_latents(2, 128, 128, 0), tiny_conditioning, should_stop=stop_after)
+    result = StitchedSampler(tiny_torch_engines, 7.0).denoise(make_plan("small", 2), initial_latents(2, 128, 128, 0), tiny_conditioning, should_stop=lambda: False)
+    assert torch.isfinite(result.latents).all()
