@@ -425,7 +425,7 @@ def triton_repo(engine_dir, out, **options):
     from .serve.repository import write_repository
 
     repository = write_repository(RepositoryConfig(engine_dir=engine_dir, **options), out, log=_log)
-    _log(f"models {', '.join(repository.models)} (max batch {repository.max_batch_size}) for {repository.engine_dir}; run with: tritonserver --model-repository {repository.path}")
+    _log(f"models {', '.join(repository.models)} (max batch {repository.max_batch_size}) for {repository.engine_dir}; NVIDIA's container runs it with: tritonserver --model-repository={repository.path}")
     click.echo(repository.path)
 
 

@@ -238,6 +238,26 @@ def test_cancelled_requests_never_reach_an_engine(instance):
     assert seen == [["a"]]
 
 
+def test_an_engine_call_stopped_for_its_cancelled_requests_answers_cancelled(instance):
+    """The handler's side of the runtime hook: ``should_stop`` is true only once every request of
+    the call is cancelled, and the error the runtime then raises becomes CANCELLED (not a refusal,
+    and no retry)."""
+    gone: set[int] = set()
+    runs = []
+
+    class Stopping(GenerateHandler):
+        def run(self, items, should_stop=None):
+            runs.append([i.prompt for i in items])
+            assert not should_stop()
+            gone.update({0, 1})  # both clients leave mid-call
+            if should_stop():
+                raise HybridStitchError("denoise stopped by the caller | got at step 2 of 1000")
+            return _placeholders(items)
+
+    out = Stopping(instance)([_request("a", 1), _request("b", 2)], cancelled=[lambda i=i: i in gone for i in range(2)])
+    assert [o.code for o in out] == [CANCELLED, CANCELLED] and runs == [["a", "b"]]
+
+
 def test_all_cancelled_engine_call_stops_at_the_next_step(instance, tiny_conditioning):
     """With every request of an engine call cancelled, the runtime stops at the next step
     (1000 large steps take ~4 s on tiny engines; this must take a fraction)."""
