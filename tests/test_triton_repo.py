@@ -1,7 +1,7 @@
 """``hs-export triton-repo``: the model repository it writes, then that repository run by the test
 on the wheel's ``tritonserver --model-repository REPO`` directly (not through ``serve``): the image
-``generate`` makes, the custom per-stage metrics, a flood past ``--max-queue`` refused at once, a
-request cancelled while queued, and a clean SIGTERM."""
+``generate`` makes, the custom per-stage metrics, a flood past ``--max-queue`` refused at once,
+requests cancelled while queued and while running, and a clean SIGTERM."""
 
 from __future__ import annotations
 
@@ -204,6 +204,26 @@ def test_a_request_cancelled_while_queued_is_never_run(direct):
     delta = lambda name, **labels: metric(after, name, model=GENERATE.name, **labels) - metric(before, name, model=GENERATE.name, **labels)  # noqa: E731
     assert delta("nv_inference_request_failure", reason="CANCELED") == 1
     assert delta("hybridstitch_images_total", plan="small") == 0 and delta("hybridstitch_images_total") == 2
+
+
+def test_a_running_request_cancelled_by_its_client_stops_at_the_next_step(direct):
+    """A gRPC client that gives up while its request runs (1000 large steps, ~4 s): the model sees
+    the cancellation at the next step, answers CANCELLED and is free for the next request at once."""
+    from hs_export.serve.client import HybridStitchClient
+
+    before = scrape(direct.metrics_url)
+    began = time.monotonic()
+    with HybridStitchClient(direct.grpc_url, timeout_s=1.0) as impatient:
+        with pytest.raises(ServingError, match="took longer than the client timeout"):
+            impatient.generate(PROMPTS[0], seed=5, steps=1000, plan="large")
+    with HybridStitchClient(direct.url, timeout_s=120) as remote:
+        remote.generate(PROMPTS[1], seed=6, steps=STEPS)
+    took = time.monotonic() - began
+    after = scrape(direct.metrics_url)
+    delta = lambda name, **labels: metric(after, name, model=GENERATE.name, **labels) - metric(before, name, model=GENERATE.name, **labels)  # noqa: E731
+    assert delta("hybridstitch_refused_total", code="CANCELLED") == 1  # the model stopped it, not Triton's queue
+    assert delta("hybridstitch_images_total", plan="large") == 0 and delta("hybridstitch_images_total") == 1
+    assert took < 3.0, f"the next request waited {took:.1f} s: the cancelled denoise ran on"
 
 
 def test_sigterm_stops_the_repository_server_cleanly(direct):

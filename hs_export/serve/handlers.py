@@ -6,9 +6,8 @@ into a thin skin over these handlers. Every request gets its own outcome:
 
 - served: its output tensors;
 - ``INVALID_ARG``: a bad value (the toolkit's one-line reason); the rest of the batch is served;
-- ``CANCELLED``: its client went away before it was served; it never reaches an engine (and an
-  engine call whose requests are all cancelled stops at the next step, where the runtime offers
-  ``should_stop``);
+- ``CANCELLED``: its client went away: before it was served (it never reaches an engine), or
+  while it was (an engine call whose requests are all cancelled stops at the next step);
 - ``INTERNAL``: a server bug in the engine call it took part in: a one-line message, the
   traceback in the server log; requests in other engine calls are unaffected.
 
@@ -18,7 +17,6 @@ without a server.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from contextlib import contextmanager, nullcontext
@@ -28,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from hs_runtime.errors import HybridStitchError, describe, first_line
+from hs_runtime.errors import CancelledError, HybridStitchError, describe, first_line
 from hs_runtime.runtime import HybridStitchRuntime
 from hs_runtime.sampler import STAGES, Conditioning
 
@@ -162,14 +160,6 @@ class Instance:
         return None if limits is None else limits[1]
 
 
-def takes_should_stop(fn) -> bool:
-    """Whether a runtime entry point accepts ``should_stop`` (a callable checked once per step)."""
-    try:
-        return "should_stop" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class _Handler:
     spec = None
 
@@ -181,7 +171,8 @@ class _Handler:
         raise NotImplementedError
 
     def run(self, items: list, should_stop: Callable[[], bool] | None) -> list[dict]:
-        """One engine call for ``items`` (same settings); one output dict per item."""
+        """One engine call for ``items`` (same settings); one output dict per item. The runtime
+        calls ``should_stop`` before each step and raises ``CancelledError`` when it is true."""
         raise NotImplementedError
 
     def group_key(self, row: Row):
@@ -236,18 +227,18 @@ class _Handler:
         return responses
 
     def _serve(self, members: list[Row], outputs: dict, responses: list, is_cancelled: Callable[[int], bool]) -> None:
-        """One engine call. A toolkit error that validation did not foresee (e.g. non-finite
-        numbers) is retried member by member, so only the culprit gets it; a bug fails the
-        members of this call alone."""
+        """One engine call, stopped at the next step once all its requests are cancelled. A
+        toolkit error that validation did not foresee (e.g. non-finite numbers) is retried member
+        by member, so only the culprit gets it; a bug fails the members of this call alone."""
         requests = {m.request for m in members}
-        all_cancelled = lambda: all(is_cancelled(i) for i in requests)  # noqa: E731
         try:
-            results = self.run([m.parsed for m in members], all_cancelled)
+            results = self.run([m.parsed for m in members], lambda: all(is_cancelled(i) for i in requests))
+        except CancelledError:
+            for i in requests:
+                responses[i] = Response.failed("cancelled by the client while it was served", CANCELLED)
+            return
         except HybridStitchError as exc:
-            if all_cancelled():  # the runtime stopped at a step because nobody waits any more
-                for i in requests:
-                    responses[i] = Response.failed("cancelled by the client while it was served", CANCELLED)
-            elif len(members) > 1:
+            if len(members) > 1:
                 for m in members:
                     if responses[m.request] is None:
                         self._serve([m], outputs, responses, is_cancelled)
@@ -262,13 +253,6 @@ class _Handler:
             return
         for m, result in zip(members, results):
             outputs[(m.request, m.row)] = result
-
-    def _runtime_call(self, fn, *args, **kwargs):
-        """Calls a runtime entry point with ``should_stop`` where it takes one."""
-        should_stop = kwargs.pop("should_stop", None)
-        if should_stop is not None and takes_should_stop(fn):
-            kwargs["should_stop"] = should_stop
-        return fn(*args, **kwargs)
 
 
 def _mask_tokens(result) -> int:
@@ -293,9 +277,7 @@ class GenerateHandler(_Handler):
         instance.text_and_vae.take()
         with instance.device_context():
             pipe = instance.runtime.pipeline(s.guidance_scale, text_and_vae=instance.text_and_vae)
-            images, result = self._runtime_call(
-                pipe, [i.prompt for i in items], plan, s.height, s.width, [i.seed for i in items], negatives if any(negatives) else None, profile=True, should_stop=should_stop,
-            )
+            images, result = pipe([i.prompt for i in items], plan, s.height, s.width, [i.seed for i in items], negatives if any(negatives) else None, profile=True, should_stop=should_stop)
             masks = result.masks[0].as_grid(grid_h, grid_w).to(torch.uint8).cpu().numpy() if result.masks else np.zeros((len(items), grid_h, grid_w), np.uint8)
         times = result.times.as_dict()
         self.stats.engine_call(s.plan, len(items), {**{k: times[k] for k in STAGES}, **instance.text_and_vae.take()}, _mask_tokens(result))
@@ -325,7 +307,7 @@ class LatentsHandler(_Handler):
         conditioning = Conditioning(stack("prompt_embeds"), stack("pooled_prompt_embeds"), stack("negative_prompt_embeds"), stack("negative_pooled_prompt_embeds"))
         with instance.device_context():
             device = instance.runtime.engines.device
-            result = self._runtime_call(instance.runtime.denoise, plan, stack("latents").to(device), conditioning, guidance_scale=s.guidance_scale, profile=True, should_stop=should_stop)
+            result = instance.runtime.denoise(plan, stack("latents").to(device), conditioning, guidance_scale=s.guidance_scale, profile=True, should_stop=should_stop)
             latents = result.latents.float().cpu().numpy()
         times = result.times.as_dict()
         self.stats.engine_call(s.plan, len(items), {k: times[k] for k in STAGES}, _mask_tokens(result))
