@@ -54,20 +54,9 @@ def test_tensorrt_build_verify_and_buckets(tiny_paths, tmp_path):
 
 
 def _trt_feeds(spec, sizes, device, seed):
-    import torch
+    from hs_export.build.export import dummy_inputs
 
-    g = torch.Generator().manual_seed(seed)
-    shapes = spec.shapes(sizes)
-    feeds = {}
-    for t in spec.inputs:
-        shape = shapes[t.name]
-        if t.dtype == "int64":
-            feeds[t.name] = torch.randint(0, spec.dims.pos_embed_max_size**2, shape, generator=g)
-        elif t.name == "timestep":
-            feeds[t.name] = torch.rand(shape, generator=g) * 1000
-        else:
-            feeds[t.name] = torch.randn(shape, generator=g)
-    return {k: v.to(device) for k, v in feeds.items()}
+    return {k: v.to(device) for k, v in dummy_inputs(spec, sizes, seed=seed).items()}
 
 
 @pytest.fixture(scope="module", params=["fp32", "fp16"])

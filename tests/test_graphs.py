@@ -38,12 +38,19 @@ def _dense(graph, full):
     return _run(graph, _feeds(dims, patchify(full["hidden_states"], 2), pos, full))
 
 
-def _split(seed=1, complex_count=13):
+def _subset(graph, full, seed, complex_count):
+    """A dense pass, then the inputs of a subset call on random complex tokens with the dense
+    pass's image K/V of the others as context, and the expected velocity of those tokens."""
+    dims = graph.dims
+    dense = _dense(graph, full)
     g = torch.Generator().manual_seed(seed)
     complex_idx = torch.stack([torch.randperm(N, generator=g)[:complex_count].sort().values for _ in range(2)])
     chosen = torch.zeros(2, N, dtype=torch.bool).scatter(1, complex_idx, True)
     context_idx = torch.stack([torch.nonzero(~row).squeeze(1) for row in chosen])
-    return complex_idx, context_idx
+    pos = position_ids(H, W, 2, dims.pos_embed_max_size)[complex_idx]
+    patches = gather_tokens(patchify(full["hidden_states"], 2), complex_idx)
+    context = [gather_kv(dense[kv_name(i)], context_idx) for i in range(dims.kv_entries)]
+    return dense, complex_idx, patches, pos, context, gather_tokens(dense[VELOCITY], complex_idx)
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +87,7 @@ def test_kv_outputs_one_tensor_per_module(setup):
 def test_cached_context_makes_token_subset_exact(setup, role):
     _, graphs, full = setup
     graph, dims = graphs[role], graphs[role].dims
-    dense = _dense(graph, full)
-    complex_idx, context_idx = _split()
-    pos = position_ids(H, W, 2, dims.pos_embed_max_size)[complex_idx]
-    patches = gather_tokens(patchify(full["hidden_states"], 2), complex_idx)
-    context = [gather_kv(dense[kv_name(i)], context_idx) for i in range(dims.kv_entries)]
-    expected = gather_tokens(dense[VELOCITY], complex_idx)
+    dense, complex_idx, patches, pos, context, expected = _subset(graph, full, seed=1, complex_count=13)
     out = _run(graph, _feeds(dims, patches, pos, full, context))
     assert (out[VELOCITY] - expected).abs().max() <= 1e-4
     # the fresh K/V of the subset are the dense pass's at those tokens
@@ -101,14 +103,9 @@ def test_text_kv_from_the_same_step_is_exact(setup, role):
     """Text queries 0 with the text K/V that this very step produces = recomputing the text."""
     _, graphs, full = setup
     graph, dims = graphs[role], graphs[role].dims
-    dense = _dense(graph, full)
-    complex_idx, context_idx = _split(seed=2, complex_count=20)
-    pos = position_ids(H, W, 2, dims.pos_embed_max_size)[complex_idx]
-    patches = gather_tokens(patchify(full["hidden_states"], 2), complex_idx)
-    context = [gather_kv(dense[kv_name(i)], context_idx) for i in range(dims.kv_entries)]
+    dense, _, patches, pos, context, expected = _subset(graph, full, seed=2, complex_count=20)
     text = [dense[text_kv_name(j)] for j in range(dims.text_entries)]
     out = _run(graph, _feeds(dims, patches, pos, full, context, text))
-    expected = gather_tokens(dense[VELOCITY], complex_idx)
     assert out[text_kv_name(0)].shape == (2, 2, 0, dims.hidden)  # no text recomputed
     assert (out[VELOCITY] - expected).abs().max() <= 1e-4
     stale = _run(graph, _feeds(dims, patches, pos, full, context, [t.flip(2) * 0.5 for t in text]))

@@ -14,6 +14,8 @@ import contextlib
 import pytest
 import torch
 
+from hs_export.build.export import dummy_inputs
+
 import trt_double
 from hs_runtime.backends import tensorrt_backend
 from hs_runtime.backends.tensorrt_backend import TrtEngine, output_capacity
@@ -41,18 +43,7 @@ def world(monkeypatch):
 
 
 def feeds_for(sizes, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    shapes = SPEC.shapes(sizes)
-    out = {}
-    for t in SPEC.inputs:
-        shape = shapes[t.name]
-        if t.dtype == "int64":
-            out[t.name] = torch.randint(0, DIMS.pos_embed_max_size**2, shape, generator=g)
-        elif t.name == "timestep":
-            out[t.name] = torch.rand(shape, generator=g) * 1000
-        else:
-            out[t.name] = torch.randn(shape, generator=g).to(dtype)
-    return out
+    return dummy_inputs(SPEC, sizes, dtype, seed)
 
 
 def expected(feeds, sizes, dtype=torch.float32):
