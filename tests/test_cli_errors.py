@@ -141,6 +141,15 @@ TABLE: dict[str, list[tuple[list[str], int, str]]] = {
         (["{engines}", "--device", "bogus"], ERROR, "unknown device"),
         ([], USAGE, "Missing argument"),
     ],
+    "triton-repo": [  # all refused before anything is written
+        (["{missing}", "--out", "{tmp}/repo"], ERROR, "engine folder not found"),
+        (["{engines}", "--out", "{tmp}/repo", "--instances", "0"], ERROR, "--instances must be >= 1 | got 0"),
+        (["{engines}", "--out", "{tmp}/repo", "--max-queue", "-1"], ERROR, "--max-queue must be >= 0 | got -1"),
+        (["{engines}", "--out", "{tmp}/repo", "--max-batch-size", "0"], ERROR, "--max-batch-size must be >= 1 | got 0"),
+        (["{engines}", "--out", "{tmp}/repo", "--device", "bogus"], ERROR, "unknown device"),
+        (["{engines}", "--out", "{engines}"], ERROR, "holds other files"),
+        (["{engines}"], USAGE, "Missing option '--out'"),
+    ],
     "client": [
         (["--url", "http://127.0.0.1:9", "--prompt", "x", "--out", "{tmp}/never.png"], ERROR, "cannot reach a HybridStitch server at http://127.0.0.1:9"),
         (["--url", "ftp://127.0.0.1:9", "--prompt", "x"], ERROR, "unsupported server URL"),
