@@ -403,7 +403,7 @@ def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Pha
         if config.backend == "onnxruntime":
             from .ort import adopt_model, save_settings
 
-            with phases("engine", f"{name}: the ONNX file is the ONNX Runtime engine (optimised when a session loads it)"):
+            with phases("engine", f"{name}: the ONNX file becomes the ONNX Runtime engine (attention and GELU fused into the graph file; the weights are not rewritten)"):
                 engine_path = adopt_model(onnx_path, engine_dir)
                 save_settings(work)
         else:
