@@ -308,24 +308,29 @@ def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repe
 @click.option("--batch", type=int, default=None, help="Prompts per denoise call (default: all).")
 @click.option("--warmup", type=int, default=_QUALITY_DEFAULTS.warmup, show_default=True)
 @click.option("--repeat", type=int, default=_QUALITY_DEFAULTS.repeat, show_default=True, help="Timed round-robin rounds.")
+@click.option("--timing/--no-timing", default=_QUALITY_DEFAULTS.timing, show_default=True, help="--no-timing: render only (batched; an engine folder runs on the torch backend unless --backend says otherwise).")
+@click.option("--adherence/--no-adherence", default=None, help="Read each image back against its prompt (default: on for the shapes pair, which alone allows it).")
+@click.option("--clip-model", type=click.Path(path_type=Path), default=None, help="Local CLIP folder (save_pretrained) for CLIP score; never downloaded.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None, help="Append the table, with date, device and versions.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG: distance to large vs. speedup, one front per family.")
 @click.option("--grid", "grid_path", type=click.Path(path_type=Path), default=None, help="PNG: rows = plans, columns = prompts, mask on hybrid rows.")
 @plan_options
 @_one_line_errors
-def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype, prompts_source, seeds, plans, sweeps, steps, guidance_scale, height, width, batch, warmup, repeat, json_path, markdown_path, plot_path, grid_path, **plan_kwargs):
+def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype, prompts_source, seeds, plans, sweeps, steps, guidance_scale, height, width, batch, warmup, repeat, timing, adherence, clip_model, json_path, markdown_path, plot_path, grid_path, **plan_kwargs):
     """Measure what the speed costs: every plan against the large model's image.
 
     Every plan renders the same prompts × seeds; each image is compared with the large plan's
     image of the same prompt and seed (PSNR, SSIM, MS-SSIM, LPIPS where its weights are cached,
-    PSNR inside/outside the mask), and every plan is timed round-robin in the same run.
+    PSNR inside/outside the mask), and every plan is timed round-robin in the same run. Per plan
+    the paired difference to the srdiff front at the same SD3.5-size ideal speedup (bootstrap 95%
+    interval, verdict), prompt adherence on the shapes pair, CLIP score with --clip-model.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .quality import QualityConfig, load_prompts, run_quality
-    from .quality.report import append_markdown, plot_fronts, summary_table, write_grid
+    from .quality.report import append_markdown, paired_summary_table, plot_fronts, summary_table, write_grid
     from .reports import write_json
     from .runs import open_runtime
 
@@ -338,8 +343,17 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
     config = QualityConfig(
         plans=tuple(p.strip() for p in plans.split(",") if p.strip()), sweeps=tuple(sweeps), seeds=seeds, steps=steps,
         guidance_scale=guidance_scale, height=height, width=width, batch=batch, warmup=warmup, repeat=repeat,
+        timing=timing, adherence=adherence, clip_model=None if clip_model is None else str(clip_model),
     )
+    if clip_model is not None:
+        from .quality.clip import check_clip_folder
+
+        check_clip_folder(clip_model)  # before loading any model
+    if not timing and engine_dir is not None and backend is None:
+        backend = "torch"  # nothing is timed: render with the PyTorch graphs of the folder's models, any batch
+        _log("--no-timing: rendering on the torch backend (the models the engine folder names)")
     runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype)
+    config.adherence_for(defaults.preset)  # refuses --adherence on a pair without the shapes grammar
     prompts = load_prompts(prompts_source, defaults.preset)
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -361,6 +375,7 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
         _log(f"wrote {write_grid(report, result['grid_images'], result['grid_masks'], grid_path)}")
     out = Console() if Console().is_terminal else Console(width=170)
     out.print(summary_table(report))
+    out.print(paired_summary_table(report))
 
 
 @main.command("train-shapes")
@@ -373,7 +388,7 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
 @click.option("--batch", type=int, default=_TRAIN_DEFAULTS.batch, show_default=True)
 @click.option("--budget-minutes", type=float, default=_TRAIN_DEFAULTS.budget_minutes, show_default=True, help="A phase still running past this stops early (and says so).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Cache the trained VAE and encoded scenes here, to retrain only the transformers.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Cache the trained VAE and encoded scenes here (safetensors; one it cannot read is rebuilt), to retrain only the transformers.")
 @_one_line_errors
 def train_shapes(out, **options):
     """Train the shapes pair (VAE, small and large SD3 transformers) on CPU.

@@ -116,3 +116,214 @@ def test_tables_show_a_region_without_pixels_as_a_dash(tmp_path):
     console.print(summary_table(report))
     assert "24.0/—" in console.export_text()
     assert "24.0 / —" in append_markdown(report, tmp_path / "q.md", "t").read_text()
+
+
+# ---- prompt adherence (shapes), paired statistics, CLIP score ---------------------------------------
+
+
+def test_adherence_reads_rendered_scenes_back():
+    """The checker on the renderer's own images at the shapes pair's 256² px: what it reads on
+    generated images is then the model's adherence, not the checker's error."""
+    import numpy as np
+
+    from hs_export.quality.adherence import read_scene, score_image, summarise
+    from hs_export.shapes import scenes
+
+    rng = np.random.default_rng(2024)
+    truth = [scenes.sample_scene(rng) for _ in range(40)]
+    rows = [score_image(torch.from_numpy(scenes.render(s, 256)).permute(2, 0, 1), s.prompt) for s in truth]
+    result = summarise(rows)
+    assert result["images"] == 40
+    assert result["background"] >= 0.97, result
+    assert result["first_shape_colour"] >= 0.95, result
+    assert result["shape_colours"] >= 0.93, result
+    assert result["shape_kinds"] >= 0.85, result
+    # One shape alone (no overlap): colour and kind are read exactly, whatever the texture.
+    for kind in scenes.SHAPES:
+        for texture in scenes.TEXTURES:
+            shape = scenes.Shape(kind, "blue", texture, 0.5, 0.5, 0.2, 0.3, 0.06, 0.0)
+            scene = scenes.Scene((shape,), "gradient", "yellow", 1.0)
+            reading = read_scene(torch.from_numpy(scenes.render(scene, 256)).permute(2, 0, 1))
+            assert reading.background_colour == "yellow" and len(reading.objects) == 1, (kind, texture, reading)
+            assert reading.objects[0].colours == ("blue",) and reading.objects[0].kind == kind, (kind, texture, reading)
+
+
+def test_adherence_scores_a_wrong_image_low_and_parses_only_the_grammar():
+    import numpy as np
+
+    from hs_export.quality.adherence import parse_prompt, score_image
+    from hs_export.shapes import scenes
+
+    scene = scenes.Scene((scenes.Shape("circle", "red", "striped", 0.3, 0.3, 0.2, 0.0, 0.06, 0.0), scenes.Shape("star", "green", "plain", 0.7, 0.7, 0.2, 0.0, 0.06, 0.0)), "background", "blue", 0.0)
+    parsed = parse_prompt(scene.prompt)
+    assert parsed.background_colour == "blue" and [(s.colour, s.kind, s.texture) for s in parsed.shapes] == [("red", "circle", "striped"), ("green", "star", "plain")]
+    image = torch.from_numpy(scenes.render(scene, 256)).permute(2, 0, 1)
+    assert score_image(image, scene.prompt) == {"background": 1.0, "first_shape_colour": 1.0, "shape_colours": 1.0, "shape_kinds": 1.0, "count": 1.0, "score": 1.0}
+    wrong = score_image(image, "a yellow square on a white gradient")  # first named shape: the yellow square
+    assert wrong["background"] == 0.0 and wrong["first_shape_colour"] == 0.0 and wrong["score"] == 0.0
+    flat = score_image(torch.full((3, 256, 256), 0.5), scene.prompt)
+    assert flat["shape_colours"] == 0.0 and flat["count"] == 0.0
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        s = scenes.sample_scene(rng)
+        p = parse_prompt(s.prompt)
+        assert p.background_colour == s.background_colour and [(n.kind, n.colour, n.texture) for n in p.shapes] == [(t.kind, t.colour, t.texture) for t in s.shapes]
+    with pytest.raises(ConfigError, match="not of the shapes grammar") as error:
+        parse_prompt("a photo of a cat")
+    assert "\n" not in str(error.value)
+
+
+def test_bootstrap_interval_holds_the_mean_and_is_reproducible():
+    from hs_export.quality.stats import bootstrap_mean, verdict
+
+    values = [0.3, -0.1, 0.8, 0.2, 0.5, 0.1, 0.4, 0.0]
+    first, again = bootstrap_mean(values), bootstrap_mean(values)
+    assert first == again and first["images"] == 8
+    low, high = first["ci95"]
+    assert low <= first["mean"] <= high and low < high
+    assert bootstrap_mean([1.0])["ci95"] == [1.0, 1.0]
+    assert bootstrap_mean([None, math.inf]) is None
+    assert verdict({"ci95": [0.1, 0.4]}, "psnr") == "above" and verdict({"ci95": [-0.1, 0.4]}, "psnr") == "level"
+    assert verdict({"ci95": [-0.4, -0.1]}, "psnr") == "below" and verdict({"ci95": [-0.4, -0.1]}, "lpips") == "above"
+
+
+def test_paired_difference_to_the_srdiff_front_is_read_per_image_between_bracketing_points():
+    from hs_export.quality.stats import is_front_plan, paired_vs_front
+
+    assert is_front_plan(("large", "large", "small")) and is_front_plan(("small",) * 3)
+    assert not is_front_plan(("large",) * 3) and not is_front_plan(("small", "large")) and not is_front_plan(("large", "capture", "hybrid", "small"))
+    plans = [
+        {"name": "small", "actions": ("small",) * 4, "ideal_speedup_sd35": 2.8},
+        {"name": "srdiff[0.25]", "actions": ("large",) + ("small",) * 3, "ideal_speedup_sd35": 2.0},
+        {"name": "srdiff[0.5]", "actions": ("large",) * 2 + ("small",) * 2, "ideal_speedup_sd35": 1.5},
+        {"name": "hybrid", "actions": ("large", "capture", "hybrid", "small"), "ideal_speedup_sd35": 1.75},
+        {"name": "slow", "actions": ("large", "capture", "hybrid", "hybrid"), "ideal_speedup_sd35": 1.2},
+    ]
+    per_image = {
+        "small": {"psnr": [10.0, 12.0, 11.0]},
+        "srdiff[0.25]": {"psnr": [20.0, 18.0, 22.0]},
+        "srdiff[0.5]": {"psnr": [30.0, 28.0, 26.0]},
+        "hybrid": {"psnr": [26.0, 24.0, 25.0]},  # front at 1.75×: halfway, 25 / 23 / 24 → +1 on every image
+        "slow": {"psnr": [40.0, 40.0, 40.0]},
+    }
+    result = paired_vs_front(plans, per_image, ["psnr", "ssim"])
+    hybrid = result["hybrid"]
+    assert hybrid["match"] == {"at": 1.75, "between": ["srdiff[0.5]", "srdiff[0.25]"]}
+    assert hybrid["psnr"]["mean"] == pytest.approx(1.0) and hybrid["psnr"]["ci95"] == pytest.approx([1.0, 1.0]) and hybrid["psnr"]["verdict"] == "above"
+    assert hybrid["ssim"] is None  # no values for it
+    assert result["slow"]["psnr"] is None and "outside the srdiff points' range 1.50×–2.80×" in result["slow"]["match"]["why"]
+    assert result["srdiff[0.25]"]["psnr"]["verdict"] == "front"
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny randomly initialised CLIP saved with save_pretrained, its tokenizer beside it."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from hs_export.presets import clip_tokenizer
+    from hs_export.shapes.scenes import VOCABULARY
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    tokenizer = clip_tokenizer(VOCABULARY, 32)
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval().save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_clip_scorer_scores_each_image_against_its_prompt(tiny_clip):
+    from hs_export.quality.clip import ClipScorer
+
+    scorer = ClipScorer(tiny_clip)
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    scores = scorer(images, ["a red circle on a blue background", "a green star on a white gradient", "a red circle on a blue background"])
+    assert len(scores) == 3 and all(0.0 <= s <= 100.0 for s in scores)
+    assert scorer(images[:1], ["a red circle on a blue background"]) == pytest.approx(scores[:1])  # per image, not a running mean
+
+
+def test_adherence_by_default_steps_aside_for_prompts_outside_the_grammar():
+    from hs_export.quality.runner import QualityConfig, _prompt_scenes
+
+    lines = []
+    prompts = ["a red circle on a blue background", "a photo of a cat"]
+    assert _prompt_scenes(prompts, QualityConfig(), "shapes", lines.append) is None
+    assert len(lines) == 1 and "'a photo of a cat' is not of the shapes grammar" in lines[0]
+    with pytest.raises(ConfigError, match="not of the shapes grammar"):
+        _prompt_scenes(prompts, QualityConfig(adherence=True), "shapes", lines.append)
+    assert _prompt_scenes(prompts, QualityConfig(), None, lines.append) is None and len(lines) == 1
+
+
+def _quality(args, tmp_path):
+    from click.testing import CliRunner
+
+    from hs_export.cli import main
+
+    return CliRunner().invoke(main, ["quality", *args])
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+def test_quality_reports_paired_deltas_adherence_and_clip_score(tmp_path, tiny_clip):
+    """The shapes pair, 2 prompts × 1 seed, no timing: every plan carries its paired difference to
+    the srdiff front (mean inside its interval), adherence and CLIP score."""
+    import json
+
+    out = tmp_path / "q.json"
+    args = ["--preset", "shapes", "--prompts", "2", "--seeds", "1", "--steps", "8", "--no-timing", "--plans", "large,small,srdiff,hybrid",
+            "--sweep", "srdiff:large_fraction=0.25,0.5", "--clip-model", str(tiny_clip), "--json", str(out),
+            "--markdown", str(tmp_path / "q.md"), "--plot", str(tmp_path / "q.png"), "--grid", str(tmp_path / "grid.png")]
+    result = _quality(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["timing"] is None and report["paired"]["matched_at"] == "ideal_speedup_sd35"
+    assert report["paired"]["bootstrap"]["resamples"] == 2000
+    plans = {p["name"]: p for p in report["plans"]}
+    assert all(p["speedup_vs_large"] is None for p in plans.values())
+    for name, plan in plans.items():
+        assert set(plan["adherence"]) >= {"background", "first_shape_colour", "shape_colours", "shape_kinds", "score"} and plan["adherence"]["images"] == 2
+        assert isinstance(plan["clip_score"], float)
+        assert len(plan["per_image"]["psnr"]) == 2
+    hybrid = plans["hybrid"]
+    for metric in ("psnr", "ssim"):
+        delta = hybrid[f"delta_{metric}_vs_srdiff_front"]
+        low, high = delta["ci95"]
+        assert low <= delta["mean"] <= high and delta["images"] == 2 and delta["verdict"] in ("above", "level", "below")
+    assert hybrid["srdiff_front_match"]["at"] == hybrid["ideal_speedup_sd35"]
+    assert hybrid["delta_clip_score_vs_srdiff_front"] is not None
+    assert plans["srdiff"]["delta_psnr_vs_srdiff_front"]["verdict"] == "front"
+    assert plans["large"]["delta_psnr_vs_srdiff_front"] is None
+    assert "Δ PSNR vs srdiff front" in (tmp_path / "q.md").read_text() and (tmp_path / "q.png").stat().st_size > 0 and (tmp_path / "grid.png").is_file()
+
+
+def test_timed_quality_without_clip_model_reports_null_and_bad_requests_are_one_line(tmp_path, preset_root):
+    import json
+
+    out = tmp_path / "tiny.json"
+    result = _quality(["--preset", "tiny", "--prompts", "2", "--seeds", "1", "--steps", "4", "--warmup", "0", "--repeat", "1", "--plans", "large,srdiff", "--json", str(out)], tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["timing"] == {"warmup": 0, "repeat": 1} and report["adherence"] is None and report["clip_model"] is None
+    assert all(p["clip_score"] is None and p["adherence"] is None and p["delta_clip_score_vs_srdiff_front"] is None for p in report["plans"])
+    assert all(p["speedup_vs_large"] > 0 for p in report["plans"])  # timed: measured speedups
+
+    (tmp_path / "not-clip").mkdir()
+    (tmp_path / "not-clip" / "config.json").write_text('{"model_type": "t5"}')
+    line = _one_error_line(_quality(["--preset", "tiny", "--prompts", "2", "--clip-model", str(tmp_path / "not-clip")], tmp_path))
+    assert "--clip-model holds no CLIP model" in line and "not-clip (t5)" in line
+    line = _one_error_line(_quality(["--preset", "tiny", "--prompts", "2", "--clip-model", str(tmp_path / "missing")], tmp_path))
+    assert "--clip-model is not a folder" in line
+    (tmp_path / "empty-clip").mkdir()
+    (tmp_path / "empty-clip" / "config.json").write_text('{"model_type": "clip"}')  # a config, no weights
+    line = _one_error_line(_quality(["--preset", "tiny", "--prompts", "2", "--steps", "2", "--no-timing", "--clip-model", str(tmp_path / "empty-clip")], tmp_path))
+    assert "--clip-model cannot be loaded" in line and "nothing is downloaded" in line
+    line = _one_error_line(_quality(["--preset", "tiny", "--prompts", "2", "--adherence"], tmp_path))
+    assert "prompt adherence can only be read back on the shapes pair" in line and "got preset tiny" in line

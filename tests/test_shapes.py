@@ -9,7 +9,7 @@ import torch
 
 from hs_export.presets import clip_tokenizer, ensure_preset
 from hs_export.shapes import scenes
-from hs_export.shapes.train import ShapesTrainConfig, train_shapes
+from hs_export.shapes.train import CACHE_NAME, ShapesTrainConfig, read_cache, train_shapes
 from hs_runtime.errors import ConfigError
 from hs_runtime.presets import get_preset
 
@@ -44,9 +44,10 @@ def test_training_command_writes_a_pipeline_that_loads(tmp_path):
     out = tmp_path / "shapes"
     config = ShapesTrainConfig(out=out, scenes=24, held_out=8, vae_pool=16, vae_steps=3, small_steps=3, large_steps=3, batch=4, warmup=1, image_size=64, threads=1, work_dir=tmp_path / "work")
     report = train_shapes(config, log=lambda *_: None)
-    cache = torch.load(tmp_path / "work" / "encoded.pt", weights_only=False)
+    cache = read_cache(tmp_path / "work" / CACHE_NAME, config.data_key())
     # The cache keeps scenes, never prompt embeddings: those always come from the encoders that ship.
     assert len(cache["prompts"]["train"]) == 24 and "embeds" not in str(sorted(cache))
+    assert cache["latents"]["train"].shape[0] == 24 and cache["vae"]
     assert report["large"]["steps"] == 3 and set(report["small"]["held_out_loss"]) == {"0.0-0.2", "0.2-0.4", "0.4-0.6", "0.6-0.8", "0.8-1.0"}
     assert json.loads((out / "training.json").read_text())["vae"]["parameters"] > 0
     pipe = StableDiffusion3Pipeline.from_pretrained(str(out / "large"))
@@ -57,6 +58,40 @@ def test_training_command_writes_a_pipeline_that_loads(tmp_path):
         assert all(weights.get_tensor(k).dtype == torch.float16 for k in weights.keys())  # shipped in fp16
     assert small.config.num_layers == get_preset("shapes").small["num_layers"]
     assert pipe.vae.config.latent_channels == 16 and pipe.vae_scale_factor == 8
+
+
+def _planted_pickle(path, marker):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    path.write_bytes(pickle.dumps({"key": None, "payload": Payload()}))
+
+
+def test_work_dir_cache_never_unpickles_and_rebuilds_what_it_cannot_read(tmp_path):
+    """A planted pickle (the old encoded.pt) is never loaded; a damaged cache is rebuilt with a
+    one-line note; a good one is reused."""
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = tmp_path / "code-ran"
+    _planted_pickle(work / "encoded.pt", marker)
+    (work / CACHE_NAME).write_bytes(b"not a safetensors file at all")
+    config = ShapesTrainConfig(out=tmp_path / "a", scenes=8, held_out=4, vae_pool=8, vae_steps=1, small_steps=1, large_steps=1, batch=2, warmup=1, image_size=64, threads=1, work_dir=work)
+    lines: list[str] = []
+    train_shapes(config, log=lines.append)
+    assert not marker.exists()  # nothing was unpickled
+    notes = [line for line in lines if line.startswith("note:")]
+    assert len(notes) == 2 and all("\n" not in n for n in notes)
+    assert "never loaded" in notes[0] and "cannot read the cache" in notes[1] and "rebuilding" in notes[1]
+    assert read_cache(work / CACHE_NAME, config.data_key()) is not None  # rebuilt as safetensors
+    lines.clear()
+    train_shapes(ShapesTrainConfig(**{**config.__dict__, "out": tmp_path / "b"}), log=lines.append)
+    assert any(line.startswith("reusing the VAE") for line in lines) and not any("cannot read" in line for line in lines)
+    lines.clear()
+    assert read_cache(work / CACHE_NAME, {**config.data_key(), "seed": 99}, log=lines.append) is None
+    assert any("other settings" in line for line in lines)
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ class ShapesTrainConfig:
     small_config: dict | None = field(default=None, compare=False)  # overrides (tests)
     large_config: dict | None = field(default=None, compare=False)
     image_size: int | None = None
-    work_dir: Path | None = None  # caches the trained VAE and encoded data between runs
+    work_dir: Path | None = None  # caches the trained VAE and encoded data between runs (safetensors, never a pickle)
 
     def data_key(self) -> dict:
         """What the VAE and the encoded data depend on (a cached copy is reused only if equal)."""
@@ -331,9 +331,9 @@ def train_shapes(config: ShapesTrainConfig, log=print) -> dict:
     text = text_components(large_config["joint_attention_dim"], large_config["pooled_projection_dim"], config.seed + 3, scene_lib.VOCABULARY, spec.clip_tokens)
     for key in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         _round_trip_fp16(text[key])
-    cache = Path(config.work_dir) / "encoded.pt" if config.work_dir else None
-    cached = torch.load(cache, weights_only=False) if cache and cache.is_file() else None
-    if cached is not None and cached.get("key") == config.data_key() and "prompts" in cached:
+    cache = Path(config.work_dir) / CACHE_NAME if config.work_dir else None
+    cached = read_cache(cache, config.data_key(), log) if cache else None
+    if cached is not None:
         log(f"reusing the VAE and encoded scenes in {cache}")
         vae = make_vae(size)
         vae.load_state_dict(cached["vae"])
@@ -343,9 +343,8 @@ def train_shapes(config: ShapesTrainConfig, log=print) -> dict:
     else:
         vae, vae_report, latents, prompts = _vae_and_data(config, size, deadline, log, phase)
         if cache:
-            cache.parent.mkdir(parents=True, exist_ok=True)
             scale = {"shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor}
-            torch.save({"key": config.data_key(), "vae": vae.state_dict(), "vae_scale": scale, "vae_report": vae_report, "latents": latents, "prompts": prompts}, cache)
+            write_cache(cache, config.data_key(), vae.state_dict(), scale, vae_report, latents, prompts)
     # Prompts are encoded with the very text encoders that ship with the model, every run: a cache
     # never holds embeddings, so it cannot pair the transformers with encoders they were not trained on.
     began = time.monotonic()
@@ -384,6 +383,70 @@ def train_shapes(config: ShapesTrainConfig, log=print) -> dict:
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {out} in {seconds['total'] / 60:.1f} min")
     return report
+
+
+# ---- the work-dir cache ------------------------------------------------------------------------
+#
+# Tensors in safetensors, everything else as JSON in its header: reading it runs no code, unlike a
+# pickle (torch.load(weights_only=False) runs whatever a planted file holds). A pickled cache of
+# an older version (encoded.pt) is never opened.
+
+CACHE_NAME = "encoded.safetensors"
+CACHE_FORMAT = "hybridstitch-shapes-cache/1"
+_OLD_CACHE = "encoded.pt"
+
+
+def write_cache(path: Path, key: dict, vae_state: dict, vae_scale: dict, vae_report: dict, latents: dict, prompts: dict) -> Path:
+    """Writes the VAE and the encoded scenes (atomically: a crash leaves no half-written cache)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"vae.{k}": v.detach().contiguous() for k, v in vae_state.items()}
+    tensors.update({f"latents.{k}": v.contiguous() for k, v in latents.items()})
+    meta = {"key": key, "vae_scale": vae_scale, "vae_report": vae_report, "prompts": prompts}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={"format": CACHE_FORMAT, "meta": json.dumps(meta)})
+    os.replace(partial, path)
+    return path
+
+
+def read_cache(path: Path, key: dict, log=print) -> dict | None:
+    """The cache at ``path`` if it was made for ``key``; ``None`` (rebuild) otherwise.
+
+    A cache that cannot be read (damaged, foreign, of another format) is rebuilt with a one-line
+    note, never an error.
+    """
+    old = path.with_name(_OLD_CACHE)
+    if old.is_file():
+        log(f"note: ignoring {old}: an old pickled cache is never loaded (unpickling can run code); the cache is now {path.name}")
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != CACHE_FORMAT:
+                raise ValueError(f"format {header.get('format')!r}, expected {CACHE_FORMAT!r}")
+            meta = json.loads(header["meta"])
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        cached = {
+            "key": meta["key"], "vae_scale": meta["vae_scale"], "vae_report": meta["vae_report"], "prompts": meta["prompts"],
+            "vae": {k[len("vae."):]: v for k, v in tensors.items() if k.startswith("vae.")},
+            "latents": {split: tensors[f"latents.{split}"] for split in ("train", "held")},
+        }
+    except Exception as exc:  # whatever is wrong with the file, the fix is the same: rebuild it
+        log(f"note: cannot read the cache {path} ({_reason(exc)}); rebuilding it")
+        return None
+    if cached["key"] != key:
+        log(f"note: the cache {path} was made for other settings; rebuilding it")
+        return None
+    return cached
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _vae_and_data(config, size, deadline, log, phase):
