@@ -1,30 +1,45 @@
 """``hs-export bench``: every plan against the large model, per stage, next to the FLOP ideal.
 
-Plans are timed round-robin (large, small, …, large, small, …) so machine noise lands on all of
-them alike; speedups are ratios of medians measured in the same run. Timings are synchronised
-with the device (``profile=True``). Nothing here is asserted by tests except the output format.
+Plans are timed round-robin (every plan once per round, the order reversed every other round)
+so machine noise lands on all of them alike; speedups are ratios of medians measured in the same
+run. With several backends (``--backends onnxruntime,torch``) every (plan, backend) pair takes its
+turn in the same rounds, and each backend's latency is reported relative to the others' for the
+same plan. Timings are synchronised with the device (``profile=True``). Nothing here is asserted
+by tests except the output format.
+
+The report's ``plans`` list holds one row per plan and backend (``name``, ``backend``,
+``latency_s_median``, …; ``measure: "denoise"``). ``--versus diffusers`` (:mod:`hs_export.versus`)
+adds a prompt → image comparison under ``versus`` and diffusers' own row (``backend:
+"diffusers"``, ``measure: "prompt_to_image"``) to ``plans``.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import resource
 import statistics
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Hashable, Mapping
 
 import torch
 
+from hs_runtime.backends import BACKENDS, EngineSet
 from hs_runtime.contract import LARGE, SMALL
 from hs_runtime.flops import ideal_speedup, plan_flops
 from hs_runtime.errors import ConfigError, describe
 from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan, with_mask
+from hs_runtime.runtime import HybridStitchRuntime
 from hs_runtime.sampler import STAGES, Conditioning, StitchedSampler
-from hs_runtime.validation import check_int, check_number, check_seed
+from hs_runtime.validation import check_device, check_int, check_number, check_seed
 
 from .build import library_versions
 from .reports import append_section, versions_line
+
+VERSUS_TOOLS = ("diffusers",)
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,10 @@ class BenchConfig:
 
     Attributes:
         check_finite: the sampler's per-step NaN/inf record (off only to measure its cost).
+        backends: backends timed side by side in one run (``--backends``); empty: the one backend
+            the run opens (the engine folder's own, or torch for a preset).
+        versus: ``"diffusers"`` adds diffusers' ``StableDiffusion3Pipeline`` on the same weights,
+            prompt → image, beside our own prompt → image (:mod:`hs_export.versus`).
     """
 
     plans: tuple[str, ...] = ("large", "small", "tstitch", "srdiff", "hybrid")
@@ -44,6 +63,8 @@ class BenchConfig:
     seed: int = 0
     sweep_ratios: tuple[float, ...] = ()
     check_finite: bool = True
+    backends: tuple[str, ...] = ()
+    versus: str | None = None
 
     def __post_init__(self):
         unknown = [p for p in self.plans if p not in PLAN_NAMES]
@@ -56,6 +77,19 @@ class BenchConfig:
         check_number("guidance scale", self.guidance_scale, minimum=0.0)
         for ratio in self.sweep_ratios:
             MaskConfig(ratio=ratio)  # raises ConfigError outside (0, 1]
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise ConfigError(describe("unknown backend in --backends", got=", ".join(map(repr, unknown)), expected=" | ".join(BACKENDS), fix="e.g. --backends onnxruntime,torch"))
+        twice = sorted({b for b in self.backends if self.backends.count(b) > 1})
+        if twice:
+            raise ConfigError(describe("backend listed twice in --backends", got=", ".join(twice), fix="name each backend once"))
+        if self.versus is not None and self.versus not in VERSUS_TOOLS:
+            raise ConfigError(describe("unknown tool in --versus", got=repr(self.versus), expected=" | ".join(VERSUS_TOOLS)))
+
+
+def parse_backends(text: str | None) -> tuple[str, ...]:
+    """``"onnxruntime, torch"`` → ``("onnxruntime", "torch")``; names are checked by :class:`BenchConfig`."""
+    return tuple(b.strip() for b in (text or "").split(",") if b.strip())
 
 
 def random_conditioning(prompts: int, text_tokens: int, joint_dim: int, pooled_dim: int, device, seed: int) -> Conditioning:
@@ -75,6 +109,105 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 def _median_times(runs: list[dict]) -> dict:
     keys = set().union(*(r.keys() for r in runs))
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+
+
+def resident_bytes() -> int | None:
+    """The process's current resident set (Linux ``/proc/self/statm``); ``None`` where unreadable."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def memory_in_use(device: torch.device) -> int | None:
+    """Bytes in use now: CUDA tensors on a GPU, the resident set on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return resident_bytes()
+
+
+class WorkingMemory:
+    """Peak memory one call adds on top of what was in use when it started.
+
+    On a GPU: ``max_memory_allocated`` above ``memory_allocated`` at the start (torch tensors
+    only). On a CPU: the resident set sampled every ``interval_s`` by a background thread, minus the
+    resident set at the start; ``bytes`` is ``None`` where the resident set cannot be read.
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
+        self.device = device
+        self.interval_s = interval_s
+        self.bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        self._start = self._peak = resident_bytes()
+        if self._start is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval_s):
+            now = resident_bytes()
+            if now is not None and now > self._peak:
+                self._peak = now
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            return False
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            now = resident_bytes()
+            self.bytes = max(self._peak, now or 0) - self._start
+        return False
+
+
+def load_average() -> float | None:
+    """The host's 1-minute load average (``None`` where the OS has none): on a shared machine it
+    tells whether other processes competed for the cores during a run."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def round_robin(jobs: Mapping[Hashable, Callable[[], object]], warmup: int, repeat: int, device: torch.device, log=print, what: str = "round") -> tuple[dict, dict]:
+    """Calls every job once per round, ``warmup`` untimed rounds then ``repeat`` timed ones, the
+    order reversed every other round so no job always follows the same neighbour.
+
+    Returns:
+        Per job key, the timed rounds' return values (in round order); and per job key the
+        memory the job's first call added (:class:`WorkingMemory`, measured in the first round,
+        a warm-up round when there is one), ``None`` where it cannot be measured.
+    """
+    keys = list(jobs)
+    results: dict = {key: [] for key in keys}
+    added: dict = {}
+    for round_index in range(warmup + repeat):
+        timed = round_index >= warmup
+        for key in keys if round_index % 2 == 0 else reversed(keys):
+            if round_index == 0:
+                with WorkingMemory(device) as memory:
+                    value = jobs[key]()
+                added[key] = memory.bytes
+            else:
+                value = jobs[key]()
+            if timed:
+                results[key].append(value)
+        log(f"{'warm-up' if not timed else 'timed'} {what} {round_index + 1}/{warmup + repeat} done")
+    return results, added
 
 
 def time_plans(denoise, plans: dict, latents, conditioning, warmup: int, repeat: int, device: torch.device, log=print) -> tuple[dict[str, list[dict]], dict[str, int]]:
@@ -104,106 +237,347 @@ def time_plans(denoise, plans: dict, latents, conditioning, warmup: int, repeat:
     return runs, peaks
 
 
-def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, config: BenchConfig, plan_config: PlanConfig | None = None, log=print) -> dict:
-    """Times every plan (and the ratio sweep) on one engine set; returns the JSON-ready report."""
+@dataclass
+class BenchTarget:
+    """What a bench run opened: one runtime per backend, all over the same models and sizes.
+
+    Attributes:
+        runtimes: backend name → runtime, in the order the user named them.
+        loaded_bytes: backend name → memory in use after its engines loaded minus before
+            (:func:`memory_in_use`), ``None`` where unmeasurable.
+        label: the engine folder or preset, for titles.
+        pipeline_source / large_source: the text encoders + VAE folder and the large model
+            (what ``--versus diffusers`` loads); ``None`` where the target has none.
+        preset: the preset the models come from, if any (picks the built-in prompts).
+    """
+
+    runtimes: dict[str, HybridStitchRuntime]
+    loaded_bytes: dict[str, int | None]
+    latent: tuple[int, int]
+    text_tokens: int
+    label: str
+    pipeline_source: str | None = None
+    large_source: str | None = None
+    preset: str | None = None
+    max_sequence_length: int = 256
+
+    @property
+    def engines(self) -> dict[str, EngineSet]:
+        return {name: runtime.engines for name, runtime in self.runtimes.items()}
+
+
+def preset_engine_dir(preset: str, backend: str) -> Path:
+    """Where ``bench --preset NAME --backend B`` builds (and ``--backends`` looks for) engines."""
+    return Path("engines") / f"{preset}-{backend}"
+
+
+def _refuse_versus(what: str, got: str) -> ConfigError:
+    from hs_runtime.presets import PRESETS
+
+    with_text = ", ".join(name for name, spec in PRESETS.items() if spec.text_pipeline)
+    return ConfigError(describe(
+        f"--versus diffusers runs prompt → image, which needs text encoders and a VAE; {what}", got=got,
+        expected=f"an engine folder built from a full SD3 pipeline folder, or a preset with one ({with_text})",
+        fix="build from a diffusers StableDiffusion3Pipeline folder (hs-export build --small S --large PIPELINE_DIR) and bench that folder",
+    ))
+
+
+def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dtype, prompts: int, height, width, mask_ratio: float, versus: str | None = None, log=print) -> BenchTarget:
+    """Opens the engine folder (or preset) once per backend, measuring what each load adds.
+
+    Args:
+        backends: the backends to open; ``(None,)`` opens the folder's own (torch for a preset).
+            ``--backends`` passes its names: then a preset's ONNX Runtime/TensorRT engines must
+            already be built (no build starts in the middle of a comparison).
+
+    Raises:
+        ConfigError: both or neither of folder and preset, ``--prompts`` differing from the build,
+            a preset backend without built engines (naming the build command), ``--versus`` on a
+            target without text encoders.
+        ManifestError: a folder that does not hold engines for a backend (with the build command).
+    """
+    from hs_runtime.presets import get_preset
+
+    from .runs import bench_engines
+
+    if (engine_dir is None) == (preset is None):
+        raise ConfigError(describe("bench needs an engine folder or --preset, not both", fix="hs-export bench engines/tiny, or hs-export bench --preset bench"))
+    device = check_device(device)
+    spec = get_preset(preset) if preset is not None else None
+    if spec is not None and versus and not spec.text_pipeline:
+        raise _refuse_versus(f"preset {preset} has none", f"preset {preset}: random transformer weights only")
+    if engine_dir is not None and versus:  # refused before any engine loads
+        from hs_runtime.manifest import Manifest
+
+        if Manifest.load(engine_dir).data.get("pipeline") is None:
+            raise _refuse_versus(f"engine folder {engine_dir} records none", "a build from transformers without a pipeline folder")
+    named = [b for b in backends if b is not None]
+    if spec is not None and len(named) == len(backends) and named:  # --backends: no builds mid-comparison
+        for backend in named:
+            folder = preset_engine_dir(preset, backend)
+            if backend != "torch" and not (folder / "manifest.json").is_file():
+                raise ConfigError(describe(
+                    f"--backends {backend} with --preset {preset} needs its engine folder", got=f"no {folder}/manifest.json",
+                    fix=f"build it with: hs-export build --preset {preset} --backend {backend} --out {folder} (or pass an engine folder instead of --preset)",
+                ))
+    selection = None
+    if spec is not None and spec.text_pipeline:
+        from .build import resolve_models
+
+        selection = resolve_models(preset, None, None, None, log=log)
+    runtimes, loaded = {}, {}
+    for backend in backends:
+        before = memory_in_use(device)
+        if engine_dir is not None:
+            runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device)
+            shape = runtime.manifest.shape
+            if shape.prompts != prompts:
+                raise ConfigError(describe("--prompts differs from the engine build", got=prompts, expected=shape.prompts))
+            latent, text_tokens = (shape.latent_height, shape.latent_width), shape.text_tokens
+        elif backend in (None, "torch") and selection is not None:  # the preset's own weights, as saved
+            from hs_runtime.pipeline import check_image_size
+
+            h, w = spec.height if height is None else height, spec.width if width is None else width
+            check_image_size(h, w)
+            runtime = HybridStitchRuntime.from_models(selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=spec.max_sequence_length)
+            latent, text_tokens = (h // 8, w // 8), spec.text_tokens
+        else:
+            engines, latent, text_tokens = bench_engines(None, preset, backend, str(device), dtype, prompts, height, width, mask_ratio, log=log)
+            runtime = HybridStitchRuntime(engines, selection.pipeline if selection else None, spec.max_sequence_length)
+        after = memory_in_use(device)
+        name = runtime.engines.backend
+        if name in runtimes:
+            raise ConfigError(describe("backend opened twice", got=name, fix="name each backend once in --backends"))
+        runtimes[name] = runtime
+        loaded[name] = None if before is None or after is None else after - before
+    first = next(iter(runtimes.values()))
+    if engine_dir is not None:
+        manifest = first.manifest
+        pipeline_source, large_source = first.pipeline_source, manifest.data["models"][LARGE]["source"]
+        target_preset, label = manifest.build.get("preset"), str(engine_dir)
+    else:
+        pipeline_source = selection.pipeline if selection else None
+        large_source = selection.large if selection else None
+        target_preset, label = preset, f"--preset {preset}"
+    return BenchTarget(runtimes, loaded, latent, text_tokens, label, pipeline_source and str(pipeline_source), large_source and str(large_source), target_preset, first.max_sequence_length)
+
+
+def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, config: BenchConfig, plan_config: PlanConfig | None = None, log=print, loaded_bytes: Mapping[str, int | None] | None = None) -> dict:
+    """Times every plan (and the ratio sweep) on one engine set, or on several side by side.
+
+    Args:
+        engines: an :class:`EngineSet`, or backend name → :class:`EngineSet` (all over the same
+            models): every (plan, backend) pair is then timed in the same round-robin rounds.
+        loaded_bytes: backend name → memory its engines took to load (:class:`BenchTarget`).
+
+    Returns:
+        The JSON-ready report: ``plans`` holds one row per plan and backend.
+    """
     plan_config = plan_config or PlanConfig()
-    device = engines.device
-    large_dims, small_dims = engines[LARGE].dims, engines[SMALL].dims
+    engine_sets = {engines.backend: engines} if isinstance(engines, EngineSet) else dict(engines)
+    backends = list(engine_sets)
+    first = engine_sets[backends[0]]
+    device = first.device
+    large_dims, small_dims = first[LARGE].dims, first[SMALL].dims
     n_img = large_dims.image_tokens(latent_height, latent_width)
     names = list(dict.fromkeys(("large", *config.plans)))  # the baseline always runs
     plans = {name: make_plan(name, config.steps, plan_config) for name in names}
     for ratio in config.sweep_ratios:
         plans[f"hybrid@{ratio:g}"] = with_mask(make_plan("hybrid", config.steps, plan_config), ratio=ratio)
-    sampler = StitchedSampler(engines, config.guidance_scale, check_finite=config.check_finite)
+    samplers = {b: StitchedSampler(e, config.guidance_scale, check_finite=config.check_finite) for b, e in engine_sets.items()}
     cond = random_conditioning(config.prompts, text_tokens, large_dims.joint_attention_dim, large_dims.pooled_projection_dim, device, config.seed)
     g = torch.Generator().manual_seed(config.seed)
     latents = torch.randn(config.prompts, large_dims.in_channels, latent_height, latent_width, generator=g)
 
-    runs, peaks = time_plans(sampler.denoise, plans, latents, cond, config.warmup, config.repeat, device, log)
+    def job(plan, sampler):
+        def call():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = sampler.denoise(plan, latents, cond, profile=True).times
+            return {**times.as_dict(), **{f"step:{a}": s for a, s in times.step_seconds.items()}, "peak": _peak_memory(device)[0]}
 
-    baseline = statistics.median(r["total"] for r in runs["large"])
+        return call
+
+    jobs = {(name, b): job(plan, samplers[b]) for name, plan in plans.items() for b in backends}
+    load_before = load_average()
+    runs, added = round_robin(jobs, config.warmup, config.repeat, device, log)
+    load_after = load_average()
+
     report_plans = []
+    medians = {key: statistics.median(r["total"] for r in entries) for key, entries in runs.items()}
     for name, plan in plans.items():
-        totals = [r["total"] for r in runs[name]]
-        med = _median_times(runs[name])
         ideal = ideal_speedup(plan, small_dims, large_dims, n_img, text_tokens)
-        speedup = baseline / statistics.median(totals)
-        hybrid_wall = med.get("step:hybrid", 0.0)
-        report_plans.append({
-            "name": name,
-            "stages": plan.stages(),
-            "mask_ratio": plan.mask.ratio if plan.count("hybrid") else None,
-            "latency_s_median": statistics.median(totals),
-            "latency_s_min": min(totals),
-            "latency_s_max": max(totals),
-            "speedup_vs_large": speedup,
-            "ideal_speedup": ideal,
-            "efficiency": speedup / ideal,
-            "overhead_fraction": med["overhead"] / med["total"],
-            "hybrid_overhead_fraction": (hybrid_wall - med["hybrid"]) / hybrid_wall if hybrid_wall else None,
-            "stage_seconds": {s: med[s] for s in (*STAGES, "overhead")},
-            "flops_per_sample": plan_flops(plan, small_dims, large_dims, n_img, text_tokens).total,
-            "peak_memory_bytes": peaks[name],
-        })
-    return {
+        for b in backends:
+            totals = [r["total"] for r in runs[(name, b)]]
+            med = _median_times(runs[(name, b)])
+            speedup = medians[("large", b)] / medians[(name, b)]
+            hybrid_wall = med.get("step:hybrid", 0.0)
+            report_plans.append({
+                "name": name,
+                "backend": b,
+                "measure": "denoise",
+                "dtype": str(engine_sets[b].dtype).replace("torch.", ""),
+                "stages": plan.stages(),
+                "mask_ratio": plan.mask.ratio if plan.count("hybrid") else None,
+                "latency_s_median": medians[(name, b)],
+                "latency_s_min": min(totals),
+                "latency_s_max": max(totals),
+                "speedup_vs_large": speedup,
+                "ideal_speedup": ideal,
+                "efficiency": speedup / ideal,
+                "overhead_fraction": med["overhead"] / med["total"],
+                "hybrid_overhead_fraction": (hybrid_wall - med["hybrid"]) / hybrid_wall if hybrid_wall else None,
+                "stage_seconds": {s: med[s] for s in (*STAGES, "overhead")},
+                "flops_per_sample": plan_flops(plan, small_dims, large_dims, n_img, text_tokens).total,
+                "peak_memory_bytes": max(r["peak"] for r in runs[(name, b)]),
+                "added_memory_bytes": added[(name, b)],
+                "latency_vs_backends": {o: medians[(name, b)] / medians[(name, o)] for o in backends if o != b},
+            })
+    loaded_bytes = loaded_bytes or {}
+    report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "backend": engines.backend,
-        "dtype": str(engines.dtype).replace("torch.", ""),
+        "backend": ",".join(backends),
+        "backends": [
+            {"name": b, "dtype": str(e.dtype).replace("torch.", ""), "precision": e.precision, "loaded_bytes": loaded_bytes.get(b),
+             "max_added_memory_bytes": max((added[(n, b)] for n in plans if added[(n, b)] is not None), default=None)}
+            for b, e in engine_sets.items()
+        ],
+        "dtype": str(first.dtype).replace("torch.", ""),
         "latent": [latent_height, latent_width],
         "image_tokens": n_img,
         "text_tokens": text_tokens,
         "prompts": config.prompts,
         "steps": config.steps,
+        "guidance_scale": config.guidance_scale,
         "warmup": config.warmup,
         "repeat": config.repeat,
+        "load_average_1min": {"start": load_before, "end": load_after},
         "peak_memory_kind": _peak_memory(device)[1],
+        "memory_note": MEMORY_NOTE_CUDA if device.type == "cuda" else MEMORY_NOTE_CPU,
         "versions": library_versions(),
         "plans": report_plans,
     }
+    if len(backends) > 1:
+        report["side_by_side"] = [
+            {"name": name, "latency_s_median": {b: medians[(name, b)] for b in backends},
+             "ratios": {f"{a}/{b}": medians[(name, a)] / medians[(name, b)] for i, a in enumerate(backends) for b in backends[i + 1:]}}
+            for name in plans
+        ]
+    return report
+
+
+MEMORY_NOTE_CPU = (
+    "loaded = resident set after a backend's engines loaded minus before (weights, sessions, and any library it imported first); "
+    "added = resident-set peak above the level at the call's start, sampled every 5 ms during each plan's first call "
+    "(the warm-up round, where arenas and caches grow). Both are measured in one process that holds every backend, so they are "
+    "lower bounds of what that backend alone adds to a process (memory one backend freed and another reused counts once); "
+    "for a whole process's peak, run one backend per process (--backend: the peak MiB column)"
+)
+MEMORY_NOTE_CUDA = "loaded and added are torch's CUDA allocations only (memory_allocated / max_memory_allocated); engine libraries' own allocations are not seen"
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
 def summary_table(report: dict):
     from rich.table import Table
 
-    table = Table(title=f"{report['backend']} {report['dtype']} on {report['device']} — {report['steps']} steps, "
+    several = len(report["backends"]) > 1
+    what = report["backend"] if several else f"{report['backend']} {report['dtype']}"
+    table = Table(title=f"{what} on {report['device']} — denoise, {report['steps']} steps, "
                         f"{report['image_tokens']} image + {report['text_tokens']} text tokens, median of {report['repeat']}")
-    for column in ("plan", "latency s (min–max)", "speedup", "ideal", "eff.", *STAGES, "overhead", "peak MiB"):
-        table.add_column(column, justify="left" if column == "plan" else "right")
+    memory_column = "added MiB" if several else "peak MiB"
+    columns = ("plan", *(("backend",) if several else ()), "latency s (min–max)", "speedup", "ideal", "eff.", *STAGES, "overhead", memory_column)
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("plan", "backend") else "right")
     for p in report["plans"]:
+        if p.get("measure", "denoise") != "denoise":
+            continue
         stages = [f"{p['stage_seconds'][s]:.2f}" for s in (*STAGES, "overhead")]
         table.add_row(
-            p["name"], f"{p['latency_s_median']:.2f} ({p['latency_s_min']:.2f}–{p['latency_s_max']:.2f})",
+            p["name"], *((p["backend"],) if several else ()), f"{p['latency_s_median']:.2f} ({p['latency_s_min']:.2f}–{p['latency_s_max']:.2f})",
             f"{p['speedup_vs_large']:.2f}×", f"{p['ideal_speedup']:.2f}×", f"{p['efficiency']:.2f}", *stages,
-            f"{p['peak_memory_bytes'] / 2**20:.0f}",
+            _mib(p["added_memory_bytes"] if several else p["peak_memory_bytes"]),
         )
     return table
 
 
+def backends_table(report: dict):
+    """Side by side: each plan's latency per backend and the ratios between backends (``None``
+    for a one-backend report)."""
+    from rich.table import Table
+
+    if "side_by_side" not in report:
+        return None
+    backends = [b["name"] for b in report["backends"]]
+    pairs = list(report["side_by_side"][0]["ratios"])
+    table = Table(title=f"backends side by side — denoise latency, median of {report['repeat']} (same rounds); a/b < 1: a is faster")
+    for column in ("plan", *(f"{b} s" for b in backends), *pairs):
+        table.add_column(column, justify="left" if column == "plan" else "right")
+    for row in report["side_by_side"]:
+        table.add_row(row["name"], *(f"{row['latency_s_median'][b]:.3f}" for b in backends), *(f"{row['ratios'][p]:.3f}" for p in pairs))
+    table.add_row("memory MiB: loaded + max added", *(f"{_mib(b['loaded_bytes'])} + {_mib(b['max_added_memory_bytes'])}" for b in report["backends"]), *("" for _ in pairs))
+    return table
+
+
+def summary_tables(report: dict) -> list:
+    """Every table of the report, in print order: plans, backends side by side, versus."""
+    tables = [summary_table(report), backends_table(report)]
+    if "versus" in report:
+        from .versus import versus_table
+
+        tables.append(versus_table(report["versus"]))
+    return [t for t in tables if t is not None]
+
+
 def markdown_table(report: dict) -> str:
-    """The same table as Markdown, for docs/benchmarks.md."""
-    head = "| plan | stages | latency s median (min–max) | speedup vs large | ideal | efficiency | overhead | peak MiB |\n|---|---|---|---|---|---|---|---|\n"
+    """The plans table as Markdown, for docs/benchmarks.md."""
+    several = len(report["backends"]) > 1
+    memory = "added MiB" if several else "peak MiB"
+    backend_head = "backend | " if several else ""
+    head = f"| plan | {backend_head}stages | latency s median (min–max) | speedup vs large | ideal | efficiency | overhead | {memory} |\n|---|---|---|---|---|---|---|---|{'---|' if several else ''}\n"
     rows = "".join(
-        f"| {p['name']} | {p['stages']} | {p['latency_s_median']:.3f} ({p['latency_s_min']:.3f}–{p['latency_s_max']:.3f}) | "
-        f"{p['speedup_vs_large']:.2f}× | {p['ideal_speedup']:.2f}× | {p['efficiency']:.2f} | {100 * p['overhead_fraction']:.1f}% | {p['peak_memory_bytes'] / 2**20:.0f} |\n"
-        for p in report["plans"]
+        f"| {p['name']} | {p['backend'] + ' | ' if several else ''}{p['stages']} | {p['latency_s_median']:.3f} ({p['latency_s_min']:.3f}–{p['latency_s_max']:.3f}) | "
+        f"{p['speedup_vs_large']:.2f}× | {p['ideal_speedup']:.2f}× | {p['efficiency']:.2f} | {100 * p['overhead_fraction']:.1f}% | "
+        f"{_mib(p['added_memory_bytes'] if several else p['peak_memory_bytes'])} |\n"
+        for p in report["plans"] if p.get("measure", "denoise") == "denoise"
     )
     return head + rows
 
 
+def markdown_backends(report: dict) -> str:
+    """The side-by-side table as Markdown ("" for one backend)."""
+    if "side_by_side" not in report:
+        return ""
+    backends = [b["name"] for b in report["backends"]]
+    pairs = list(report["side_by_side"][0]["ratios"])
+    head = "| plan | " + " | ".join(f"{b} s" for b in backends) + " | " + " | ".join(pairs) + " |\n|" + "---|" * (1 + len(backends) + len(pairs)) + "\n"
+    rows = "".join(
+        f"| {r['name']} | " + " | ".join(f"{r['latency_s_median'][b]:.3f}" for b in backends) + " | " + " | ".join(f"{r['ratios'][p]:.3f}" for p in pairs) + " |\n"
+        for r in report["side_by_side"]
+    )
+    memory = "| memory MiB: loaded + max added | " + " | ".join(f"{_mib(b['loaded_bytes'])} + {_mib(b['max_added_memory_bytes'])}" for b in report["backends"]) + " |" + " |" * len(pairs) + "\n"
+    return head + rows + memory
+
+
 def plot_sweep(report: dict, path: Path) -> Path:
-    """Speedup vs. mask ratio, measured and ideal, as a PNG."""
+    """Speedup vs. mask ratio, measured (per backend) and ideal, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = sorted((p for p in report["plans"] if p["name"].startswith("hybrid@")), key=lambda p: p["mask_ratio"])
-    if not sweep:
-        sweep = [p for p in report["plans"] if p["mask_ratio"] is not None]
-    ratios = [p["mask_ratio"] for p in sweep]
+    rows = [p for p in report["plans"] if p.get("measure", "denoise") == "denoise"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(ratios, [p["speedup_vs_large"] for p in sweep], "o-", label="measured")
+    for backend in dict.fromkeys(p["backend"] for p in rows):
+        mine = [p for p in rows if p["backend"] == backend]
+        sweep = sorted((p for p in mine if p["name"].startswith("hybrid@")), key=lambda p: p["mask_ratio"])
+        if not sweep:
+            sweep = [p for p in mine if p["mask_ratio"] is not None]
+        ratios = [p["mask_ratio"] for p in sweep]
+        ax.plot(ratios, [p["speedup_vs_large"] for p in sweep], "o-", label=f"measured ({backend})" if len(report["backends"]) > 1 else "measured")
     ax.plot(ratios, [p["ideal_speedup"] for p in sweep], "s--", label="FLOP ideal")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("mask ratio (share of tokens refined by the large model)")
@@ -217,13 +591,29 @@ def plot_sweep(report: dict, path: Path) -> Path:
     return path
 
 
+def load_note(load: dict | None) -> str:
+    """``"; host load average (1 min) a at the start, b at the end"`` for a report's sentence."""
+    if not load or load.get("start") is None:
+        return ""
+    return f"; host load average (1 min) {load['start']:g} at the start, {load['end']:g} at the end"
+
+
 def append_markdown(report: dict, path: Path, title: str) -> Path:
-    """Appends one dated section (device, versions, table) to a Markdown file."""
+    """Appends one dated section (device, versions, tables) to a Markdown file."""
+    several = len(report["backends"]) > 1
     section = (
         f"\n### {title} — {report['date'][:10]}\n\n"
         f"Device: {report['device']}. {report['steps']} steps, {report['prompts']} prompt(s) with CFG, "
         f"latent {report['latent'][0]}×{report['latent'][1]} ({report['image_tokens']} image + {report['text_tokens']} text tokens), "
-        f"median of {report['repeat']} after {report['warmup']} warm-up. Versions: {versions_line(report['versions'])}.\n\n"
-        + markdown_table(report)
+        f"median of {report['repeat']} after {report['warmup']} warm-up"
+        f"{', every (plan, backend) in the same round-robin rounds' if several else ''}{load_note(report.get('load_average_1min'))}. "
+        f"Versions: {versions_line(report['versions'])}.\n\n"
+        "Denoise only (prompt embeddings → latents):\n\n" + markdown_table(report)
     )
+    if several:
+        section += "\nBackends side by side (a/b < 1: a is faster):\n\n" + markdown_backends(report) + f"\nMemory: {report['memory_note']}.\n"
+    if "versus" in report:
+        from .versus import versus_markdown
+
+        section += "\n" + versus_markdown(report["versus"])
     return append_section(path, section)

@@ -12,7 +12,7 @@ from hs_runtime.errors import HybridStitchError, describe, first_line
 from hs_runtime.plans import MASK_SIGNALS, PLAN_NAMES, MaskConfig, PlanConfig
 from hs_runtime.presets import PRESET_NAMES
 
-from .bench import BenchConfig
+from .bench import VERSUS_TOOLS, BenchConfig
 from .build import BuildConfig
 from .quality.runner import QualityConfig
 from .serve.bench_serve import ServeBenchConfig
@@ -233,6 +233,8 @@ def verify(engine_dir, device, steps, plan_name):
 @click.argument("engine_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--preset", type=click.Choice(PRESET_NAMES), default=None, help="Random-weight models of a preset (no engine folder needed for torch).")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: the folder's backend, or torch with --preset.")
+@click.option("--backends", "backends_list", default=None, help="Comma-separated backends timed side by side in one run, e.g. onnxruntime,torch.")
+@click.option("--versus", type=click.Choice(VERSUS_TOOLS), default=None, help="Also time diffusers' StableDiffusion3Pipeline on the same weights, prompt → image.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="torch backend precision.")
 @click.option("--plans", default=",".join(_BENCH_DEFAULTS.plans), show_default=True)
@@ -240,6 +242,7 @@ def verify(engine_dir, device, steps, plan_name):
 @click.option("--warmup", type=int, default=_BENCH_DEFAULTS.warmup, show_default=True)
 @click.option("--repeat", type=int, default=_BENCH_DEFAULTS.repeat, show_default=True)
 @click.option("--prompts", type=int, default=_BENCH_DEFAULTS.prompts, show_default=True)
+@click.option("--guidance-scale", type=float, default=_BENCH_DEFAULTS.guidance_scale, show_default=True)
 @click.option("--height", type=int, default=None, help="Pixels (presets only; default: the preset's).")
 @click.option("--width", type=int, default=None)
 @click.option("--sweep-ratio", default="", help="Comma-separated mask ratios to sweep, e.g. 0.1,0.2,0.3,0.4,0.5.")
@@ -249,20 +252,21 @@ def verify(engine_dir, device, steps, plan_name):
 @click.option("--finite-check/--no-finite-check", default=_BENCH_DEFAULTS.check_finite, show_default=True, help="Per-step NaN/inf record (off only to measure its cost).")
 @plan_options
 @_one_line_errors
-def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repeat, prompts, height, width, sweep_ratio, json_path, plot_path, markdown_path, finite_check, **plan_kwargs):
+def bench(engine_dir, preset, backend, backends_list, versus, device, dtype, plans, steps, warmup, repeat, prompts, guidance_scale, height, width, sweep_ratio, json_path, plot_path, markdown_path, finite_check, **plan_kwargs):
     """Benchmark every plan against the large model.
 
     Per plan: latency (median, min, max), speedup vs. large measured in the same run, the FLOP
-    ideal, efficiency, per-stage seconds, overhead and peak memory.
+    ideal, efficiency, per-stage seconds, overhead and peak memory. --backends times every plan on
+    every backend in the same rounds and compares them; --versus diffusers adds prompt → image
+    against diffusers' own pipeline.
     """
     from rich.console import Console
 
     from hs_runtime.errors import ConfigError, describe
     from hs_runtime.validation import check_output_file
 
-    from .bench import append_markdown, plot_sweep, run_bench, summary_table
+    from .bench import append_markdown, open_target, parse_backends, plot_sweep, run_bench, summary_tables
     from .reports import write_json
-    from .runs import bench_engines
 
     plan_list = tuple(p.strip() for p in plans.split(",") if p.strip())
     try:
@@ -274,20 +278,34 @@ def bench(engine_dir, preset, backend, device, dtype, plans, steps, warmup, repe
     for flag, path in (("--json", json_path), ("--plot", plot_path), ("--markdown", markdown_path)):
         if path is not None:
             check_output_file(path, flag)  # before the run, not after minutes of timing
+    if backend and backends_list is not None:
+        raise ConfigError(describe("--backend and --backends both given", got=f"--backend {backend} --backends {backends_list}", fix="pass one: --backends onnxruntime,torch times several side by side"))
+    backend_names = parse_backends(backends_list)
+    if backends_list is not None and not backend_names:
+        raise ConfigError(describe("--backends names no backend", got=repr(backends_list), expected="e.g. onnxruntime,torch"))
     plan_config = plan_config_from(plan_kwargs)
-    config = BenchConfig(plans=plan_list, steps=steps, warmup=warmup, repeat=repeat, prompts=prompts, sweep_ratios=ratios, check_finite=finite_check)
-    engines, latent, text_tokens = bench_engines(engine_dir, preset, backend, device, dtype, prompts, height, width, plan_config.mask.ratio, log=_log)
-    report = run_bench(engines, latent[0], latent[1], text_tokens, config, plan_config, log=_log)
+    config = BenchConfig(plans=plan_list, steps=steps, warmup=warmup, repeat=repeat, prompts=prompts, guidance_scale=guidance_scale, sweep_ratios=ratios, check_finite=finite_check, backends=backend_names, versus=versus)
+    target = open_target(engine_dir, preset, backend_names or (backend,), device, dtype, prompts, height, width, plan_config.mask.ratio, versus=versus, log=_log)
+    report = run_bench(target.engines, target.latent[0], target.latent[1], target.text_tokens, config, plan_config, log=_log, loaded_bytes=target.loaded_bytes)
+    if versus:
+        from hs_runtime.plans import make_plan
+
+        from .versus import add_versus, run_versus
+
+        named = {name: make_plan(name, steps, plan_config) for name in dict.fromkeys(("large", *plan_list))}
+        report = add_versus(report, run_versus(target, named, config, log=_log))
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)  # logs and CI: keep the table on one line per plan
-    console.print(summary_table(report))
+    for table in summary_tables(report):
+        console.print(table)
     if json_path:
         _log(f"wrote {write_json(report, json_path)}")
     if plot_path:
         _log(f"wrote {plot_sweep(report, plot_path)}")
     if markdown_path:
-        title = f"{preset or engine_dir}, {report['backend']} {report['dtype']}"
+        title = f"{preset or engine_dir}, " + (f"{report['backend']} {report['dtype']}" if len(report["backends"]) == 1 else " vs ".join(b["name"] for b in report["backends"]))
+        title += " vs diffusers" if versus else ""
         _log(f"appended to {append_markdown(report, markdown_path, title)}")
 
 

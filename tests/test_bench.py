@@ -1,4 +1,5 @@
 import json
+import shutil
 
 from click.testing import CliRunner
 
@@ -39,3 +40,52 @@ def test_bench_preset_torch_and_bad_options(preset_root, tmp_path):
     assert result.exit_code == 1 and "unknown plan in --plans" in result.output
     result = runner.invoke(main, ["bench", "--preset", "tiny", "--plot", str(tmp_path / "p.png")])
     assert result.exit_code == 1 and "--sweep-ratio" in result.output
+
+
+def test_bench_backends_side_by_side_versus_diffusers(tiny_engine_dir, tmp_path):
+    out, notes = tmp_path / "bench.json", tmp_path / "bench.md"
+    result = CliRunner().invoke(
+        main,
+        ["bench", str(tiny_engine_dir), "--backends", "onnxruntime,torch", "--versus", "diffusers", "--steps", "2", "--warmup", "0",
+         "--repeat", "1", "--plans", "large,small", "--json", str(out), "--markdown", str(notes)],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = {(p["name"], p["backend"]): p for p in report["plans"]}
+    assert len(rows) == len(report["plans"])  # one row per plan and backend
+    assert set(rows) == {("large", "onnxruntime"), ("large", "torch"), ("small", "onnxruntime"), ("small", "torch"), ("large", "diffusers")}
+    for row in rows.values():
+        assert row["latency_s_median"] > 0
+    assert rows[("large", "diffusers")]["measure"] == "prompt_to_image"
+    assert rows[("small", "torch")]["measure"] == "denoise" and set(rows[("small", "torch")]["latency_vs_backends"]) == {"onnxruntime"}
+    assert [b["name"] for b in report["backends"]] == ["onnxruntime", "torch"]
+    assert {r["name"] for r in report["side_by_side"]} == {"large", "small"} and "onnxruntime/torch" in report["side_by_side"][0]["ratios"]
+    versus = report["versus"]
+    assert versus["steps"] == 2 and versus["pipeline"] == "diffusers.StableDiffusion3Pipeline"
+    ours = {(r["name"], r["backend"]): r for r in versus["rows"] if r["backend"] != "diffusers"}
+    assert set(ours) == {("large", "onnxruntime"), ("large", "torch"), ("small", "onnxruntime"), ("small", "torch")}
+    # same weights, prompt, steps, guidance, size and seed: our large plan draws diffusers' image
+    assert ours[("large", "torch")]["max_abs_pixel_diff_vs_diffusers"] <= 2
+    for title in ("backends side by side", "prompt → image"):
+        assert title in result.output and title in notes.read_text().lower()
+
+
+def test_bench_backends_errors(tiny_engine_dir, preset_root, tmp_path, monkeypatch):
+    runner = CliRunner()
+    monkeypatch.chdir(tmp_path)  # no engines/ folder here
+    no_pipeline = tmp_path / "no-pipeline"
+    shutil.copytree(tiny_engine_dir, no_pipeline)
+    manifest = json.loads((no_pipeline / "manifest.json").read_text())
+    (no_pipeline / "manifest.json").write_text(json.dumps({**manifest, "pipeline": None}))
+    cases = [
+        (["bench", str(tiny_engine_dir), "--backends", "onnxruntime,tensorflow"], "unknown backend in --backends | got 'tensorflow' | expected torch | onnxruntime | tensorrt"),
+        (["bench", str(tiny_engine_dir), "--backend", "torch", "--backends", "onnxruntime,torch"], "--backend and --backends both given"),
+        (["bench", "--preset", "tiny", "--backends", "onnxruntime,torch"], "build it with: hs-export build --preset tiny --backend onnxruntime --out engines/tiny-onnxruntime"),
+        (["bench", str(tiny_engine_dir), "--backends", "onnxruntime,tensorrt"], "holds onnxruntime engines"),
+        (["bench", "--preset", "sd3-medium", "--versus", "diffusers"], "--versus diffusers runs prompt → image, which needs text encoders and a VAE; preset sd3-medium has none"),
+        (["bench", str(no_pipeline), "--versus", "diffusers"], f"engine folder {no_pipeline} records none"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
