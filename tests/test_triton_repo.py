@@ -116,12 +116,13 @@ def direct(tiny4_engine_dir, preset_root, tmp_path_factory):
     assert not left, f"processes left behind: {left}"
 
 
-def _slow(url: str, seed: int = 0):
-    """One request that holds the only instance for ~2.5 s (600 large steps on tiny engines)."""
+def _slow(url: str, seed: int = 0, steps: int = 600):
+    """One request that holds the only instance (600 large steps on tiny engines: ~1.5 s on a
+    quiet machine, ~2.5 s on a busy one)."""
     from hs_export.serve.client import HybridStitchClient
 
     with HybridStitchClient(url, timeout_s=120) as remote:
-        remote.generate(PROMPTS[0], seed=seed, steps=600, plan="large")
+        remote.generate(PROMPTS[0], seed=seed, steps=steps, plan="large")
     return time.monotonic()
 
 
@@ -192,7 +193,8 @@ def test_a_request_cancelled_while_queued_is_never_run(direct):
 
     before = scrape(direct.metrics_url)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        slow = pool.submit(_slow, direct.url, 1)
+        # long enough that the impatient request's deadline (~2 s in) passes while it still waits
+        slow = pool.submit(_slow, direct.url, 1, 1000)
         time.sleep(1.0)
         with HybridStitchClient(direct.grpc_url, timeout_s=1.0) as impatient:
             with pytest.raises(ServingError, match="took longer than the client timeout"):
