@@ -72,6 +72,11 @@ class Manifest:
         return BuildShape(**self.build["shape"])
 
     @property
+    def vae_scale(self) -> int:
+        """Image pixels per latent pixel of the build (SD3: 8)."""
+        return max(1, int(self.build["height"]) // self.shape.latent_height)
+
+    @property
     def artifacts(self) -> list[dict]:
         """The recorded files (empty for folders built before records existed)."""
         return list(self.data.get("artifacts", []))

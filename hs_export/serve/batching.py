@@ -99,7 +99,7 @@ class ServingLimits:
         return cls(
             latent_height=(ranges["height"][0], ranges["height"][2]),
             latent_width=(ranges["width"][0], ranges["width"][2]),
-            vae_scale=max(1, int(manifest.build["height"]) // shape.latent_height),
+            vae_scale=manifest.vae_scale,
             patch=dims.patch_size, channels=dims.in_channels, text_tokens=shape.text_tokens,
             joint_dim=dims.joint_attention_dim, pooled_dim=dims.pooled_projection_dim,
             rebuild_command=manifest.rebuild_command,

@@ -62,7 +62,6 @@ def engines_from_manifest(manifest, backend: str, device) -> EngineSet:
         name: ProfileCheckedEngine(inner[name], manifest.graph(name)["profiles"], manifest.rebuild_command) for name in GRAPH_NAMES
     }
     shape, large = manifest.shape, manifest.dims("large")
-    scale = max(1, int(manifest.build["height"]) // shape.latent_height)
     hint = f"rebuild with: {manifest.rebuild_command} --force"
-    check_size = lambda h, w: check_latent_size(shape, large, h, w, hint, scale)  # noqa: E731
+    check_size = lambda h, w: check_latent_size(shape, large, h, w, hint, manifest.vae_scale)  # noqa: E731
     return EngineSet(checked, inner.device, inner.dtype, inner.backend, precision, check_size)
