@@ -90,17 +90,17 @@ PRESETS: dict[str, PresetSpec] = {
     ),
     "shapes": PresetSpec(
         "shapes",
-        small=_config(4, 4, 32, pos_max=32, sample=32, joint=64, pooled=64, qk_norm="rms_norm"),
-        large=_config(8, 5, 32, pos_max=32, sample=32, joint=64, pooled=64, qk_norm="rms_norm"),
-        height=256,
-        width=256,
+        small=_config(4, 4, 32, pos_max=32, sample=16, joint=64, pooled=64, qk_norm="rms_norm"),
+        large=_config(8, 5, 32, pos_max=32, sample=16, joint=64, pooled=64, qk_norm="rms_norm"),
+        height=128,
+        width=128,
         max_sequence_length=20,
         clip_tokens=20,
         text_pipeline=True,
         trained=True,
         steps=20,
         guidance_scale=4.5,
-        notes="trained here on synthetic shape scenes (hs-export train-shapes): 32×32 latent, small/large FLOPs 0.34",
+        notes="trained here on synthetic shape scenes (hs-export train-shapes): 128² px, 16×16 latent, small/large FLOPs 0.34",
     ),
 }
 
