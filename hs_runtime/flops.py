@@ -47,13 +47,13 @@ class PlanCost:
 
 def hybrid_step_flops(plan: Plan, small: ModelDims, large: ModelDims, image_tokens: int, text_tokens: int) -> float:
     """FLOPs per sample of one hybrid step: the large model on the complex tokens, the small one
-    on every token or (``small_outside_mask``) on the others, text recomputed or reused."""
+    on every token or (``small_outside_mask``) on the others; the large model's text stream
+    recomputed or (``reuse_text_kv``) reused, the small model's always recomputed."""
     n = image_tokens
     k = complex_token_count(plan.mask.ratio, n)
-    text_q = 0 if plan.reuse_text_kv else text_tokens
     small_queries = n - k if plan.small_outside_mask else n
-    small_part = transformer_flops(small, small_queries, n, text_tokens, text_q) if small_queries else 0.0
-    return transformer_flops(large, k, n, text_tokens, text_q) + small_part
+    small_part = transformer_flops(small, small_queries, n, text_tokens) if small_queries else 0.0
+    return transformer_flops(large, k, n, text_tokens, 0 if plan.reuse_text_kv else text_tokens) + small_part
 
 
 def plan_flops(plan: Plan, small: ModelDims, large: ModelDims, image_tokens: int, text_tokens: int) -> PlanCost:

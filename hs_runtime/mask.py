@@ -1,7 +1,8 @@
 """Complexity mask: which image tokens the large model keeps refining in the hybrid stage.
 
 Everything stays on the latents' device; the token count ``K = ceil(r·N)`` is a host integer, so
-selecting the mask needs no host synchronisation.
+selecting a fixed mask needs no host synchronisation (the adaptive mask reads one integer back
+per capture step).
 """
 
 from __future__ import annotations
@@ -62,10 +63,34 @@ def dilate_scores(scores: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tenso
     return F.max_pool2d(grid, kernel_size=3, stride=1, padding=1).reshape(scores.shape)
 
 
-def select_tokens(scores: torch.Tensor, ratio: float) -> TokenMask:
-    """Top ``ceil(ratio · N)`` tokens by score (ties to the lower index) and their complement."""
+SNAP_STEPS = 16  # adaptive counts are rounded up to N/16 steps: few distinct shapes per engine
+
+
+def adaptive_token_count(scores: torch.Tensor, config: MaskConfig) -> int:
+    """The adaptive mask's token count for a batch of ``[P, N]`` scores (see :class:`MaskConfig`).
+
+    Per prompt, the fewest top tokens whose energy reaches ``energy`` of the total (squared
+    scores for ``disagreement``, a norm; the ``detail`` score is an energy already); the
+    batch's largest, rounded up to a multiple of ``ceil(N / 16)`` and clamped to
+    ``[ceil(min_ratio·N), ceil(ratio·N)]``. Reads one integer back to the host (once per capture
+    step): the graphs' token count is a host-side shape.
+    """
     n = scores.shape[1]
-    k = complex_token_count(ratio, n)
+    low, high = complex_token_count(config.min_ratio, n), complex_token_count(config.ratio, n)
+    weights = scores.float().pow(2) if config.signal == "disagreement" else scores.float().clamp_min(0)
+    energy = weights.sort(dim=1, descending=True).values.cumsum(dim=1)
+    needed = config.energy * energy[:, -1:] * (1 - 1e-6)  # float sums: energy=1 must reach N
+    per_prompt = (energy < needed).sum(dim=1) + 1
+    count = int(per_prompt.max())
+    step = -(-n // SNAP_STEPS)
+    return max(low, min(high, -(-count // step) * step))
+
+
+def select_tokens(scores: torch.Tensor, ratio: float, count: int | None = None) -> TokenMask:
+    """Top ``count`` (default ``ceil(ratio · N)``) tokens by score (ties to the lower index) and
+    their complement."""
+    n = scores.shape[1]
+    k = complex_token_count(ratio, n) if count is None else count
     complex_idx = torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values
     chosen = torch.zeros_like(scores, dtype=torch.int8).scatter_(1, complex_idx, 1)
     # Stable sort puts the unchosen (0) positions first, in index order.
@@ -95,4 +120,5 @@ def compute_mask(
     if config.dilate:
         h, w = latents.shape[-2] // patch_size, latents.shape[-1] // patch_size
         scores = dilate_scores(scores, h, w)
-    return select_tokens(scores, config.ratio)
+    count = adaptive_token_count(scores, config) if config.energy else None
+    return select_tokens(scores, config.ratio, count)

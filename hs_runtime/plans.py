@@ -31,15 +31,28 @@ class MaskConfig:
             energy of the large model's predicted clean latent).
         dilate: spread each token's score to its 8 neighbours before the top-k, so the chosen
             region grows contiguous (fewer seams) at the same token budget.
+        energy: 0 (off): every prompt gets ``ceil(ratio · N)`` tokens. In (0, 1]: the *adaptive*
+            mask — per prompt, the fewest tokens whose score energy holds this share of the
+            step's total (the error is not equally local in every image), between
+            ``min_ratio`` and ``ratio``; a batch shares its largest count. Exact at its limit:
+            ``energy=1`` with ``min_ratio=ratio`` is the fixed mask.
+        min_ratio: the adaptive mask's lower bound (share of image tokens).
     """
 
-    ratio: float = 0.3
-    signal: str = "disagreement"
+    # The default hybrid's mask (docs/quality.md: chosen on the paired front of the shapes pair).
+    ratio: float = 0.2
+    signal: str = "detail"
     dilate: bool = False
+    energy: float = 0.0
+    min_ratio: float = 0.05
 
     def __post_init__(self):
         if not 0.0 < self.ratio <= 1.0:
             raise ConfigError(describe("mask ratio out of range", got=self.ratio, expected="a value in (0, 1]"))
+        if not 0.0 <= self.energy <= 1.0:
+            raise ConfigError(describe("mask energy share out of range", got=self.energy, expected="0 (fixed mask) or a value in (0, 1]"))
+        if not 0.0 < self.min_ratio <= self.ratio:
+            raise ConfigError(describe("mask min_ratio out of range", got=self.min_ratio, expected=f"a value in (0, ratio={self.ratio}]"))
         if self.signal not in MASK_SIGNALS:
             raise ConfigError(describe("unknown mask signal", got=repr(self.signal), expected=" | ".join(MASK_SIGNALS)))
 
@@ -58,6 +71,11 @@ class PlanConfig:
             plus the large − small offset measured at the last capture step, instead of the small
             model's velocity alone (no extra graph call; exact at ratio 1.0, where no token is
             outside the mask).
+        reuse_text_kv: in hybrid steps, the large model takes the text stream's K/V from the
+            capture step instead of recomputing it (exact when the capture step is the same step).
+        small_outside_mask: in hybrid steps, the small model runs only on the tokens outside the
+            mask, attending to the capture step's K/V of the others (exact at ratio 1.0, where the
+            small call is skipped).
     """
 
     large_fraction: float = 0.25
@@ -66,8 +84,8 @@ class PlanConfig:
     srdiff_large_fraction: float = 0.4
     refresh_every: int = 0
     carry_offset: bool = True
-    reuse_text_kv: bool = False
-    small_outside_mask: bool = False
+    reuse_text_kv: bool = True
+    small_outside_mask: bool = True
     mask: MaskConfig = field(default_factory=MaskConfig)
 
     def __post_init__(self):
@@ -116,7 +134,7 @@ class Plan:
     def small_at_capture(self) -> bool:
         """Whether capture steps also run the small model densely: for the ``disagreement``
         mask, the carried offset, or the K/V its hybrid-step calls reuse."""
-        uses = self.mask.signal == "disagreement" or self.carry_offset or self.small_outside_mask or self.reuse_text_kv
+        uses = self.mask.signal == "disagreement" or self.carry_offset or self.small_outside_mask
         return "capture" in self.actions and uses
 
     def count(self, action: str) -> int:

@@ -140,7 +140,6 @@ class _Hybrid:
     context_idx: torch.Tensor  # [P, M]
     large: _Context
     small: _Context | None  # None: the small model runs on every token
-    small_text: list | None  # the dense small model's capture-step text K/V (text reuse)
     offset: torch.Tensor | None  # [P, N, P_dim] large − small at capture (carry_offset)
 
 
@@ -256,7 +255,7 @@ class StitchedSampler:
         """One hybrid step → guided velocity tokens ``[P, N, P_dim]``."""
         v_large = self._guide(self._call(LARGE, run.subset(LARGE, patches, hybrid.large, t))[VELOCITY])
         if hybrid.small is None:  # the small model on every token
-            v_small = self._guide(self._call(SMALL, run.dense(SMALL, patches, t, hybrid.small_text))[VELOCITY])
+            v_small = self._guide(self._call(SMALL, run.dense(SMALL, patches, t))[VELOCITY])
             if hybrid.offset is not None:
                 v_small = v_small + hybrid.offset
             return scatter_tokens(v_small, hybrid.complex_idx, v_large)
@@ -275,19 +274,18 @@ class StitchedSampler:
         p = self.large_dims.patch_size
         small_out, v_small = None, None
         if plan.small_at_capture:
-            keeps_kv = plan.small_outside_mask or plan.reuse_text_kv
-            outputs = self.engines[SMALL].spec.output_names if keeps_kv else (VELOCITY,)
+            outputs = self.engines[SMALL].spec.output_names if plan.small_outside_mask else (VELOCITY,)
             small_out = self._call(SMALL, run.dense(SMALL, patches, t), outputs)
             v_small = self._guide(small_out[VELOCITY])
         as_latent = lambda v: None if v is None else unpatchify(v, channels, height, width, p)  # noqa: E731
         mask = compute_mask(plan.mask, x, as_latent(v_large), as_latent(v_small), sigma, p)
         both = mask.for_batch(self.cfg)
-        reuse = plan.reuse_text_kv
-        large = run.context(LARGE, large_out, both.complex_idx, both.context_idx, reuse)
-        small = run.context(SMALL, small_out, both.context_idx, both.complex_idx, reuse) if plan.small_outside_mask else None
-        small_text = run.text_kv(SMALL, small_out) if reuse and small is None else None
+        # Text K/V reuse is the large model's only: the small model reusing its own measured worse
+        # than recomputing (docs/quality.md), and its text stream is a small share of its call.
+        large = run.context(LARGE, large_out, both.complex_idx, both.context_idx, plan.reuse_text_kv)
+        small = run.context(SMALL, small_out, both.context_idx, both.complex_idx, False) if plan.small_outside_mask else None
         offset = v_large - v_small if plan.carry_offset else None
-        return mask, _Hybrid(mask.complex_idx, mask.context_idx, large, small, small_text, offset)
+        return mask, _Hybrid(mask.complex_idx, mask.context_idx, large, small, offset)
 
 
 class _RunInputs:
@@ -325,9 +323,9 @@ class _RunInputs:
             feeds[text_context_name(j)] = empty if text_kv is None else text_kv[j]
         return feeds
 
-    def dense(self, role, patches, t, text_kv=None) -> dict:
-        """All image tokens, no image context (text recomputed unless ``text_kv`` is given)."""
-        return self.feeds(role, self._batch(patches), self.positions, t, None, text_kv)
+    def dense(self, role, patches, t) -> dict:
+        """All image tokens, no image context, text recomputed."""
+        return self.feeds(role, self._batch(patches), self.positions, t)
 
     def subset(self, role, patches, context: _Context, t) -> dict:
         """``context``'s query tokens (CFG batch) with its cached K/V of the other tokens."""

@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,18 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hs_runtime.backends.torch_backend import torch_engines  # noqa: E402
 from hs_runtime.contract import ModelDims, call_sizes, graph_spec  # noqa: E402
 from hs_runtime.flops import ideal_speedup  # noqa: E402
-from hs_runtime.plans import PlanConfig, make_plan  # noqa: E402
+from hs_runtime.plans import MaskConfig, PlanConfig, make_plan  # noqa: E402
 from hs_runtime.presets import get_preset, random_transformer  # noqa: E402
 from hs_runtime.sampler import Conditioning, StitchedSampler  # noqa: E402
 
+# The hybrid default until 2026-12-04: dense small model, text recomputed, disagreement mask at 0.3.
+FORMER_DEFAULT = PlanConfig(reuse_text_kv=False, small_outside_mask=False, mask=MaskConfig(0.3, "disagreement"))
 PLANS = {
     "large": ("large", PlanConfig()),
     "small": ("small", PlanConfig()),
     "tstitch": ("tstitch", PlanConfig()),
     "srdiff": ("srdiff", PlanConfig()),
-    "hybrid": ("hybrid", PlanConfig()),
-    "hybrid +text reuse": ("hybrid", PlanConfig(reuse_text_kv=True)),
-    "hybrid +text reuse +small outside": ("hybrid", PlanConfig(reuse_text_kv=True, small_outside_mask=True)),
+    "hybrid (former default)": ("hybrid", FORMER_DEFAULT),
+    "hybrid +large text reuse": ("hybrid", replace(FORMER_DEFAULT, reuse_text_kv=True)),
+    "hybrid +large text reuse +small outside": ("hybrid", replace(FORMER_DEFAULT, reuse_text_kv=True, small_outside_mask=True)),
+    "hybrid (default)": ("hybrid", PlanConfig()),
 }
 
 
@@ -119,7 +123,7 @@ def cuda_parity(device: str) -> list[dict]:
     dims = cpu_engines["large"].dims
     cond = conditioning(2, 85, dims, "cpu", torch.float32)
     latents = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1))
-    for label, config in (("hybrid", PlanConfig()), ("hybrid +text reuse +small outside", PlanConfig(reuse_text_kv=True, small_outside_mask=True))):
+    for label, config in (("hybrid (former default)", FORMER_DEFAULT), ("hybrid (default)", PlanConfig())):
         plan = make_plan("hybrid", 8, config)
         a = StitchedSampler(cpu_engines, 7.0).denoise(plan, latents, cond).latents
         b = StitchedSampler(gpu_engines, 7.0).denoise(plan, latents, cond).latents.cpu()

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from hs_runtime.mask import compute_mask, dilate_scores, select_tokens
+from hs_runtime.errors import ConfigError
+from hs_runtime.mask import adaptive_token_count, compute_mask, dilate_scores, select_tokens
 from hs_runtime.plans import MaskConfig
 
 
@@ -32,7 +34,7 @@ def test_disagreement_picks_where_models_differ():
     vl = torch.zeros(1, 16, 8, 8)
     vs = torch.zeros(1, 16, 8, 8)
     vs[:, :, 2:4, 4:6] = 1.0  # token (row 1, col 2) of the 4×4 grid
-    mask = compute_mask(MaskConfig(1 / 16), vl, vl, vs, 0.5, 2)
+    mask = compute_mask(MaskConfig(1 / 16, "disagreement"), vl, vl, vs, 0.5, 2)
     assert mask.complex_idx.tolist() == [[1 * 4 + 2]]
 
 
@@ -48,3 +50,37 @@ def test_dilation_spreads_to_neighbours():
     scores[0, 5] = 1.0
     dilated = dilate_scores(scores, 4, 4)
     assert set(torch.nonzero(dilated[0]).squeeze(1).tolist()) == {0, 1, 2, 4, 5, 6, 8, 9, 10}
+
+
+
+def test_adaptive_mask_takes_the_fewest_tokens_holding_the_energy_share():
+    scores = torch.zeros(1, 64)
+    scores[0, [3, 9, 20, 41]] = 1.0  # all of the energy in 4 tokens (a multiple of the N/16 step)
+    config = MaskConfig(ratio=0.5, energy=0.9)
+    assert select_tokens(scores, 0.5, adaptive_token_count(scores, config)).complex_idx.tolist() == [[3, 9, 20, 41]]
+    flat = torch.zeros(1, 16, 16, 16)  # no disagreement anywhere: the lower bound
+    assert compute_mask(MaskConfig(ratio=0.5, energy=0.9, min_ratio=0.1), flat, flat, flat, 0.5, 2).complex_idx.shape == (1, 7)
+
+
+def test_adaptive_count_batch_shares_its_largest_clamped_and_snapped():
+    scores = torch.zeros(2, 64)
+    scores[0, :4] = 1.0
+    scores[1] = 1.0  # uniform: 90% of the energy needs 58 tokens, clamped to ceil(0.5 · 64) = 32
+    assert adaptive_token_count(scores, MaskConfig(ratio=0.5, energy=0.9)) == 32
+    assert adaptive_token_count(scores[:1], MaskConfig(ratio=0.5, energy=0.9, min_ratio=0.25)) == 16  # lower clamp
+    scores[0, :5] = 1.0  # 5 tokens → snapped up to 8 (steps of 64 / 16 = 4)
+    assert adaptive_token_count(scores[:1], MaskConfig(ratio=0.5, energy=1.0)) == 8
+
+
+def test_adaptive_mask_at_its_limits_is_the_fixed_mask():
+    scores = torch.rand(3, 64) + 0.1
+    fixed = select_tokens(scores, 0.3).complex_idx.shape[1]
+    assert adaptive_token_count(scores, MaskConfig(ratio=0.3, energy=0.5, min_ratio=0.3)) == fixed
+    assert adaptive_token_count(scores, MaskConfig(ratio=0.3, energy=1.0)) == fixed  # all the energy: the cap
+
+
+def test_adaptive_mask_settings_are_checked():
+    with pytest.raises(ConfigError, match="energy"):
+        MaskConfig(energy=1.5)
+    with pytest.raises(ConfigError, match="min_ratio"):
+        MaskConfig(ratio=0.2, min_ratio=0.3)

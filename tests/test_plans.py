@@ -11,7 +11,8 @@ def test_hybrid_default_layout():
     assert plan.actions[a - 1] == "capture"
     assert plan.actions[a:b] == ("hybrid",) * (b - a)
     assert plan.actions[b:] == ("small",) * (28 - b)
-    assert plan.mask == MaskConfig(0.3, "disagreement", False) and plan.carry_offset
+    assert plan.mask == MaskConfig(0.2, "detail", False) and plan.carry_offset  # docs/quality.md: the paired front
+    assert plan.reuse_text_kv and plan.small_outside_mask and plan.small_at_capture
 
 
 def test_baselines():

@@ -121,9 +121,10 @@ def test_tables_show_a_region_without_pixels_as_a_dash(tmp_path):
 # ---- prompt adherence (shapes), paired statistics, CLIP score ---------------------------------------
 
 
-def test_adherence_reads_rendered_scenes_back():
-    """The checker on the renderer's own images at the shapes pair's 256² px: what it reads on
-    generated images is then the model's adherence, not the checker's error."""
+@pytest.mark.parametrize("size", [128, 256])
+def test_adherence_reads_rendered_scenes_back(size):
+    """The checker on the renderer's own images at the shapes pair's 128² px (and 256²): what it
+    reads on generated images is then the model's adherence, not the checker's error."""
     import numpy as np
 
     from hs_export.quality.adherence import read_scene, score_image, summarise
@@ -131,7 +132,7 @@ def test_adherence_reads_rendered_scenes_back():
 
     rng = np.random.default_rng(2024)
     truth = [scenes.sample_scene(rng) for _ in range(40)]
-    rows = [score_image(torch.from_numpy(scenes.render(s, 256)).permute(2, 0, 1), s.prompt) for s in truth]
+    rows = [score_image(torch.from_numpy(scenes.render(s, size)).permute(2, 0, 1), s.prompt) for s in truth]
     result = summarise(rows)
     assert result["images"] == 40
     assert result["background"] >= 0.97, result
@@ -279,7 +280,7 @@ def test_quality_reports_paired_deltas_adherence_and_clip_score(tmp_path, tiny_c
 
     out = tmp_path / "q.json"
     args = ["--preset", "shapes", "--prompts", "2", "--seeds", "1", "--steps", "8", "--no-timing", "--plans", "large,small,srdiff,hybrid",
-            "--sweep", "srdiff:large_fraction=0.25,0.5", "--clip-model", str(tiny_clip), "--json", str(out),
+            "--sweep", "srdiff:large_fraction=0.25,0.5", "--sweep", "hybrid:energy=0.5:ratio=0.5", "--clip-model", str(tiny_clip), "--json", str(out),
             "--markdown", str(tmp_path / "q.md"), "--plot", str(tmp_path / "q.png"), "--grid", str(tmp_path / "grid.png")]
     result = _quality(args, tmp_path)
     assert result.exit_code == 0, result.output
@@ -301,6 +302,15 @@ def test_quality_reports_paired_deltas_adherence_and_clip_score(tmp_path, tiny_c
     assert hybrid["delta_clip_score_vs_srdiff_front"] is not None
     assert plans["srdiff"]["delta_psnr_vs_srdiff_front"]["verdict"] == "front"
     assert plans["large"]["delta_psnr_vs_srdiff_front"] is None
+    # The adaptive mask is costed at the share of tokens it used (a multiple of N/16, within its bounds).
+    adaptive = plans["hybrid[energy=0.5,ratio=0.5]"]
+    share = adaptive["mask_ratio"]
+    assert 0.05 <= share <= 0.5 and (share * report["image_tokens"]) % (report["image_tokens"] // 16) == 0
+    from hs_export.quality.runner import sd35_ideal_speedup
+    from hs_runtime.plans import MaskConfig, PlanConfig, make_plan
+
+    at_cap = sd35_ideal_speedup(make_plan("hybrid", 8, PlanConfig(mask=MaskConfig(0.5))))
+    assert adaptive["ideal_speedup_sd35"] >= at_cap
     assert "Δ PSNR vs srdiff front" in (tmp_path / "q.md").read_text() and (tmp_path / "q.png").stat().st_size > 0 and (tmp_path / "grid.png").is_file()
 
 

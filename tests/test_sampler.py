@@ -10,6 +10,9 @@ from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan
 from hs_runtime.sampler import StitchedSampler
 
 STEPS = 6
+# The hybrid step without the cheaper settings (on by default): the exactness tests below turn
+# each one on alone. Text K/V reuse is exact only within the capture step itself.
+PLAIN = dict(reuse_text_kv=False, small_outside_mask=False)
 
 
 def test_large_plan_matches_diffusers_pipeline(tiny_pipe, tiny_torch_engines, tiny_conditioning):
@@ -30,7 +33,7 @@ def test_hybrid_full_ratio_same_model_equals_large(tiny_models, tiny_conditionin
     sampler = StitchedSampler(torch_engines(large, large), 7.0)
     latents = initial_latents(2, 128, 128, seed=3)
     reference = sampler.denoise(make_plan("large", STEPS), latents, tiny_conditioning).latents
-    plan = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, mask=MaskConfig(ratio=1.0)))
+    plan = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, mask=MaskConfig(ratio=1.0), **PLAIN))
     assert plan.count("hybrid") > 0
     result = sampler.denoise(plan, latents, tiny_conditioning)
     assert (result.latents - reference).abs().max() <= 1e-4
@@ -78,10 +81,10 @@ def test_carry_offset_is_exact_at_full_ratio_and_acts_below_it(tiny_torch_engine
     sampler = StitchedSampler(tiny_torch_engines, 7.0)
     latents = initial_latents(2, 128, 128, 0)
     srdiff = sampler.denoise(make_plan("srdiff", STEPS, PlanConfig(srdiff_large_fraction=0.8)), latents, tiny_conditioning).latents
-    full = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, carry_offset=True, mask=MaskConfig(ratio=1.0)))
+    full = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, carry_offset=True, mask=MaskConfig(ratio=1.0), **PLAIN))
     assert full.carry_offset and full.count("hybrid") > 0
     assert (sampler.denoise(full, latents, tiny_conditioning).latents - srdiff).abs().max() <= 1e-4
-    config = PlanConfig(large_fraction=0.2, hybrid_end=0.8, carry_offset=False, mask=MaskConfig(ratio=0.3, signal="detail"))
+    config = PlanConfig(large_fraction=0.2, hybrid_end=0.8, carry_offset=False, mask=MaskConfig(ratio=0.3, signal="detail"), **PLAIN)
     plain = sampler.denoise(make_plan("hybrid", STEPS, config), latents, tiny_conditioning).latents
     carried = sampler.denoise(make_plan("hybrid", STEPS, replace(config, carry_offset=True)), latents, tiny_conditioning).latents
     assert torch.isfinite(carried).all() and not torch.allclose(plain, carried)
@@ -93,7 +96,7 @@ def test_small_outside_mask_is_exact_at_full_ratio(tiny_torch_engines, tiny_cond
     sampler = StitchedSampler(tiny_torch_engines, 7.0)
     latents = initial_latents(2, 128, 128, 0)
     srdiff = sampler.denoise(make_plan("srdiff", STEPS, PlanConfig(srdiff_large_fraction=0.8)), latents, tiny_conditioning).latents
-    full = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, small_outside_mask=True, mask=MaskConfig(ratio=1.0)))
+    full = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, mask=MaskConfig(ratio=1.0), **{**PLAIN, "small_outside_mask": True}))
     assert (sampler.denoise(full, latents, tiny_conditioning).latents - srdiff).abs().max() <= 1e-4
 
 
@@ -104,7 +107,7 @@ def test_cheaper_hybrid_steps_change_little_and_really_act(changes, tiny_torch_e
     hybrid image differs from the small model's."""
     sampler = StitchedSampler(tiny_torch_engines, 7.0)
     latents = initial_latents(2, 128, 128, 0)
-    config = PlanConfig(large_fraction=0.2, hybrid_end=0.8)
+    config = PlanConfig(large_fraction=0.2, hybrid_end=0.8, **PLAIN)
     base = sampler.denoise(make_plan("hybrid", STEPS, config), latents, tiny_conditioning).latents
     small = sampler.denoise(make_plan("small", STEPS), latents, tiny_conditioning).latents
     cheaper = sampler.denoise(make_plan("hybrid", STEPS, replace(config, **changes)), latents, tiny_conditioning)
@@ -113,9 +116,11 @@ def test_cheaper_hybrid_steps_change_little_and_really_act(changes, tiny_torch_e
     assert moved < 0.5 * (small - base).abs().mean().item()
 
 
-def test_text_reuse_with_dense_small_and_refresh(tiny_torch_engines, tiny_conditioning):
-    plan = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, refresh_every=2, reuse_text_kv=True, mask=MaskConfig(signal="detail"), carry_offset=False))
-    assert plan.small_at_capture and plan.count("capture") == 2
+def test_text_reuse_with_refresh_needs_no_small_capture(tiny_torch_engines, tiny_conditioning):
+    """Text reuse is the large model's alone: with the detail mask and no offset the capture
+    steps run no small model, and each refresh re-captures the large model's text K/V."""
+    plan = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, refresh_every=2, reuse_text_kv=True, small_outside_mask=False, mask=MaskConfig(signal="detail"), carry_offset=False))
+    assert not plan.small_at_capture and plan.count("capture") == 2
     result = StitchedSampler(tiny_torch_engines, 7.0).denoise(plan, initial_latents(2, 128, 128, 0), tiny_conditioning, profile=True)
     assert torch.isfinite(result.latents).all() and len(result.masks) == 2
 
@@ -129,3 +134,16 @@ def test_should_stop_ends_a_denoise_between_steps(tiny_torch_engines, tiny_condi
         StitchedSampler(tiny_torch_engines, 7.0).denoise(make_plan("hybrid", STEPS), initial_latents(2, 128, 128, 0), tiny_conditioning, should_stop=stop_after)
     result = StitchedSampler(tiny_torch_engines, 7.0).denoise(make_plan("small", 2), initial_latents(2, 128, 128, 0), tiny_conditioning, should_stop=lambda: False)
     assert torch.isfinite(result.latents).all()
+
+
+def test_adaptive_mask_runs_end_to_end_and_is_exact_at_its_limit(tiny_torch_engines, tiny_conditioning):
+    """The adaptive mask picks one count for the batch within [min_ratio, ratio]; pinned to
+    min_ratio = ratio it is the fixed mask, image for image."""
+    sampler = StitchedSampler(tiny_torch_engines, 7.0)
+    latents = initial_latents(2, 128, 128, 0)
+    fixed = sampler.denoise(make_plan("hybrid", STEPS, PlanConfig(mask=MaskConfig(0.3))), latents, tiny_conditioning)
+    pinned = sampler.denoise(make_plan("hybrid", STEPS, PlanConfig(mask=MaskConfig(0.3, energy=0.5, min_ratio=0.3))), latents, tiny_conditioning)
+    assert torch.equal(pinned.latents, fixed.latents)
+    adaptive = sampler.denoise(make_plan("hybrid", STEPS, PlanConfig(mask=MaskConfig(0.5, energy=0.5, min_ratio=0.05))), latents, tiny_conditioning)
+    count = adaptive.masks[0].complex_idx.shape
+    assert count[0] == 2 and 4 <= count[1] <= 32 and count[1] % 4 == 0 and torch.isfinite(adaptive.latents).all()

@@ -27,9 +27,10 @@ from hs_export.serve.batching import RunSettings, ServingDefaults, ServingLimits
 from hs_export.serve.handlers import CANCELLED, INTERNAL, INVALID_ARG, GenerateHandler, Instance, LatentsHandler
 from hs_export.serve.protocol import GENERATE, LATENTS, TIMING_KEYS, ServingError
 from hs_runtime import HybridStitchRuntime
+from hs_runtime.plans import MaskConfig
 from hs_runtime.errors import CancelledError, HybridStitchError
 from hs_runtime.pipeline import initial_latents
-from hs_runtime.plans import make_plan
+from hs_runtime.plans import MaskConfig, make_plan
 from hs_runtime.sampler import Conditioning
 
 STEPS = 4
@@ -119,7 +120,7 @@ def test_defaults_and_limits_come_from_the_manifest(tiny4_runtime):
     defaults = ServingDefaults.from_manifest(tiny4_runtime.manifest)
     limits = ServingLimits.from_manifest(tiny4_runtime.manifest)
     assert defaults.settings.plan == "hybrid" and (defaults.settings.height, defaults.settings.width) == (128, 128)
-    assert defaults.settings.mask_ratio == pytest.approx(0.3)
+    assert defaults.settings.mask_ratio == pytest.approx(MaskConfig().ratio)  # the build's planned ratio: the default
     assert limits.latent_height == (16, 16) and limits.text_tokens == 85 and limits.vae_scale == 8
 
 
@@ -183,7 +184,7 @@ def test_handler_serves_a_batch_around_a_bad_request(instance, tiny4_runtime):
         assert out[i].error == "" and out[i].outputs["image"].shape == (1, 128, 128, 3) and out[i].outputs["mask"].shape == (1, 8, 8)
         assert out[i].outputs["timings_s"].shape == (1, len(TIMING_KEYS))
         assert np.abs(out[i].outputs["image"][0].astype(np.int16) - _alone(tiny4_runtime, PROMPTS[i], i + 1)).max() <= MAX_PIXEL_DIFF
-    tokens = int(np.ceil(0.3 * 64))  # the hybrid plan's 30% of 8×8 tokens
+    tokens = int(np.ceil(MaskConfig().ratio * 64))  # the default hybrid plan's share of 8×8 tokens
     assert out[0].outputs["mask"].sum() == tokens
     assert stats.images == {"hybrid": 3} and stats.mask_tokens == {"hybrid": 3 * tokens}
     assert all(stats.stage_seconds[s] > 0 for s in ("large", "mask", "hybrid", "small", "text_encoding", "vae_decode")), stats.stage_seconds

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from hs_export.cli import main
 from hs_export.serve.protocol import GENERATE, LATENTS, ServingError
 from hs_export.serve.repository import served_models
+from hs_runtime.plans import MaskConfig
 
 from test_serve import MAX_PIXEL_DIFF, PROMPTS, STEPS, free_ports, generate_cli_image, metric, scrape, start_process, tiny4_engine_dir  # noqa: F401  (a fixture)
 
@@ -154,7 +155,7 @@ def test_custom_metrics_grow_with_served_requests(direct):
     for stage in stages:
         assert delta("hybridstitch_stage_seconds_total", stage=stage) > 0, stage
     assert delta("hybridstitch_images_total", plan="hybrid") == 2
-    assert delta("hybridstitch_mask_tokens_total", plan="hybrid") == 2 * int(np.ceil(0.3 * 64))
+    assert delta("hybridstitch_mask_tokens_total", plan="hybrid") == 2 * int(np.ceil(MaskConfig().ratio * 64))
     assert delta("hybridstitch_engine_calls_total", plan="hybrid") == 2
 
 

@@ -15,6 +15,7 @@ import datetime
 import math
 import platform
 import statistics
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from hs_runtime.contract import LARGE, SMALL, ModelDims
 from hs_runtime.errors import ConfigError, describe
 from hs_runtime.flops import ideal_speedup, plan_flops
 from hs_runtime.pipeline import initial_latents
-from hs_runtime.plans import PlanConfig
+from hs_runtime.plans import PlanConfig, with_mask
 from hs_runtime.presets import MODEL_CONFIGS
 
 from ..bench import time_plans
@@ -147,6 +148,8 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
     noise = {s: initial_latents(1, height, width, s, scale).expand(len(prompts), -1, -1, -1).contiguous() for s in seeds}
     advance = progress(len(variants) * len(seeds)) if progress else (lambda _description: None)
 
+    mask_shares: dict[str, list[float]] = defaultdict(list)  # per plan, per image: complex-token share used
+
     def render(variant: PlanVariant, seed: int):
         latents, masks = [], []
         for start in range(0, len(prompts), batch):
@@ -156,6 +159,8 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
             latents.append(result.latents)
             if result.masks:
                 masks.append(result.masks[0].as_grid(grid_h, grid_w).cpu())
+                share = statistics.mean(m.complex_idx.shape[1] / m.scores.shape[1] for m in result.masks)
+                mask_shares[variant.name] += [share] * result.latents.shape[0]
         images = text_and_vae.decode(torch.cat(latents))
         advance(f"{variant.name} · seed {seed}")
         return images, (torch.cat(masks) if masks else None)
@@ -206,6 +211,9 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
     plans = []
     for variant in variants:
         plan = variant.plan
+        if plan.mask.energy and mask_shares[variant.name]:  # adaptive mask: cost at the share it used
+            share = statistics.mean(mask_shares[variant.name])
+            plan = with_mask(plan, ratio=share, energy=0.0, min_ratio=share)
         summary = {
             "name": variant.name,
             "family": variant.family,

@@ -33,11 +33,14 @@ STANDARD_SWEEP = (
     "tstitch:small_fraction=0.2,0.4,0.6",
     "srdiff:large_fraction=0.25,0.3,0.35,0.4,0.5,0.6",
     "hybrid:large_fraction=0.2,0.25,0.3:hybrid_end=0.4,0.5",
-    "hybrid:ratio=0.2,1.0",
+    "hybrid:ratio=0.3,1.0",
     "hybrid:carry_offset=false:large_fraction=0.25,0.3",
     "hybrid:refresh_every=2",
     "hybrid:dilate=true",
-    "hybrid:signal=detail",
+    "hybrid:signal=disagreement",
+    "hybrid:energy=0.5:ratio=0.4",
+    "hybrid:reuse_text_kv=false:small_outside_mask=false,true",
+    "hybrid:reuse_text_kv=false:small_outside_mask=false:signal=disagreement:ratio=0.3",  # the former default
 )
 
 
