@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from hs_runtime.errors import HybridStitchError, describe, first_line
+from hs_runtime.errors import ConfigError, HybridStitchError, describe, first_line
 from hs_runtime.plans import MASK_SIGNALS, PLAN_NAMES, MaskConfig, PlanConfig
 from hs_runtime.presets import PRESET_NAMES
 
@@ -52,6 +52,8 @@ def plan_options(fn):
         click.option("--mask-ratio", type=float, default=_MASK_DEFAULTS.ratio, show_default=True, help="Share of image tokens the large model refines."),
         click.option("--mask-signal", type=click.Choice(MASK_SIGNALS), default=_MASK_DEFAULTS.signal, show_default=True),
         click.option("--dilate/--no-dilate", default=_MASK_DEFAULTS.dilate, show_default=True, help="Grow the mask by one token."),
+        click.option("--mask-energy", type=float, default=_MASK_DEFAULTS.energy, show_default=True, help="Adaptive mask: per prompt, the fewest tokens holding this share of the score energy, up to --mask-ratio (0: fixed mask)."),
+        click.option("--mask-min-ratio", type=float, default=_MASK_DEFAULTS.min_ratio, show_default=True, help="Adaptive mask: the fewest tokens, as a share of the image's."),
         click.option("--large-fraction", type=float, default=_PLAN_DEFAULTS.large_fraction, show_default=True),
         click.option("--hybrid-end", type=float, default=_PLAN_DEFAULTS.hybrid_end, show_default=True),
         click.option("--small-fraction", type=float, default=_PLAN_DEFAULTS.small_fraction, show_default=True, help="tstitch: small-model share."),
@@ -68,7 +70,10 @@ def plan_options(fn):
 
 def plan_config_from(kwargs: dict) -> PlanConfig:
     """Pops the :func:`plan_options` values out of ``kwargs`` into a validated :class:`PlanConfig`."""
-    mask = MaskConfig(ratio=kwargs.pop("mask_ratio"), signal=kwargs.pop("mask_signal"), dilate=kwargs.pop("dilate"))
+    mask = MaskConfig(
+        ratio=kwargs.pop("mask_ratio"), signal=kwargs.pop("mask_signal"), dilate=kwargs.pop("dilate"),
+        energy=kwargs.pop("mask_energy"), min_ratio=kwargs.pop("mask_min_ratio"),
+    )
     return PlanConfig(
         large_fraction=kwargs.pop("large_fraction"), hybrid_end=kwargs.pop("hybrid_end"),
         small_fraction=kwargs.pop("small_fraction"), srdiff_large_fraction=kwargs.pop("srdiff_large_fraction"),
@@ -123,6 +128,7 @@ def _quiet_libraries() -> None:
 @click.option("--negative-prompt", default=None)
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the preset's or the build's, else 28).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seeds", "seed_count", type=int, default=1, show_default=True, help="Render seeds SEED … SEED+K−1 (with --compare: one row per image).")
 @click.option("--height", type=int, default=None, help="Pixels (default: the preset's or the build's).")
 @click.option("--width", type=int, default=None)
 @click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the preset's or the build's, else 7.0).")
@@ -132,7 +138,7 @@ def _quiet_libraries() -> None:
 @click.option("--compare", is_flag=True, help="Also write large-only | this plan | mask overlay side by side.")
 @plan_options
 @_one_line_errors
-def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, plan_name, prompts, negative_prompt, steps, seed, height, width, guidance_scale, device, dtype, out, compare, **plan_kwargs):
+def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, plan_name, prompts, negative_prompt, steps, seed, seed_count, height, width, guidance_scale, device, dtype, out, compare, **plan_kwargs):
     """Generate an image with any plan.
 
     Runs on an engine folder (ENGINE_DIR) or on PyTorch models (--preset or --small/--large) and
@@ -142,10 +148,12 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
     from .runs import open_runtime
 
     plan_config = plan_config_from(plan_kwargs)
+    if seed_count < 1:
+        raise ConfigError(describe("--seeds must be >= 1", got=seed_count))
     runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype)
     run_generate(
         runtime, plan_name, plan_config, list(prompts), negative_prompt,
-        defaults.steps if steps is None else steps, seed,
+        defaults.steps if steps is None else steps, list(range(seed, seed + seed_count)),
         defaults.height if height is None else height, defaults.width if width is None else width,
         defaults.guidance_scale if guidance_scale is None else guidance_scale, out, compare,
     )

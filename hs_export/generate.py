@@ -57,34 +57,51 @@ def image_suffixes() -> tuple[str, ...]:
     return common + tuple(sorted(writable - set(common)))
 
 
-def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, steps, seed, height, width, guidance_scale, out: Path, compare: bool):
+def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, steps, seeds, height, width, guidance_scale, out: Path, compare: bool):
+    """Every prompt at every seed of ``seeds``; images in seed-major order (``out_0``, ``out_1`` …
+    when more than one)."""
     out = check_output_file(out, "--out", image_suffixes())
     plan = make_plan(plan_name, steps, plan_config)
     pipe = runtime.pipeline(guidance_scale)
     console.print(f"[bold]{plan.name}[/]: {plan.stages()} on {runtime.engines.backend} ({runtime.engines.device})")
-    images, result = pipe(prompts, plan, height, width, seed, negative_prompt)
-    console.print(timing_table(f"{plan.name}: {steps} steps, {len(prompts)} prompt(s), {width}×{height}", result.times.as_dict(), steps))
+    runs = [pipe(prompts, plan, height, width, seed, negative_prompt) for seed in seeds]
+    seed_note = f", seed {seeds[0]}" + (f" (of {len(seeds)})" if len(seeds) > 1 else "")
+    console.print(timing_table(f"{plan.name}: {steps} steps, {len(prompts)} prompt(s), {width}×{height}{seed_note}", runs[0][1].times.as_dict(), steps))
     if compare:  # every run before any file is written: a run that fails leaves nothing behind
-        baseline_images, baseline = pipe(prompts, make_plan("large", steps, plan_config), height, width, seed, negative_prompt)
+        baselines = [pipe(prompts, make_plan("large", steps, plan_config), height, width, seed, negative_prompt) for seed in seeds]
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = _save(images, out)
+    paths = _save([image for images, _ in runs for image in images], out)
     if compare:
-        rows = []
-        for i, (base, mine) in enumerate(zip(baseline_images, images)):
-            panels = [base, mine]
-            if result.masks:
-                p = runtime.engines["large"].dims.patch_size
-                scale = pipe.text_and_vae.vae_scale_factor
-                grid = result.masks[0].as_grid(height // scale // p, width // scale // p)[i]
-                panels.append(mask_overlay(mine, grid))
-            rows.append(side_by_side(panels))
+        rows, diffs = [], []
+        p = runtime.engines["large"].dims.patch_size
+        scale = pipe.text_and_vae.vae_scale_factor
+        for (images, result), (baseline_images, baseline) in zip(runs, baselines):
+            for i, (base, mine) in enumerate(zip(baseline_images, images)):
+                panels = [base, mine]
+                if result.masks:
+                    panels.append(mask_overlay(mine, result.masks[0].as_grid(height // scale // p, width // scale // p)[i]))
+                rows.append(side_by_side(panels))
+            diffs.append((baseline.latents - result.latents).abs().mean().item())
         compare_path = out.with_name(out.stem + "_compare" + out.suffix)
-        _save(rows, compare_path)
-        diff = (baseline.latents - result.latents).abs().mean().item()
-        console.print(f"compare: large-only | {plan.name} | mask overlay → {compare_path} (mean |Δlatent| {diff:.4f})")
+        compare_path.unlink(missing_ok=True)
+        _save([stack(rows)], compare_path)
+        console.print(f"compare: large-only | {plan.name} | mask overlay, one row per image → {compare_path} (mean |Δlatent| {sum(diffs) / len(diffs):.4f})")
     for path in paths:
         print(path)
-    return result
+    return runs[0][1]
+
+
+def stack(rows):
+    """Rows of panels one above the other, a thin white gap between them."""
+    from PIL import Image
+
+    gap = 4 if len(rows) > 1 else 0
+    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + gap * (len(rows) - 1)), "white")
+    y = 0
+    for row in rows:
+        canvas.paste(row, (0, y))
+        y += row.height + gap
+    return canvas
 
 
 def _save(images, out: Path) -> list[Path]:

@@ -18,6 +18,17 @@ def test_generate_writes_image_and_timings(tiny_paths, tmp_path):
         assert stage in result.output
 
 
+def test_generate_several_seeds_stacks_one_compare_row_per_image(tiny_paths, tmp_path):
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(main, [*ARGS, "--seeds", "2", "--mask-energy", "0.5", "--mask-ratio", "0.5", "--out", str(out), "--compare"])
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out_0.png").size == Image.open(tmp_path / "out_1.png").size == (128, 128)
+    assert Image.open(tmp_path / "out_compare.png").size == (3 * 128, 2 * 128 + 4)
+    assert "seed 0 (of 2)" in result.output
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -26,6 +37,9 @@ def test_generate_writes_image_and_timings(tiny_paths, tmp_path):
         (["--mask-ratio", "1.2"], "mask ratio out of range"),
         (["--height", "120"], "height must be a positive multiple of 16"),
         (["--steps", "0"], "steps must be >= 1"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--mask-energy", "1.5"], "mask energy share out of range"),
+        (["--mask-min-ratio", "0.5"], "mask min_ratio out of range"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(tiny_paths, tmp_path, extra, message):

@@ -30,4 +30,4 @@ def test_first_command_runs(preset_root, tmp_path):
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "engines" / "shapes" / "manifest.json").is_file()
-    assert (tmp_path / "out.png").is_file() and (tmp_path / "out_compare.png").is_file()
+    assert (tmp_path / "out_compare.png").is_file() and len(list(tmp_path.glob("out_[0-9].png"))) == 4  # seeds 0–3
