@@ -38,9 +38,9 @@ class ShapesTrainConfig:
     """Settings of one training run; CLI defaults come from here.
 
     The defaults are the recipe of the shipped weights (about 45 minutes on 2 CPU cores). Scenes
-    are 128² px (64 image tokens): at a quarter of the tokens of 256² each step is ~3× cheaper,
-    so the budget holds 2.5× the samples of the earlier 256² recipe, and with the text a larger
-    share of each sequence the models learn to follow the prompt (docs/quality.md).
+    are 128² px (64 image tokens): a sample costs about half of a 256² one, so the budget holds
+    2.4× the large model's samples of the earlier 256² recipe, and with the text a larger share
+    of each sequence the models follow the prompt far better (docs/quality.md).
     """
 
     out: Path | None = None
