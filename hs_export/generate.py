@@ -35,15 +35,18 @@ def mask_overlay(image, mask_grid: torch.Tensor, alpha: float = 0.5):
     return Image.composite(Image.blend(image, red, alpha), image, overlay)
 
 
-def side_by_side(images):
+def join(images, vertical: bool = False, gap: int = 0):
+    """Images side by side (or, ``vertical``, one above the other) on white, ``gap`` px apart."""
     from PIL import Image
 
-    width = sum(i.width for i in images)
-    canvas = Image.new("RGB", (width, max(i.height for i in images)), "white")
-    x = 0
-    for image in images:
-        canvas.paste(image, (x, 0))
-        x += image.width
+    along = [i.height if vertical else i.width for i in images]
+    across = max(i.width if vertical else i.height for i in images)
+    length = sum(along) + gap * (len(images) - 1)
+    canvas = Image.new("RGB", (across, length) if vertical else (length, across), "white")
+    offset = 0
+    for image, size in zip(images, along):
+        canvas.paste(image, (0, offset) if vertical else (offset, 0))
+        offset += size + gap
     return canvas
 
 
@@ -80,28 +83,14 @@ def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, step
                 panels = [base, mine]
                 if result.masks:
                     panels.append(mask_overlay(mine, result.masks[0].as_grid(height // scale // p, width // scale // p)[i]))
-                rows.append(side_by_side(panels))
+                rows.append(join(panels))
             diffs.append((baseline.latents - result.latents).abs().mean().item())
         compare_path = out.with_name(out.stem + "_compare" + out.suffix)
-        compare_path.unlink(missing_ok=True)
-        _save([stack(rows)], compare_path)
+        _save([join(rows, vertical=True, gap=4)], compare_path)
         console.print(f"compare: large-only | {plan.name} | mask overlay, one row per image → {compare_path} (mean |Δlatent| {sum(diffs) / len(diffs):.4f})")
     for path in paths:
         print(path)
     return runs[0][1]
-
-
-def stack(rows):
-    """Rows of panels one above the other, a thin white gap between them."""
-    from PIL import Image
-
-    gap = 4 if len(rows) > 1 else 0
-    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + gap * (len(rows) - 1)), "white")
-    y = 0
-    for row in rows:
-        canvas.paste(row, (0, y))
-        y += row.height + gap
-    return canvas
 
 
 def _save(images, out: Path) -> list[Path]:
