@@ -54,6 +54,7 @@ def plan_options(fn):
         click.option("--dilate/--no-dilate", default=_MASK_DEFAULTS.dilate, show_default=True, help="Grow the mask by one token."),
         click.option("--mask-energy", type=float, default=_MASK_DEFAULTS.energy, show_default=True, help="Adaptive mask: per prompt, the fewest tokens holding this share of the score energy, up to --mask-ratio (0: fixed mask)."),
         click.option("--mask-min-ratio", type=float, default=_MASK_DEFAULTS.min_ratio, show_default=True, help="Adaptive mask: the fewest tokens, as a share of the image's."),
+        click.option("--mask-reselect-every", type=int, default=_MASK_DEFAULTS.reselect_every, show_default=True, help="Choose the mask again after every k hybrid steps from their merged velocity (detail signal; 0: never)."),
         click.option("--large-fraction", type=float, default=_PLAN_DEFAULTS.large_fraction, show_default=True),
         click.option("--hybrid-end", type=float, default=_PLAN_DEFAULTS.hybrid_end, show_default=True),
         click.option("--small-fraction", type=float, default=_PLAN_DEFAULTS.small_fraction, show_default=True, help="tstitch: small-model share."),
@@ -72,7 +73,7 @@ def plan_config_from(kwargs: dict) -> PlanConfig:
     """Pops the :func:`plan_options` values out of ``kwargs`` into a validated :class:`PlanConfig`."""
     mask = MaskConfig(
         ratio=kwargs.pop("mask_ratio"), signal=kwargs.pop("mask_signal"), dilate=kwargs.pop("dilate"),
-        energy=kwargs.pop("mask_energy"), min_ratio=kwargs.pop("mask_min_ratio"),
+        energy=kwargs.pop("mask_energy"), min_ratio=kwargs.pop("mask_min_ratio"), reselect_every=kwargs.pop("mask_reselect_every"),
     )
     return PlanConfig(
         large_fraction=kwargs.pop("large_fraction"), hybrid_end=kwargs.pop("hybrid_end"),

@@ -105,6 +105,7 @@ def compute_mask(
     v_small: torch.Tensor | None,
     sigma: float,
     patch_size: int,
+    count: int | None = None,
 ) -> TokenMask:
     """Scores the tokens with the configured signal and selects the complex ones, per prompt.
 
@@ -112,6 +113,8 @@ def compute_mask(
         latents: ``[P, C, H, W]`` latents of the step the mask is taken at.
         v_large / v_small: ``[P, C, H, W]`` guided velocities there (``v_small`` only for
             ``disagreement``).
+        count: a fixed token count (re-selection keeps the capture step's); default: the
+            config's ratio, or the adaptive count.
     """
     if config.signal == "disagreement":
         scores = disagreement_scores(v_large, v_small, patch_size)
@@ -120,5 +123,6 @@ def compute_mask(
     if config.dilate:
         h, w = latents.shape[-2] // patch_size, latents.shape[-1] // patch_size
         scores = dilate_scores(scores, h, w)
-    count = adaptive_token_count(scores, config) if config.energy else None
+    if count is None and config.energy:
+        count = adaptive_token_count(scores, config)
     return select_tokens(scores, config.ratio, count)

@@ -37,6 +37,12 @@ class MaskConfig:
             ``min_ratio`` and ``ratio``; a batch shares its largest count. Exact at its limit:
             ``energy=1`` with ``min_ratio=ratio`` is the fixed mask.
         min_ratio: the adaptive mask's lower bound (share of image tokens).
+        reselect_every: 0 (off): the mask of a capture step holds until the next one. k > 0:
+            after every k-th hybrid step the mask is chosen again, with the same token count,
+            from the ``detail`` score of that step's merged velocity (large inside the mask,
+            small outside) — no extra graph call — and both models' context K/V are gathered
+            again from the capture step's. Needs ``signal="detail"``; keeps the capture step's
+            full K/V of both models in memory. Exact at ratio 1.0 (the mask is every token).
     """
 
     # The default hybrid's mask (docs/quality.md: chosen on the paired front of the shapes pair).
@@ -45,6 +51,7 @@ class MaskConfig:
     dilate: bool = False
     energy: float = 0.0
     min_ratio: float = 0.05
+    reselect_every: int = 0
 
     def __post_init__(self):
         if not 0.0 < self.ratio <= 1.0:
@@ -55,6 +62,16 @@ class MaskConfig:
             raise ConfigError(describe("mask min_ratio out of range", got=self.min_ratio, expected=f"a value in (0, ratio={self.ratio}]"))
         if self.signal not in MASK_SIGNALS:
             raise ConfigError(describe("unknown mask signal", got=repr(self.signal), expected=" | ".join(MASK_SIGNALS)))
+        if self.reselect_every < 0:
+            raise ConfigError(describe("mask reselect_every must be >= 0", got=self.reselect_every, expected="0 (off) or every k hybrid steps"))
+        if self.reselect_every and self.signal != "detail":
+            raise ConfigError(
+                describe(
+                    "mask re-selection needs the detail signal",
+                    got=f"signal={self.signal}",
+                    fix="use --mask-signal detail: a hybrid step computes each token with one model only, so no disagreement is measured there",
+                )
+            )
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -141,6 +141,8 @@ class _Hybrid:
     large: _Context
     small: _Context | None  # None: the small model runs on every token
     offset: torch.Tensor | None  # [P, N, P_dim] large − small at capture (carry_offset)
+    captured: dict | None = None  # mask re-selection: role → the capture step's image K/V, all tokens
+    steps: int = 0  # hybrid steps run on this mask's capture
 
 
 class StitchedSampler:
@@ -235,6 +237,12 @@ class StitchedSampler:
             else:  # hybrid
                 with clock.stage("hybrid"):
                     v_tokens = self._hybrid_step(plan, run, hybrid, patches, t)
+                hybrid.steps += 1
+                every = plan.mask.reselect_every
+                if every and hybrid.steps % every == 0 and i + 1 < plan.steps and plan.actions[i + 1] == "hybrid":
+                    with clock.stage("mask"):
+                        mask, hybrid = self._reselect(plan, run, x, v_tokens, sigma, hybrid)
+                    masks.append(mask)
             x = euler_step(x, unpatchify(v_tokens, channels, height, width, p), sigma, sigma_next)
             if profile:
                 step_end = clock.now()
@@ -285,7 +293,25 @@ class StitchedSampler:
         large = run.context(LARGE, large_out, both.complex_idx, both.context_idx, plan.reuse_text_kv)
         small = run.context(SMALL, small_out, both.context_idx, both.complex_idx, False) if plan.small_outside_mask else None
         offset = v_large - v_small if plan.carry_offset else None
-        return mask, _Hybrid(mask.complex_idx, mask.context_idx, large, small, offset)
+        captured = None
+        if plan.mask.reselect_every:  # copied: engines may reuse their output buffers
+            roles = ((LARGE, large_out), (SMALL, small_out)) if plan.small_outside_mask else ((LARGE, large_out),)
+            captured = {role: [out[kv_name(i)].clone() for i in range(self.engines[role].dims.kv_entries)] for role, out in roles}
+        return mask, _Hybrid(mask.complex_idx, mask.context_idx, large, small, offset, captured)
+
+    def _reselect(self, plan, run, x, v_tokens, sigma, hybrid: _Hybrid):
+        """A new mask of the same size from the ``detail`` score of a hybrid step's merged
+        velocity ``v_tokens``, and both models' contexts gathered again from the capture K/V."""
+        channels, height, width = x.shape[1:]
+        p = self.large_dims.patch_size
+        count = hybrid.complex_idx.shape[1]
+        mask = compute_mask(plan.mask, x, unpatchify(v_tokens, channels, height, width, p), None, sigma, p, count=count)
+        both = mask.for_batch(self.cfg)
+        large = run.context(LARGE, hybrid.captured[LARGE], both.complex_idx, both.context_idx, False, hybrid.large.text_kv)
+        small = None
+        if hybrid.small is not None:
+            small = run.context(SMALL, hybrid.captured[SMALL], both.context_idx, both.complex_idx, False)
+        return mask, replace(hybrid, complex_idx=mask.complex_idx, context_idx=mask.context_idx, large=large, small=small)
 
 
 class _RunInputs:
@@ -336,9 +362,12 @@ class _RunInputs:
         """``role``'s per-block text K/V from its capture outputs (copied: engines reuse buffers)."""
         return [out[text_kv_name(j)].clone() for j in range(self.engines[role].dims.text_entries)]
 
-    def context(self, role, out, query_idx, other_idx, reuse_text: bool) -> _Context:
-        """What ``role``'s hybrid calls on ``query_idx`` reuse from its capture outputs ``out``."""
+    def context(self, role, out, query_idx, other_idx, reuse_text: bool, text_kv: list | None = None) -> _Context:
+        """What ``role``'s hybrid calls on ``query_idx`` reuse from its capture outputs ``out``
+        (a dict of outputs, or the list of image K/V kept for re-selection with ``text_kv``)."""
         dims = self.engines[role].dims
-        image_kv = [gather_kv(out[kv_name(i)], other_idx) for i in range(dims.kv_entries)]
-        text_kv = self.text_kv(role, out) if reuse_text else None
+        image = out if isinstance(out, list) else [out[kv_name(i)] for i in range(dims.kv_entries)]
+        image_kv = [gather_kv(kv, other_idx) for kv in image]
+        if reuse_text:
+            text_kv = self.text_kv(role, out)
         return _Context(query_idx, torch.gather(self.positions, 1, query_idx), image_kv, text_kv)

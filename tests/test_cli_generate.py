@@ -40,6 +40,7 @@ def test_generate_several_seeds_stacks_one_compare_row_per_image(tiny_paths, tmp
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--mask-energy", "1.5"], "mask energy share out of range"),
         (["--mask-min-ratio", "0.5"], "mask min_ratio out of range"),
+        (["--mask-reselect-every", "2", "--mask-signal", "disagreement"], "mask re-selection needs the detail signal"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(tiny_paths, tmp_path, extra, message):

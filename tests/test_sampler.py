@@ -147,3 +147,33 @@ def test_adaptive_mask_runs_end_to_end_and_is_exact_at_its_limit(tiny_torch_engi
     adaptive = sampler.denoise(make_plan("hybrid", STEPS, PlanConfig(mask=MaskConfig(0.5, energy=0.5, min_ratio=0.05))), latents, tiny_conditioning)
     count = adaptive.masks[0].complex_idx.shape
     assert count[0] == 2 and 4 <= count[1] <= 32 and count[1] % 4 == 0 and torch.isfinite(adaptive.latents).all()
+
+
+def test_mask_reselection_is_exact_at_full_ratio_and_moves_the_mask_below_it(tiny_torch_engines, tiny_conditioning):
+    """Re-selection keeps the token count and regathers both models' contexts from the capture
+    K/V: at ratio 1.0 the mask is every token, so the image is the plain plan's to the bit;
+    below it the mask really moves between hybrid steps and the image stays finite."""
+    sampler = StitchedSampler(tiny_torch_engines, 7.0)
+    latents = initial_latents(2, 128, 128, 0)
+    steps = 10
+    base = PlanConfig(large_fraction=0.2, hybrid_end=0.8, mask=MaskConfig(ratio=1.0))
+    plain = sampler.denoise(make_plan("hybrid", steps, base), latents, tiny_conditioning)
+    again = sampler.denoise(make_plan("hybrid", steps, replace(base, mask=MaskConfig(ratio=1.0, reselect_every=1))), latents, tiny_conditioning)
+    assert torch.equal(plain.latents, again.latents)
+    plan = make_plan("hybrid", steps, replace(base, mask=MaskConfig(ratio=0.3, reselect_every=2)))
+    result = sampler.denoise(plan, latents, tiny_conditioning)
+    hybrid_steps = plan.count("hybrid")  # 6: re-selected after the 2nd and 4th
+    assert len(result.masks) == 1 + (hybrid_steps - 1) // 2
+    assert all(m.complex_idx.shape == (2, 20) for m in result.masks)
+    assert any(not torch.equal(m.complex_idx, result.masks[0].complex_idx) for m in result.masks[1:])
+    fixed = sampler.denoise(make_plan("hybrid", steps, replace(base, mask=MaskConfig(ratio=0.3))), latents, tiny_conditioning)
+    assert torch.isfinite(result.latents).all() and not torch.equal(result.latents, fixed.latents)
+
+
+def test_mask_reselection_needs_the_detail_signal():
+    from hs_runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="re-selection needs the detail signal"):
+        MaskConfig(signal="disagreement", reselect_every=1)
+    with pytest.raises(ConfigError, match="reselect_every must be >= 0"):
+        MaskConfig(reselect_every=-1)
