@@ -1,4 +1,4 @@
-"""The engine contract, defined once: graph names, tensor names, dtypes and axes (contract v2).
+"""The engine contract, defined once: graph names, tensor names, dtypes and axes (contract v3).
 
 One graph per model, one signature (DESIGN §3). Each graph runs its transformer on ``N`` query
 tokens — raw latent patches and their indices into the position table — attending to
@@ -11,8 +11,11 @@ of its model:
 * hybrid: a token subset with the cached K/V of the rest, the text stream recomputed
   (``T_q = T``) or taken from the capture step (``T_q = 0``, ``T_c = T``).
 
-K/V travel as one tensor per attention module (``[2, B, tokens, D]``), never one tensor for all
-layers, so no tensor comes near TensorRT's 2³¹−1-element limit at SD3.5-large sizes.
+K and V travel as two tensors per attention module (``[B, tokens, D]`` each), never one tensor
+for all layers, so no tensor comes near TensorRT's 2³¹−1-element limit at SD3.5-large sizes; and
+never stacked as ``[2, B, tokens, D]``, whose stack and split were a copy of every K/V on every
+call (contract v3: about 100 fewer nodes per call in ONNX Runtime's graph of the ``shapes`` large
+model, docs/benchmarks.md).
 
 Export (dynamic axes, dummy inputs), TensorRT profiles, the manifest, the limits table and the
 runtime's input checks all derive from :func:`graph_spec`. Axis entries are symbols resolved
@@ -101,24 +104,24 @@ class ModelDims:
         return asdict(self)
 
 
-def kv_name(entry: int) -> str:
-    """Output: fresh image K/V ``[2, B, N, D]`` of the query tokens at attention module ``entry``."""
-    return f"kv_{entry}"
+def kv_names(entry: int) -> tuple[str, str]:
+    """Outputs: fresh image K and V ``[B, N, D]`` of the query tokens at attention module ``entry``."""
+    return f"k_{entry}", f"v_{entry}"
 
 
-def context_name(entry: int) -> str:
-    """Input: cached image K/V ``[2, B, M, D]`` of the context tokens at module ``entry``."""
-    return f"kv_context_{entry}"
+def context_names(entry: int) -> tuple[str, str]:
+    """Inputs: cached image K and V ``[B, M, D]`` of the context tokens at module ``entry``."""
+    return f"k_context_{entry}", f"v_context_{entry}"
 
 
-def text_kv_name(layer: int) -> str:
-    """Output: fresh text K/V ``[2, B, T_q, D]`` of block ``layer``'s joint attention."""
-    return f"text_kv_{layer}"
+def text_kv_names(layer: int) -> tuple[str, str]:
+    """Outputs: fresh text K and V ``[B, T_q, D]`` of block ``layer``'s joint attention."""
+    return f"text_k_{layer}", f"text_v_{layer}"
 
 
-def text_context_name(layer: int) -> str:
-    """Input: cached text K/V ``[2, B, T_c, D]`` for block ``layer``'s joint attention."""
-    return f"text_kv_context_{layer}"
+def text_context_names(layer: int) -> tuple[str, str]:
+    """Inputs: cached text K and V ``[B, T_c, D]`` for block ``layer``'s joint attention."""
+    return f"text_k_context_{layer}", f"text_v_context_{layer}"
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,6 @@ def _show(axes: tuple[str, ...], table: Mapping[str, int]) -> tuple:
 
 def _static_table(dims: ModelDims) -> dict[str, int]:
     return {
-        "two": 2,
         "hidden": dims.hidden,
         "patch_dim": dims.patch_dim,
         "joint_dim": dims.joint_attention_dim,
@@ -218,21 +220,21 @@ def graph_spec(name: str, dims: ModelDims) -> GraphSpec:
     """The spec of one model's graph (``small`` or ``large``); inputs and outputs in call order."""
     if name not in GRAPH_NAMES:
         raise ShapeError(describe("unknown graph", got=repr(name), expected=" | ".join(GRAPH_NAMES)))
-    kv_axes = ("two", "batch", "context_tokens", "hidden")
-    text_ctx_axes = ("two", "batch", "text_context", "hidden")
+    kv_axes = ("batch", "context_tokens", "hidden")
+    text_ctx_axes = ("batch", "text_context", "hidden")
     inputs = (
         TensorSpec("patches", "float", ("batch", "tokens", "patch_dim")),
         TensorSpec("token_pos", "int64", ("batch", "tokens")),
         TensorSpec("encoder_hidden_states", "float", ("batch", "text_queries", "joint_dim")),
         TensorSpec("pooled_projections", "float", ("batch", "pooled_dim")),
         TensorSpec("timestep", "float32", ("batch",)),  # fp32 always: bf16 cannot hold 997.0
-        *(TensorSpec(context_name(i), "float", kv_axes) for i in range(dims.kv_entries)),
-        *(TensorSpec(text_context_name(j), "float", text_ctx_axes) for j in range(dims.text_entries)),
+        *(TensorSpec(n, "float", kv_axes) for i in range(dims.kv_entries) for n in context_names(i)),
+        *(TensorSpec(n, "float", text_ctx_axes) for j in range(dims.text_entries) for n in text_context_names(j)),
     )
     outputs = (
         TensorSpec(VELOCITY, "float", ("batch", "tokens", "patch_dim")),
-        *(TensorSpec(kv_name(i), "float", ("two", "batch", "tokens", "hidden")) for i in range(dims.kv_entries)),
-        *(TensorSpec(text_kv_name(j), "float", ("two", "batch", "text_queries", "hidden")) for j in range(dims.text_entries)),
+        *(TensorSpec(n, "float", ("batch", "tokens", "hidden")) for i in range(dims.kv_entries) for n in kv_names(i)),
+        *(TensorSpec(n, "float", ("batch", "text_queries", "hidden")) for j in range(dims.text_entries) for n in text_kv_names(j)),
     )
     return GraphSpec(name, dims, inputs, outputs, rtol=1e-4)
 

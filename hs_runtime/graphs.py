@@ -181,10 +181,10 @@ class TokenGraph(nn.Module):
 
     ``forward`` takes the inputs of :func:`~hs_runtime.contract.graph_spec` in order —
     ``patches [B, N, P]``, ``token_pos [B, N]``, ``encoder_hidden_states [B, T_q, J]``,
-    ``pooled_projections [B, Q]``, ``timestep [B]``, then one ``[2, B, M, D]`` image K/V context
-    per attention module and one ``[2, B, T_c, D]`` text K/V context per block — and returns its
-    outputs in order: ``velocity_tokens [B, N, P]``, the fresh image K/V ``[2, B, N, D]`` per
-    module and the fresh text K/V ``[2, B, T_q, D]`` per block.
+    ``pooled_projections [B, Q]``, ``timestep [B]``, then the image context K and V
+    ``[B, M, D]`` per attention module and the text context K and V ``[B, T_c, D]`` per block —
+    and returns its outputs in order: ``velocity_tokens [B, N, P]``, the fresh image K and V
+    ``[B, N, D]`` per module and the fresh text K and V ``[B, T_q, D]`` per block.
 
     Patches are raw latent patches in (row, column, channel) order and ``token_pos`` indexes the
     model's ``pos_embed_max_size²`` position table, so one graph serves every resolution.
@@ -204,13 +204,14 @@ class TokenGraph(nn.Module):
 
     def run(self, inputs, keep_kv: bool = True) -> tuple[torch.Tensor, ...]:
         """The outputs in spec order; with ``keep_kv=False`` only ``(velocity_tokens,)`` (the torch
-        backend's dense steps skip stacking K/V nobody reads)."""
+        backend's dense steps skip returning K/V nobody reads)."""
         patches, token_pos, encoder_hidden_states, pooled_projections, timestep, *contexts = inputs
         tr = self.transformer
         entries, layers = self.dims.kv_entries, self.dims.text_entries
-        if len(contexts) != entries + layers:
-            raise ValueError(f"{self.graph_name}: expected {5 + entries + layers} inputs, got {5 + len(contexts)}")
-        image_context, text_context = contexts[:entries], contexts[entries:]
+        if len(contexts) != 2 * (entries + layers):
+            raise ValueError(f"{self.graph_name}: expected {5 + 2 * (entries + layers)} inputs, got {5 + len(contexts)}")
+        pairs = [(contexts[2 * i], contexts[2 * i + 1]) for i in range(entries + layers)]  # (k, v) per module
+        image_context, text_context = pairs[:entries], pairs[entries:]
         conv = tr.pos_embed.proj
         # Conv2d with kernel = stride = p is a linear map of each (row, col, channel) patch.
         weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)
@@ -220,17 +221,16 @@ class TokenGraph(nn.Module):
         temb = tr.time_text_embed(timestep, pooled_projections)
         fresh, fresh_text, entry = [], [], 0
         for layer, (block, count) in enumerate(zip(tr.transformer_blocks, kv_entries_per_block(tr))):
-            ctx = [(image_context[entry + i][0], image_context[entry + i][1]) for i in range(count)]
-            tctx = (text_context[layer][0], text_context[layer][1])
+            ctx = image_context[entry : entry + count]
             # blocks a reduced-precision build keeps in fp32 cast at their edges (hs_runtime.upcast)
-            img, txt, kv, kv_txt = run_planned(block, joint_block, block, img, txt, temb, ctx, tctx)
+            img, txt, kv, kv_txt = run_planned(block, joint_block, block, img, txt, temb, ctx, text_context[layer])
             fresh.extend(kv)
             fresh_text.append(kv_txt)
             entry += count
         velocity = tr.proj_out(ada_norm_continuous(tr.norm_out, img, temb))
         if not keep_kv:
             return (velocity,)
-        return (velocity, *(torch.stack(kv) for kv in fresh), *(torch.stack(kv) for kv in fresh_text))
+        return (velocity, *(t for kv in fresh for t in kv), *(t for kv in fresh_text for t in kv))
 
 
 def build_graphs(small, large) -> dict[str, TokenGraph]:

@@ -20,9 +20,10 @@ from .errors import ManifestError, describe
 from .profiles import BuildShape
 from .validation import check_folder_path
 
-# 2: contract v2 (one graph per model, per-module K/V); folders of schema 1 (three graphs) are
-# refused with the rebuild command. Folders without artifact records still load (sizes unchecked).
-SCHEMA_VERSION = 2
+# 3: contract v3 (K and V as separate tensors); 2: contract v2 (one graph per model, per-module
+# K/V stacked as [2, B, N, D]); 1: three graphs. Folders of an older schema are refused with the
+# rebuild command. Folders without artifact records still load (sizes unchecked).
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 REQUIRED_KEYS = ("build", "models", "graphs")
 
@@ -156,7 +157,7 @@ class Manifest:
         schema = data.get("schema_version")
         manifest = cls(folder, data)
         if schema != SCHEMA_VERSION:
-            what = "an older engine contract (three graphs, one K/V tensor)" if isinstance(schema, int) and schema < SCHEMA_VERSION else "another engine contract"
+            what = "an older engine contract (K/V stacked as one tensor)" if isinstance(schema, int) and schema < SCHEMA_VERSION else "another engine contract"
             raise ManifestError(
                 describe(f"engine folder {folder} was built for {what}", got=f"schema {schema}", expected=f"schema {SCHEMA_VERSION}", fix=f"rebuild with: {manifest.rebuild_command} --force")
             )

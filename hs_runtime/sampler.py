@@ -17,13 +17,13 @@ from typing import Callable
 import torch
 
 from .backends.base import EngineSet
-from .contract import LARGE, SMALL, VELOCITY, context_name, kv_name, text_context_name, text_kv_name
+from .contract import LARGE, SMALL, VELOCITY, context_names, kv_names, text_context_names, text_kv_names
 from .errors import CancelledError, ShapeError, describe
 from .mask import TokenMask, compute_mask
 from .numerics import FiniteMonitor
 from .plans import Plan
 from .schedule import DEFAULT_SHIFT, euler_step, flow_match_sigmas, guide
-from .tokens import gather_kv, gather_tokens, patchify, position_ids, scatter_tokens, unpatchify
+from .tokens import gather_tokens, patchify, position_ids, scatter_tokens, unpatchify
 from .validation import check_number
 
 STAGES = ("large", "mask", "hybrid", "small")
@@ -122,8 +122,8 @@ class _Context:
     Attributes:
         query_idx: ``[B, N]`` the image tokens this model recomputes.
         token_pos: ``[B, N]`` their indices into the position table.
-        image_kv: per attention module, the cached ``[2, B, M, D]`` K/V of the other tokens.
-        text_kv: per block, the capture step's text ``[2, B, T, D]`` K/V (text reuse), or ``None``.
+        image_kv: per attention module, the cached ``(k, v)``, each ``[B, M, D]``, of the other tokens.
+        text_kv: per block, the capture step's text ``(k, v)``, each ``[B, T, D]`` (text reuse), or ``None``.
     """
 
     query_idx: torch.Tensor
@@ -296,7 +296,7 @@ class StitchedSampler:
         captured = None
         if plan.mask.reselect_every:  # copied: engines may reuse their output buffers
             roles = ((LARGE, large_out), (SMALL, small_out)) if plan.small_outside_mask else ((LARGE, large_out),)
-            captured = {role: [out[kv_name(i)].clone() for i in range(self.engines[role].dims.kv_entries)] for role, out in roles}
+            captured = {role: [tuple(out[n].clone() for n in kv_names(i)) for i in range(self.engines[role].dims.kv_entries)] for role, out in roles}
         return mask, _Hybrid(mask.complex_idx, mask.context_idx, large, small, offset, captured)
 
     def _reselect(self, plan, run, x, v_tokens, sigma, hybrid: _Hybrid):
@@ -317,7 +317,7 @@ class StitchedSampler:
 class _RunInputs:
     """Builds graph feeds for one denoise: conditioning, positions and the empty contexts.
 
-    An empty context is one ``[2, B, 0, D]`` tensor per model, shared by every context input (a
+    An empty context is one ``[B, 0, D]`` tensor per model, shared by every context input (a
     zero-volume tensor; the TensorRT backend binds a dummy address for it).
     """
 
@@ -326,7 +326,7 @@ class _RunInputs:
         self.dtype = dtype
         batch = embeds.shape[0]
         self.empty = {
-            role: torch.empty(2, batch, 0, engines[role].dims.hidden, dtype=dtype, device=embeds.device) for role in (SMALL, LARGE)
+            role: torch.empty(batch, 0, engines[role].dims.hidden, dtype=dtype, device=embeds.device) for role in (SMALL, LARGE)
         }
 
     def _batch(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -344,9 +344,11 @@ class _RunInputs:
             "timestep": t,
         }
         for i in range(dims.kv_entries):
-            feeds[context_name(i)] = empty if image_kv is None else image_kv[i]
+            for n, name in enumerate(context_names(i)):
+                feeds[name] = empty if image_kv is None else image_kv[i][n]
         for j in range(dims.text_entries):
-            feeds[text_context_name(j)] = empty if text_kv is None else text_kv[j]
+            for n, name in enumerate(text_context_names(j)):
+                feeds[name] = empty if text_kv is None else text_kv[j][n]
         return feeds
 
     def dense(self, role, patches, t) -> dict:
@@ -360,14 +362,14 @@ class _RunInputs:
 
     def text_kv(self, role, out) -> list:
         """``role``'s per-block text K/V from its capture outputs (copied: engines reuse buffers)."""
-        return [out[text_kv_name(j)].clone() for j in range(self.engines[role].dims.text_entries)]
+        return [tuple(out[n].clone() for n in text_kv_names(j)) for j in range(self.engines[role].dims.text_entries)]
 
     def context(self, role, out, query_idx, other_idx, reuse_text: bool, text_kv: list | None = None) -> _Context:
         """What ``role``'s hybrid calls on ``query_idx`` reuse from its capture outputs ``out``
         (a dict of outputs, or the list of image K/V kept for re-selection with ``text_kv``)."""
         dims = self.engines[role].dims
-        image = out if isinstance(out, list) else [out[kv_name(i)] for i in range(dims.kv_entries)]
-        image_kv = [gather_kv(kv, other_idx) for kv in image]
+        image = out if isinstance(out, list) else [tuple(out[n] for n in kv_names(i)) for i in range(dims.kv_entries)]
+        image_kv = [tuple(gather_tokens(t, other_idx) for t in kv) for kv in image]
         if reuse_text:
             text_kv = self.text_kv(role, out)
         return _Context(query_idx, torch.gather(self.positions, 1, query_idx), image_kv, text_kv)

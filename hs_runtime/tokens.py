@@ -47,9 +47,3 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def scatter_tokens(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Returns ``tokens`` with rows ``index [B, K]`` replaced by ``values [B, K, X]`` (out of place)."""
     return tokens.scatter(1, index[:, :, None].expand(-1, -1, tokens.shape[-1]), values)
-
-
-def gather_kv(kv: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """One module's K/V ``[2, B, N, D]``, ``index [B, M]`` → ``[2, B, M, D]``."""
-    two, b, _, d = kv.shape
-    return torch.gather(kv, 2, index[None, :, :, None].expand(two, b, index.shape[1], d))

@@ -20,7 +20,7 @@ import torch
 
 from hs_export.presets import ensure_preset
 from hs_export.quality.prompts import builtin_prompts
-from hs_runtime.contract import VELOCITY, context_name, kv_name, text_context_name
+from hs_runtime.contract import VELOCITY, context_names, kv_names, text_context_names
 from hs_runtime.graphs import build_graphs
 from hs_runtime.mask import compute_mask
 from hs_runtime.models import load_transformer
@@ -28,7 +28,7 @@ from hs_runtime.pipeline import TextAndVae, initial_latents
 from hs_runtime.plans import MaskConfig
 from hs_runtime.presets import get_preset
 from hs_runtime.schedule import euler_step, flow_match_sigmas, guide
-from hs_runtime.tokens import gather_kv, gather_tokens, patchify, position_ids, scatter_tokens, unpatchify
+from hs_runtime.tokens import gather_tokens, patchify, position_ids, scatter_tokens, unpatchify
 
 
 class _Graphs:
@@ -42,16 +42,18 @@ class _Graphs:
     def _run(self, role, patches, pos, embeds, pooled, t, context=None):
         graph = self.graphs[role]
         dims = graph.dims
-        empty = torch.zeros(2, patches.shape[0], 0, dims.hidden)
+        empty = torch.zeros(patches.shape[0], 0, dims.hidden)
         feeds = {"patches": patches, "token_pos": pos, "encoder_hidden_states": embeds, "pooled_projections": pooled, "timestep": t}
-        feeds.update({context_name(i): empty if context is None else context[i] for i in range(dims.kv_entries)})
-        feeds.update({text_context_name(j): empty for j in range(dims.text_entries)})
+        for i in range(dims.kv_entries):
+            feeds.update(zip(context_names(i), (empty, empty) if context is None else context[i]))
+        for j in range(dims.text_entries):
+            feeds.update(zip(text_context_names(j), (empty, empty)))
         return dict(zip(graph.spec.output_names, graph(*[feeds[n] for n in graph.spec.input_names])))
 
     def full(self, role, xin, embeds, pooled, t):
         pos = self.positions[None].expand(xin.shape[0], -1)
         out = self._run(role, patchify(xin, 2), pos, embeds, pooled, t)
-        kv = [out[kv_name(i)] for i in range(self.graphs[role].dims.kv_entries)]
+        kv = [tuple(out[n] for n in kv_names(i)) for i in range(self.graphs[role].dims.kv_entries)]
         return unpatchify(out[VELOCITY], xin.shape[1], self.latent, self.latent, 2), kv
 
     def tokens(self, patches, pos, context, embeds, pooled, t):
@@ -109,7 +111,7 @@ class Diagnosis:
                     base = v_small + offset if carry else v_small
                     batch_mask = mask.for_batch(True)
                     patches = gather_tokens(patchify(x, 2), mask.complex_idx)
-                    context = [gather_kv(entry, batch_mask.context_idx) for entry in kv]
+                    context = [tuple(gather_tokens(t, batch_mask.context_idx) for t in entry) for entry in kv]
                     v_tokens = self.graphs.tokens(torch.cat([patches, patches]), self.positions[batch_mask.complex_idx], context, self.embeds, self.pooled, t)
                     merged = scatter_tokens(patchify(base, 2), mask.complex_idx, guide(v_tokens, self.scale, True))
                     v = unpatchify(merged, x.shape[1], self.latent, self.latent, 2)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from hs_runtime.contract import VELOCITY, ModelDims, context_name, graph_spec, kv_name, text_context_name, text_kv_name
+from hs_runtime.contract import VELOCITY, ModelDims, context_names, graph_spec, kv_names, text_context_names, text_kv_names
 from hs_runtime.graphs import build_graphs
-from hs_runtime.tokens import gather_kv, gather_tokens, patchify, position_ids, unpatchify
+from hs_runtime.tokens import gather_tokens, patchify, position_ids, unpatchify
 
 from conftest import random_full_inputs
 
@@ -14,7 +14,7 @@ N = (H // 2) * (W // 2)
 def _feeds(dims, patches, pos, full, image_kv=None, text_kv=None):
     """Graph feeds in spec order: empty contexts unless given; text recomputed unless text_kv."""
     b = patches.shape[0]
-    empty = torch.zeros(2, b, 0, dims.hidden)
+    empty = torch.zeros(b, 0, dims.hidden)
     feeds = {
         "patches": patches,
         "token_pos": pos,
@@ -22,8 +22,10 @@ def _feeds(dims, patches, pos, full, image_kv=None, text_kv=None):
         "pooled_projections": full["pooled_projections"],
         "timestep": full["timestep"],
     }
-    feeds.update({context_name(i): empty if image_kv is None else image_kv[i] for i in range(dims.kv_entries)})
-    feeds.update({text_context_name(j): empty if text_kv is None else text_kv[j] for j in range(dims.text_entries)})
+    for i in range(dims.kv_entries):
+        feeds.update(zip(context_names(i), (empty, empty) if image_kv is None else image_kv[i]))
+    for j in range(dims.text_entries):
+        feeds.update(zip(text_context_names(j), (empty, empty) if text_kv is None else text_kv[j]))
     return feeds
 
 
@@ -49,7 +51,7 @@ def _subset(graph, full, seed, complex_count):
     context_idx = torch.stack([torch.nonzero(~row).squeeze(1) for row in chosen])
     pos = position_ids(H, W, 2, dims.pos_embed_max_size)[complex_idx]
     patches = gather_tokens(patchify(full["hidden_states"], 2), complex_idx)
-    context = [gather_kv(dense[kv_name(i)], context_idx) for i in range(dims.kv_entries)]
+    context = [tuple(gather_tokens(dense[n], context_idx) for n in kv_names(i)) for i in range(dims.kv_entries)]
     return dense, complex_idx, patches, pos, context, gather_tokens(dense[VELOCITY], complex_idx)
 
 
@@ -71,14 +73,15 @@ def test_dense_call_equals_diffusers_forward(setup, role):
 
 
 @torch.no_grad()
-def test_kv_outputs_one_tensor_per_module(setup):
+def test_kv_outputs_a_k_and_a_v_tensor_per_module(setup):
     models, graphs, full = setup
     out = _dense(graphs["large"], full)
     dims = graphs["large"].dims
     # 2 layers + 1 dual-attention layer see image tokens; every layer's joint attention sees text
     assert dims.kv_entries == 3 and dims.text_entries == 2
-    assert all(out[kv_name(i)].shape == (2, 2, N, dims.hidden) for i in range(3))
-    assert all(out[text_kv_name(j)].shape == (2, 2, T, dims.hidden) for j in range(2))
+    assert all(out[n].shape == (2, N, dims.hidden) for i in range(3) for n in kv_names(i))
+    assert all(out[n].shape == (2, T, dims.hidden) for j in range(2) for n in text_kv_names(j))
+    assert not torch.equal(*(out[n] for n in kv_names(0)))  # K is not V
     assert set(graph_spec("large", dims).output_names) == set(out)
 
 
@@ -91,9 +94,10 @@ def test_cached_context_makes_token_subset_exact(setup, role):
     out = _run(graph, _feeds(dims, patches, pos, full, context))
     assert (out[VELOCITY] - expected).abs().max() <= 1e-4
     # the fresh K/V of the subset are the dense pass's at those tokens
-    assert (out[kv_name(0)] - gather_kv(dense[kv_name(0)], complex_idx)).abs().max() <= 1e-4
+    for name in kv_names(0):
+        assert (out[name] - gather_tokens(dense[name], complex_idx)).abs().max() <= 1e-4
     # and a stale or missing context does change the answer (the cache is really used)
-    wrong = _run(graph, _feeds(dims, patches, pos, full, [torch.zeros_like(c) for c in context]))
+    wrong = _run(graph, _feeds(dims, patches, pos, full, [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in context]))
     assert (wrong[VELOCITY] - expected).abs().max() > 1e-3
 
 
@@ -104,11 +108,11 @@ def test_text_kv_from_the_same_step_is_exact(setup, role):
     _, graphs, full = setup
     graph, dims = graphs[role], graphs[role].dims
     dense, _, patches, pos, context, expected = _subset(graph, full, seed=2, complex_count=20)
-    text = [dense[text_kv_name(j)] for j in range(dims.text_entries)]
+    text = [tuple(dense[n] for n in text_kv_names(j)) for j in range(dims.text_entries)]
     out = _run(graph, _feeds(dims, patches, pos, full, context, text))
-    assert out[text_kv_name(0)].shape == (2, 2, 0, dims.hidden)  # no text recomputed
+    assert out[text_kv_names(0)[0]].shape == (2, 0, dims.hidden)  # no text recomputed
     assert (out[VELOCITY] - expected).abs().max() <= 1e-4
-    stale = _run(graph, _feeds(dims, patches, pos, full, context, [t.flip(2) * 0.5 for t in text]))
+    stale = _run(graph, _feeds(dims, patches, pos, full, context, [(k.flip(1) * 0.5, v.flip(1) * 0.5) for k, v in text]))
     assert (stale[VELOCITY] - expected).abs().max() > 1e-3
 
 

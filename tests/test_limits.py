@@ -23,11 +23,11 @@ def _needs(prompts=2, backend="tensorrt", precision="bf16", **shape):
 def test_sd35_large_two_prompts_fits_tensorrt_per_module_kv():
     needs = _needs()
     biggest = max(needs.tensors, key=lambda t: t.elements)
-    assert biggest.tensor.startswith("kv_") and biggest.max_shape == (2, 4, 4096, 2432)
-    assert biggest.elements == 79_691_776 and biggest.bytes == 2 * biggest.elements  # bf16 I/O
+    assert biggest.tensor.startswith(("k_", "v_")) and biggest.max_shape == (4, 4096, 2432)
+    assert biggest.elements == 39_845_888 and biggest.bytes == 2 * biggest.elements  # bf16 I/O
     assert not needs.over_limit("tensorrt")
     # the old one-tensor cache [38, 2, 4, 4096, 2432] would have been 3.0e9 elements
-    assert 38 * biggest.elements > limits.TRT_MAX_ELEMENTS
+    assert 2 * 38 * biggest.elements > limits.TRT_MAX_ELEMENTS
     # weights from the configs on the meta device: SD3.5-large ~8.1 B parameters, medium ~2.5 B
     assert needs.weights["large"] / 2 == pytest.approx(8.1e9, rel=0.03)
     assert needs.weights["small"] / 2 == pytest.approx(2.47e9, rel=0.03)
@@ -63,7 +63,7 @@ def test_dry_run_loads_no_weights_and_prints_the_table(tmp_path):
     lines = []
     plan = dry_run(selection, BuildConfig(out=tmp_path / "e", backend="tensorrt", precision="bf16", prompts=2), log=lines.append)
     text = "\n".join(lines)
-    assert "kv_* ×38" in text and "[2, 4, 4096, 2432]" in text and "limits: ok" in text
+    assert "k_* ×38" in text and "v_context_* ×38" in text and "[4, 4096, 2432]" in text and "limits: ok" in text
     assert "host memory" in text and plan.shape.batch == 4
     assert not (tmp_path / "e").exists()
 
@@ -71,7 +71,7 @@ def test_dry_run_loads_no_weights_and_prints_the_table(tmp_path):
 def test_cli_dry_run(tmp_path):
     result = CliRunner().invoke(main, ["build", "--preset", "sd3.5-large", "--backend", "tensorrt", "--precision", "bf16", "--prompts", "2", "--dry-run", "--out", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
-    assert "largest tensor: 79,691,776 elements" in result.output
+    assert "largest tensor: 39,845,888 elements" in result.output
     result = CliRunner().invoke(main, ["build", "--preset", "sd3.5-large", "--backend", "tensorrt", "--prompts", "200", "--dry-run", "--out", str(tmp_path / "e")])
     assert result.exit_code == 1 and result.output.count("\n") >= 1 and "would exceed TensorRT's element limit" in result.output.splitlines()[-1]
 
@@ -81,5 +81,5 @@ def test_tiny_plan_matches_the_built_profiles(tiny_paths, tmp_path):
     plan = plan_build(selection, BuildConfig(out=tmp_path / "e"))
     rows = {(t.graph, t.tensor): t for t in plan.needs.tensors}
     assert rows[("large", "patches")].max_shape == (2, 64, 64)
-    assert rows[("large", "kv_context_0")].max_shape == (2, 2, 63, 32)  # one query token, the rest context
+    assert rows[("large", "k_context_0")].max_shape == (2, 63, 32)  # one query token, the rest context
     assert rows[("large", "encoder_hidden_states")].max_shape == (2, 85, 32)

@@ -14,26 +14,26 @@ def test_dense_profile_first_is_static_at_the_build_size():
     dense, subset = graph_profiles("large", BuildShape(1, 128, 128, 333), LARGE)
     assert dense["patches"] == [[2, 4096, 64]] * 3
     assert dense["encoder_hidden_states"] == [[2, 333, 4096]] * 3
-    assert dense["kv_context_0"] == [[2, 2, 0, 2432]] * 3 and dense["text_kv_context_37"] == [[2, 2, 0, 2432]] * 3
+    assert dense["k_context_0"] == [[2, 0, 2432]] * 3 and dense["text_v_context_37"] == [[2, 0, 2432]] * 3
 
 
 def test_subset_profile_covers_one_to_all_tokens_with_opt_at_ratio():
     _, subset = graph_profiles("large", BuildShape(1, 128, 128, 333, mask_ratio=0.3), LARGE)
     low, opt, high = subset["patches"]
     assert (low[1], opt[1], high[1]) == (1, 1229, 4096)
-    low, opt, high = subset["kv_context_5"]
-    assert (low[2], opt[2], high[2]) == (0, 4096 - 1229, 4095)
+    low, opt, high = subset["v_context_5"]
+    assert (low[1], opt[1], high[1]) == (0, 4096 - 1229, 4095)
     low, opt, high = subset["encoder_hidden_states"]  # text recomputed (333) or reused (0)
     assert (low[1], opt[1], high[1]) == (0, 333, 333)
-    assert [r[2] for r in subset["text_kv_context_0"]] == [0, 0, 333]
-    assert len(subset) == 5 + 38 + 38  # one K/V input per attention module and per block
+    assert [r[1] for r in subset["text_k_context_0"]] == [0, 0, 333]
+    assert len(subset) == 5 + 2 * (38 + 38)  # a K and a V input per attention module and per block
 
 
 def test_small_subset_profile_is_tuned_for_the_tokens_outside_the_mask():
     small = ModelDims.from_config(MODEL_CONFIGS["sd3.5-medium"])
     _, subset = graph_profiles("small", BuildShape(1, 128, 128, 333, mask_ratio=0.3), small)
-    assert subset["patches"][1][1] == 4096 - 1229 and subset["kv_context_0"][1][2] == 1229
-    assert small.kv_entries == 24 + 13 and sum(n.startswith("kv_context_") for n in subset) == 37
+    assert subset["patches"][1][1] == 4096 - 1229 and subset["k_context_0"][1][1] == 1229
+    assert small.kv_entries == 24 + 13 and sum(n.startswith("v_context_") for n in subset) == 37
 
 
 def test_token_buckets_split_the_range_contiguously():
@@ -55,8 +55,8 @@ def test_select_profile_picks_the_bucket_and_names_misses():
 
     def shapes(n, text=85):
         out = {"patches": (2, n, 64), "token_pos": (2, n), "encoder_hidden_states": (2, text, 32), "pooled_projections": (2, 32), "timestep": (2,)}
-        out.update({f"kv_context_{i}": (2, 2, 64 - n, 32) for i in range(3)})
-        out.update({f"text_kv_context_{j}": (2, 2, 85 - text, 32) for j in range(2)})
+        out.update({f"{kv}_context_{i}": (2, 64 - n, 32) for i in range(3) for kv in "kv"})
+        out.update({f"text_{kv}_context_{j}": (2, 85 - text, 32) for j in range(2) for kv in "kv"})
         return out
 
     # the dense call takes the dense profile even though a subset profile holds it too

@@ -71,11 +71,11 @@ def test_manifest_of_another_schema_version(tiny_engine_dir, tmp_path):
     other = tmp_path / "v1"
     shutil.copytree(tiny_engine_dir, other)
     data = json.loads((other / "manifest.json").read_text())
-    data["schema_version"] = 1  # a folder of the three-graph contract
+    data["schema_version"] = 2  # a folder of contract v2 (K/V stacked as one tensor)
     (other / "manifest.json").write_text(json.dumps(data))
     result = CliRunner().invoke(main, ["generate", str(other), "--prompt", "x", "--steps", "4"])
     assert result.exit_code == 1
-    assert "was built for an older engine contract" in result.output and "got schema 1" in result.output and "expected schema 2" in result.output
+    assert "was built for an older engine contract" in result.output and "got schema 2" in result.output and "expected schema 3" in result.output
     assert "rebuild with: hs-export build --preset tiny" in result.output
     assert "Traceback" not in result.output
 

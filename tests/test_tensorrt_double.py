@@ -72,9 +72,9 @@ def assert_outputs(got, feeds, sizes, dtype=torch.float32):
 def test_dense_call_binds_empty_contexts_to_the_dummy(world, tmp_path):
     engine = make_engine(tmp_path)
     feeds = feeds_for(DENSE)
-    assert feeds["kv_context_0"].numel() == 0 and feeds["kv_context_0"].data_ptr() == 0  # what torch gives
+    assert feeds["k_context_0"].numel() == 0 and feeds["k_context_0"].data_ptr() == 0  # what torch gives
     assert_outputs(engine(feeds), feeds, DENSE)
-    assert engine.context.addresses["kv_context_0"] == engine._dummy.data_ptr() != 0
+    assert engine.context.addresses["k_context_0"] == engine._dummy.data_ptr() != 0
     assert engine.context.active_optimization_profile == 0
 
 
@@ -90,8 +90,8 @@ def test_text_reuse_call_has_empty_text_queries_and_outputs(world, tmp_path):
     feeds = feeds_for(SUBSET_REUSE, seed=2)
     got = engine(feeds)
     assert_outputs(got, feeds, SUBSET_REUSE)
-    assert got["text_kv_0"].shape == (2, 2, 0, DIMS.hidden)
-    assert engine.context.addresses["encoder_hidden_states"] == engine.context.addresses["text_kv_0"] == engine._dummy.data_ptr()
+    assert got["text_k_0"].shape == (2, 0, DIMS.hidden)
+    assert engine.context.addresses["encoder_hidden_states"] == engine.context.addresses["text_k_0"] == engine._dummy.data_ptr()
 
 
 def test_full_ratio_call_with_no_context_in_a_subset_profile(world, tmp_path):
@@ -104,7 +104,7 @@ def test_full_ratio_call_with_no_context_in_a_subset_profile(world, tmp_path):
 def test_every_output_shape_reuses_one_buffer_sized_for_the_profile_maxima(world, tmp_path):
     engine = make_engine(tmp_path)
     capacity = output_capacity(SPEC, PROFILES)
-    assert capacity["kv_0"] == 2 * 2 * N_IMG * DIMS.hidden and capacity["text_kv_0"] == 2 * 2 * TEXT * DIMS.hidden
+    assert capacity["k_0"] == 2 * N_IMG * DIMS.hidden and capacity["text_v_0"] == 2 * TEXT * DIMS.hidden
     starts = {name: buf.data_ptr() for name, buf in engine._buffers.items()}
     for i, n in enumerate((20, 25, 32, 40, 64)):
         sizes = call_sizes(2, n, N_IMG - n, TEXT)
@@ -127,7 +127,7 @@ def test_profile_switches_only_when_the_profile_changes(world, tmp_path):
 
 def test_fp16_engine_takes_fp32_feeds_and_keeps_timestep_fp32(world, tmp_path):
     engine = make_engine(tmp_path, "fp16")
-    assert engine.dtypes["kv_context_0"] == torch.float16 and engine.dtypes["timestep"] == torch.float32
+    assert engine.dtypes["k_context_0"] == torch.float16 and engine.dtypes["timestep"] == torch.float32
     feeds = feeds_for(SUBSET, seed=4)
     got = engine(feeds)
     assert_outputs(got, feeds, SUBSET, torch.float16)
@@ -201,7 +201,7 @@ def test_shapes_outside_every_profile_are_refused_before_tensorrt(world, tmp_pat
 def test_null_address_for_empty_tensors_is_caught(world, tmp_path, monkeypatch):
     engine = make_engine(tmp_path)
     monkeypatch.setattr(TrtEngine, "_address", lambda self, tensor: tensor.data_ptr())  # the old binding
-    with pytest.raises(trt_double.PreconditionViolation, match="kv_context_0.*null address"):
+    with pytest.raises(trt_double.PreconditionViolation, match="k_context_0.*null address"):
         engine(feeds_for(DENSE))
 
 
@@ -362,7 +362,7 @@ def real_world(monkeypatch):
 def test_real_cuda_every_kind_of_call(real_world, tmp_path):
     engine = make_engine(tmp_path)
     assert engine.stream.cuda_stream not in trt_double.DEFAULT_HANDLES
-    assert torch.empty(2, 2, 0, DIMS.hidden, device="cuda").data_ptr() == 0  # why the dummy exists
+    assert torch.empty(2, 0, DIMS.hidden, device="cuda").data_ptr() == 0  # why the dummy exists
     starts = {name: buf.data_ptr() for name, buf in engine._buffers.items()}
     side = torch.cuda.Stream()
     cases = [DENSE, SUBSET, SUBSET_REUSE, FULL_RATIO_REUSE, call_sizes(2, 40, N_IMG - 40, TEXT), DENSE]
@@ -373,7 +373,7 @@ def test_real_cuda_every_kind_of_call(real_world, tmp_path):
             got = engine(on_device)
             got = {n: v.cpu() for n, v in got.items()}  # read on the caller's stream: ordered after the engine
         assert_outputs(got, feeds, sizes)
-        assert engine.context.addresses["kv_context_0"] != 0
+        assert engine.context.addresses["k_context_0"] != 0
     assert {name: buf.data_ptr() for name, buf in engine._buffers.items()} == starts
     assert [c[1] for c in real_world.calls if c[0] == "set_optimization_profile_async"] == [0, 1, 2, 0]
 

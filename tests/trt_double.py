@@ -182,7 +182,7 @@ def plan_bytes(spec, profiles: list[dict], precision: str = "fp32") -> bytes:
     float_type = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
     kind = {"float": float_type, "float32": "float32", "int64": "int64"}
     tensors = lambda ts: [{"name": t.name, "dtype": kind[t.dtype], "axes": list(t.axes)} for t in ts]  # noqa: E731
-    static = {"two": 2, "hidden": spec.dims.hidden, "patch_dim": spec.dims.patch_dim, "joint_dim": spec.dims.joint_attention_dim, "pooled_dim": spec.dims.pooled_projection_dim}
+    static = {"hidden": spec.dims.hidden, "patch_dim": spec.dims.patch_dim, "joint_dim": spec.dims.joint_attention_dim, "pooled_dim": spec.dims.pooled_projection_dim}
     body = {"graph": spec.name, "inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs), "static": static, "profiles": profiles}
     return MAGIC + json.dumps(body).encode()
 
@@ -196,25 +196,22 @@ def reference_outputs(inputs: dict[str, torch.Tensor], outputs: dict[str, tuple[
     """What a double engine computes (fp32): every output depends on the inputs it would read, so
     a wrong binding shows as a wrong value.
 
-    ``velocity_tokens = 2·patches + timestep/1000 + mean(kv_context_0)``;
-    ``kv_i[k] = i + k + patches[..., :1]``; ``text_kv_j[k] = j + k + encoder_hidden_states[..., :1]``.
+    ``velocity_tokens = 2·patches + timestep/1000 + mean(k_context_0)``;
+    ``k_i = i + patches[..., :1]``, ``v_i = i + 1 + patches[..., :1]``; ``text_k_j`` / ``text_v_j``
+    alike from ``encoder_hidden_states[..., :1]``.
     """
     patches = inputs["patches"].float()
-    ctx = inputs.get("kv_context_0")
+    ctx = inputs.get("k_context_0")
     ctx_mean = ctx.float().mean() if ctx is not None and ctx.numel() else torch.tensor(0.0, device=patches.device)
     text = inputs["encoder_hidden_states"].float()
     out = {}
     for name, shape in outputs.items():
         if name == "velocity_tokens":
             out[name] = 2 * patches + inputs["timestep"].float().view(-1, 1, 1) / 1000 + ctx_mean
-        elif name.startswith("kv_"):
-            i = int(name.split("_")[-1])
-            two = torch.arange(2.0, device=patches.device).view(2, 1, 1, 1)
-            out[name] = (i + two + patches[..., :1].unsqueeze(0)).expand(shape).clone()
         else:
-            j = int(name.split("_")[-1])
-            two = torch.arange(2.0, device=patches.device).view(2, 1, 1, 1)
-            out[name] = (j + two + text[..., :1].unsqueeze(0)).expand(shape).clone()
+            i = int(name.split("_")[-1]) + (1 if name.startswith(("v_", "text_v_")) else 0)
+            source = text if name.startswith("text_") else patches
+            out[name] = (i + source[..., :1]).expand(shape).clone()
     return out
 
 

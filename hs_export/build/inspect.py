@@ -18,7 +18,7 @@ def _range(bounds) -> str:
 
 
 def _families(tensors: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Groups the per-module tensors (``kv_context_0`` … ``kv_context_37``) into one row each."""
+    """Groups the per-module tensors (``k_context_0`` … ``k_context_37``) into one row each."""
     groups: dict[str, list[dict]] = {}
     for t in tensors:
         stem = t["name"].rstrip("0123456789")
