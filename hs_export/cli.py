@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from hs_runtime.backends.onnxruntime_backend import THREAD_POOLS
 from hs_runtime.errors import ConfigError, HybridStitchError, describe, first_line
 from hs_runtime.plans import MASK_SIGNALS, PLAN_NAMES, MaskConfig, PlanConfig
 from hs_runtime.presets import PRESET_NAMES
@@ -175,6 +176,8 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
 @click.option("--token-buckets", type=int, default=_BUILD_DEFAULTS.token_buckets, show_default=True, help="Subset profiles per graph splitting the token count.")
 @click.option("--builder-optimization-level", type=int, default=_BUILD_DEFAULTS.builder_optimization_level, show_default=True)
 @click.option("--keep-onnx", is_flag=True, help="Keep the ONNX files of a TensorRT build.")
+@click.option("--ort-thread-pool", type=click.Choice(THREAD_POOLS), default=_BUILD_DEFAULTS.ort_thread_pool, show_default=True,
+              help="ONNX Runtime engines: share the process's thread pool (faster; the process's other ONNX Runtime sessions must share it too) or one pool per session.")
 @click.option("--dry-run", is_flag=True, help="Print every I/O tensor's largest shape, the weights and what the build needs; build nothing.")
 @click.option("--force", is_flag=True, help="Rebuild even if up to date; replace a folder built for something else; try a build the host looks too small for.")
 @_one_line_errors

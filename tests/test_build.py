@@ -11,7 +11,7 @@ from hs_export.build.export import dummy_inputs
 from hs_export.build import resolve_models
 from hs_runtime.backends.onnxruntime_backend import OrtEngine
 from hs_runtime.contract import GRAPH_NAMES, call_sizes, graph_spec
-from hs_runtime.errors import BuildError, ManifestError
+from hs_runtime.errors import BuildError, ConfigError, ManifestError
 from hs_runtime.graphs import build_graphs
 from hs_runtime.manifest import Manifest
 
@@ -21,15 +21,15 @@ QUIET = dict(log=lambda *_: None)
 def test_manifest_records_the_build(tiny_engine_dir):
     manifest = Manifest.load(tiny_engine_dir)
     data = manifest.data
-    assert data["schema_version"] == 2 and data["complete"]
+    assert data["schema_version"] == 3 and data["complete"]
     assert set(data["graphs"]) == set(GRAPH_NAMES)
     assert {"torch", "onnx", "onnxruntime"} <= set(data["versions"])
     for role in ("small", "large"):
         assert len(data["models"][role]["sha256"]) == 64 and data["models"][role]["config"]["num_layers"] == 2
     large = data["graphs"]["large"]
     assert large["dynamic_axes"]["patches"] == {"0": "batch", "1": "tokens"}
-    assert large["dynamic_axes"]["kv_context_0"] == {"1": "batch", "2": "context_tokens"}
-    assert large["dynamic_axes"]["text_kv_context_1"] == {"1": "batch", "2": "text_context"}
+    assert large["dynamic_axes"]["k_context_0"] == {"0": "batch", "1": "context_tokens"}
+    assert large["dynamic_axes"]["text_v_context_1"] == {"0": "batch", "1": "text_context"}
     for graph in data["graphs"].values():
         assert graph["parity"]["rel"] <= 1e-4 and graph["parity"]["cases"] == 4
         assert len(graph["profiles"]) == 2  # dense + one subset profile
@@ -159,3 +159,18 @@ def test_verify_fails_when_engines_and_models_disagree(tiny_engine_dir, tmp_path
     result = CliRunner().invoke(main, ["verify", str(tampered), "--steps", "4"])
     assert result.exit_code == 1
     assert "FAIL" in result.output and "verification failed" in result.output
+
+
+def test_ort_thread_pool_choice_is_saved_and_checked(tmp_path):
+    """The build writes its thread-pool choice into ort_session.json and its rebuild command;
+    a name ONNX Runtime's backend does not know is one line before anything is exported."""
+    from hs_export.build.builder import rebuild_command
+    from hs_export.build.ort import save_settings
+
+    assert json.loads(save_settings(tmp_path, "session").read_text())["thread_pool"] == "session"
+    assert json.loads(save_settings(tmp_path).read_text())["thread_pool"] == "global"
+    selection = resolve_models("tiny", None, None, None, log=lambda *_: None)
+    assert "--ort-thread-pool session" in rebuild_command(selection, BuildConfig(out=tmp_path, ort_thread_pool="session"), 64, 64, 20)
+    assert "--ort-thread-pool" not in rebuild_command(selection, BuildConfig(out=tmp_path), 64, 64, 20)
+    with pytest.raises(ConfigError, match=r"unknown ONNX Runtime thread pool \| got 'shared' \| expected global \| session"):
+        BuildConfig(out=tmp_path / "e", ort_thread_pool="shared").validate()

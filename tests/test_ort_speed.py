@@ -3,14 +3,18 @@ stay exact to the PyTorch graphs. Speed itself is measured by ``hs-export bench`
 
 import collections
 import shutil
+import subprocess
+import sys
 
 import onnx
+import pytest
 import torch
 
 from hs_export.build.export import dummy_inputs
 from hs_export.build.ort import fuse_graph
 from hs_runtime.backends.onnxruntime_backend import OrtEngine
 from hs_runtime.contract import GRAPH_NAMES, call_sizes
+from hs_runtime.errors import ConfigError
 from hs_runtime.manifest import Manifest
 
 
@@ -55,3 +59,35 @@ def test_fused_engine_exact_on_all_tokens_and_one_token(tiny_engine_dir, tiny_to
             scale = max(ref.abs().max().item(), 1e-6) if ref.numel() else 1.0
             err = (ref - got[name]).abs().max().item() if ref.numel() else 0.0
             assert err / scale <= engine.spec.rtol, (name, err, scale)
+
+
+_POOLS_SCRIPT = """
+import sys, torch
+from hs_export.build.export import dummy_inputs
+from hs_runtime.backends.onnxruntime_backend import OrtEngine
+from hs_runtime.contract import call_sizes
+from hs_runtime.manifest import Manifest
+m = Manifest.load(sys.argv[1]); shape = m.shape
+n_img = m.dims("large").image_tokens(shape.latent_height, shape.latent_width)
+load = lambda pool: OrtEngine(m.engine_path("large"), "large", m.dims("large"), torch.device("cpu"), {"thread_pool": pool})
+own = load("session")  # before the global pools exist: its own threads
+feeds = dummy_inputs(own.spec, call_sizes(2, n_img, 0, shape.text_tokens))
+want = own(feeds)
+results = [load(pool)(feeds) for pool in ("global", "session")]  # the second joins the global pools
+print(all(torch.equal(want[k], got[k]) for got in results for k in want))
+"""
+
+
+def test_global_thread_pool_gives_the_same_outputs(tiny_engine_dir):
+    """``thread_pool: global`` changes which threads run the ops, not what they compute, and a
+    folder asking for its own threads after the process's global pools exist joins them instead
+    of failing in ONNX Runtime. A fresh process: the pools are process-wide state."""
+    done = subprocess.run([sys.executable, "-c", _POOLS_SCRIPT, str(tiny_engine_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_unknown_thread_pool_setting_is_one_line(tiny_engine_dir):
+    manifest = Manifest.load(tiny_engine_dir)
+    with pytest.raises(ConfigError, match="unknown thread_pool in ort_session.json .* got 'shared' .* expected global \| session"):
+        OrtEngine(manifest.engine_path("small"), "small", manifest.dims("small"), torch.device("cpu"), {"thread_pool": "shared"})

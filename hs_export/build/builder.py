@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from hs_runtime import __version__
+from hs_runtime.backends.onnxruntime_backend import THREAD_POOLS
 from hs_runtime.contract import GRAPH_NAMES, ModelDims, graph_spec
 from hs_runtime.errors import BuildError, ConfigError, ManifestError, NumericalError, ToleranceError, describe
 from hs_runtime.graphs import TokenGraph
@@ -64,6 +65,8 @@ class BuildConfig:
         force: rebuild a folder that is up to date or built for something else, and try a
             build the host's memory or disk looks too small for.
         keep_onnx: keep the ONNX files of a TensorRT build (ONNX Runtime engines are ONNX files).
+        ort_thread_pool: ``global`` (the small and large ONNX Runtime sessions share the process's
+            pool; faster, but process-wide: see ``session_options``) or ``session``.
     """
 
     out: Path | None = None
@@ -80,6 +83,7 @@ class BuildConfig:
     builder_optimization_level: int = 3
     force: bool = False
     keep_onnx: bool = False
+    ort_thread_pool: str = "global"
     vae_scale_factor: int = 8
 
     def validate(self) -> None:
@@ -91,6 +95,8 @@ class BuildConfig:
             raise ConfigError(describe("unknown precision", got=repr(self.precision), expected="fp32 | fp16 | bf16"))
         if self.backend == "onnxruntime" and self.precision == "bf16":
             raise ConfigError(describe("bf16 engines need TensorRT", got="--backend onnxruntime --precision bf16", fix="use --precision fp32|fp16 or --backend tensorrt"))
+        if self.ort_thread_pool not in THREAD_POOLS:
+            raise ConfigError(describe("unknown ONNX Runtime thread pool", got=repr(self.ort_thread_pool), expected=" | ".join(THREAD_POOLS)))
         if not 0.0 < self.mask_ratio <= 1.0:
             raise ConfigError(describe("mask ratio out of range", got=self.mask_ratio, expected="a value in (0, 1]"))
         check_folder_path(self.out, "--out", fix="choose another --out")
@@ -156,6 +162,8 @@ def rebuild_command(selection: ModelSelection, config: BuildConfig, height: int,
         parts.append(f"--token-buckets {config.token_buckets}")
     if config.keep_onnx:
         parts.append("--keep-onnx")
+    if config.backend == "onnxruntime" and config.ort_thread_pool != BuildConfig.ort_thread_pool:
+        parts.append(f"--ort-thread-pool {config.ort_thread_pool}")
     return " ".join(parts)
 
 
@@ -304,6 +312,7 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         "shape": shape.to_dict(), "max_sequence_length": text_tokens - selection.clip_tokens,
         "clip_tokens": selection.clip_tokens, "preset": selection.preset, "opset": config.opset,
         "builder_optimization_level": config.builder_optimization_level, "keep_onnx": config.keep_onnx,
+        "ort_thread_pool": config.ort_thread_pool if config.backend == "onnxruntime" else None,
         "command": rebuild_command(selection, config, height, width, text_tokens),
     }
     fingerprint = hashlib.sha256(
@@ -404,7 +413,7 @@ def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Pha
 
             with phases("engine", f"{name}: the ONNX file becomes the ONNX Runtime engine (attention and GELU fused into the graph file; the weights are not rewritten)"):
                 engine_path = adopt_model(onnx_path, engine_dir)
-                save_settings(work)
+                save_settings(work, config.ort_thread_pool)
         else:
             from .tensorrt import build_plan, import_tensorrt
 

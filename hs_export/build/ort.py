@@ -19,7 +19,15 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-RUNTIME_SETTINGS = {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": 0, "intra_op_allow_spinning": False, "log_severity_level": 3}
+# thread_pool "global": the small and large sessions share ONNX Runtime's process-wide pool
+# (hs_runtime.backends.onnxruntime_backend.session_options says what that means for a host).
+RUNTIME_SETTINGS = {
+    "graph_optimization_level": "ORT_ENABLE_ALL",
+    "thread_pool": "global",
+    "intra_op_num_threads": 0,
+    "intra_op_allow_spinning": False,
+    "log_severity_level": 3,
+}
 
 MS_DOMAIN = "com.microsoft"
 
@@ -38,9 +46,9 @@ def adopt_model(onnx_path: Path, engine_dir: Path) -> Path:
     return target
 
 
-def save_settings(folder: Path) -> Path:
+def save_settings(folder: Path, thread_pool: str = RUNTIME_SETTINGS["thread_pool"]) -> Path:
     path = folder / "ort_session.json"
-    path.write_text(json.dumps(RUNTIME_SETTINGS, indent=2) + "\n")
+    path.write_text(json.dumps({**RUNTIME_SETTINGS, "thread_pool": thread_pool}, indent=2) + "\n")
     return path
 
 
