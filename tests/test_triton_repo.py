@@ -19,7 +19,7 @@ from hs_export.serve.protocol import GENERATE, LATENTS, ServingError
 from hs_export.serve.repository import served_models
 from hs_runtime.plans import MaskConfig
 
-from test_serve import MAX_PIXEL_DIFF, PROMPTS, STEPS, free_ports, generate_cli_image, metric, scrape, start_process, tiny4_engine_dir  # noqa: F401  (a fixture)
+from test_serve import MAX_PIXEL_DIFF, PROMPTS, STEPS, free_ports, generate_cli_image, metric, scrape, scrape_until, start_process, tiny4_engine_dir  # noqa: F401  (a fixture)
 
 MAX_QUEUE = 4
 
@@ -150,8 +150,9 @@ def test_custom_metrics_grow_with_served_requests(direct):
     with HybridStitchClient(direct.url, timeout_s=120) as remote:
         for seed in range(2):
             remote.generate(PROMPTS[0], seed=seed, steps=STEPS, plan="hybrid")
-    after = scrape(direct.metrics_url)
-    delta = lambda name, **labels: metric(after, name, model=GENERATE.name, **labels) - metric(before, name, model=GENERATE.name, **labels)  # noqa: E731
+    counted = lambda values, name, **labels: metric(values, name, model=GENERATE.name, **labels) - metric(before, name, model=GENERATE.name, **labels)  # noqa: E731
+    after = scrape_until(direct.metrics_url, lambda v: counted(v, "hybridstitch_images_total", plan="hybrid") >= 2)
+    delta = lambda name, **labels: counted(after, name, **labels)  # noqa: E731
     for stage in stages:
         assert delta("hybridstitch_stage_seconds_total", stage=stage) > 0, stage
     assert delta("hybridstitch_images_total", plan="hybrid") == 2
@@ -203,8 +204,9 @@ def test_a_request_cancelled_while_queued_is_never_run(direct):
         slow.result(timeout=120)
     with HybridStitchClient(direct.url, timeout_s=120) as remote:  # the server answers afterwards
         remote.generate(PROMPTS[3], seed=4, steps=STEPS)
-    after = scrape(direct.metrics_url)
-    delta = lambda name, **labels: metric(after, name, model=GENERATE.name, **labels) - metric(before, name, model=GENERATE.name, **labels)  # noqa: E731
+    counted = lambda values, name, **labels: metric(values, name, model=GENERATE.name, **labels) - metric(before, name, model=GENERATE.name, **labels)  # noqa: E731
+    after = scrape_until(direct.metrics_url, lambda v: counted(v, "nv_inference_request_failure", reason="CANCELED") >= 1 and counted(v, "hybridstitch_images_total") >= 2)
+    delta = lambda name, **labels: counted(after, name, **labels)  # noqa: E731
     assert delta("nv_inference_request_failure", reason="CANCELED") == 1
     assert delta("hybridstitch_images_total", plan="small") == 0 and delta("hybridstitch_images_total") == 2
 
@@ -222,8 +224,9 @@ def test_a_running_request_cancelled_by_its_client_stops_at_the_next_step(direct
     with HybridStitchClient(direct.url, timeout_s=120) as remote:
         remote.generate(PROMPTS[1], seed=6, steps=STEPS)
     took = time.monotonic() - began
-    after = scrape(direct.metrics_url)
-    delta = lambda name, **labels: metric(after, name, model=GENERATE.name, **labels) - metric(before, name, model=GENERATE.name, **labels)  # noqa: E731
+    counted = lambda values, name, **labels: metric(values, name, model=GENERATE.name, **labels) - metric(before, name, model=GENERATE.name, **labels)  # noqa: E731
+    after = scrape_until(direct.metrics_url, lambda v: counted(v, "hybridstitch_refused_total", code="CANCELLED") >= 1 and counted(v, "hybridstitch_images_total") >= 1)
+    delta = lambda name, **labels: counted(after, name, **labels)  # noqa: E731
     assert delta("hybridstitch_refused_total", code="CANCELLED") == 1  # the model stopped it, not Triton's queue
     assert delta("hybridstitch_images_total", plan="large") == 0 and delta("hybridstitch_images_total") == 1
     assert took < 3.0, f"the next request waited {took:.1f} s: the cancelled denoise ran on"
