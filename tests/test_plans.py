@@ -6,12 +6,12 @@ from hs_runtime.plans import MaskConfig, Plan, PlanConfig, make_plan
 
 def test_hybrid_default_layout():
     plan = make_plan("hybrid", 28)
-    a, b = round(0.25 * 28), round(0.5 * 28)
+    a, b = round(0.3 * 28), round(0.5 * 28)
     assert plan.actions[: a - 1] == ("large",) * (a - 1)
     assert plan.actions[a - 1] == "capture"
     assert plan.actions[a:b] == ("hybrid",) * (b - a)
     assert plan.actions[b:] == ("small",) * (28 - b)
-    assert plan.mask == MaskConfig(0.2, "detail", False) and plan.carry_offset  # docs/quality.md: the paired front
+    assert plan.mask == MaskConfig(0.1, "detail", False) and plan.carry_offset  # docs/quality.md: the paired front
     assert plan.reuse_text_kv and plan.small_outside_mask and plan.small_at_capture
 
 
@@ -42,7 +42,7 @@ def test_a_new_schedule_is_data():
         lambda: MaskConfig(ratio=1.5),
         lambda: MaskConfig(signal="edges"),
         lambda: PlanConfig(large_fraction=0.6, hybrid_end=0.5),
-        lambda: make_plan("hybrid", 2),  # round(0.3) = 0 large steps before a hybrid stage
+        lambda: make_plan("hybrid", 2, PlanConfig(large_fraction=0.2)),  # round(0.4) = 0 large steps before a hybrid stage
         lambda: Plan("bad", ("hybrid", "small")),
     ],
 )

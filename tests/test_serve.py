@@ -136,7 +136,6 @@ def test_defaults_and_limits_come_from_the_manifest(tiny4_runtime):
         (dict(prompt="   "), "empty prompt"),
         (dict(prompt=b"\xff\xfe"), "input prompt is not UTF-8 text"),
         (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
-        (dict(plan="hybrid", steps=2), "hybrid plan needs at least one large step"),
         (dict(seed=-1), "seed out of range | got -1"),
     ],
 )

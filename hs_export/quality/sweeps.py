@@ -40,7 +40,9 @@ STANDARD_SWEEP = (
     "hybrid:signal=disagreement",
     "hybrid:energy=0.5:ratio=0.4",
     "hybrid:reuse_text_kv=false:small_outside_mask=false,true",
-    "hybrid:reuse_text_kv=false:small_outside_mask=false:signal=disagreement:ratio=0.3",  # the former default
+    "hybrid:large_fraction=0.25:reuse_text_kv=false:small_outside_mask=false:signal=disagreement:ratio=0.3",  # the default until 2026-12-04
+    "hybrid:large_fraction=0.25:ratio=0.2",  # the default 2026-12-04 … 2026-12-06
+    "hybrid:reselect_every=1",
 )
 
 
