@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from rich.console import Console
 from rich.table import Table
 
+from hs_runtime.backends.onnxruntime_backend import load_settings
 from hs_runtime.manifest import Manifest
 
 
@@ -58,9 +56,8 @@ def inspect_folder(folder) -> None:
     console.print(tensors)
     versions = ", ".join(f"{k} {v}" for k, v in manifest.data["versions"].items() if v)
     console.print(f"versions: {versions}")
-    settings = Path(folder) / "ort_session.json"
-    if build["backend"] == "onnxruntime" and settings.is_file():
-        ort = json.loads(settings.read_text())
+    ort = load_settings(folder) if build["backend"] == "onnxruntime" else {}
+    if ort:
         console.print(f"onnxruntime session: thread pool {ort.get('thread_pool', 'session')}, intra-op threads {ort.get('intra_op_num_threads', 0) or 'one per core'}, {ort.get('graph_optimization_level')}")
     for role in ("small", "large"):
         model = manifest.data["models"][role]
