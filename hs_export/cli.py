@@ -413,6 +413,7 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
 @click.option("--seed", type=int, default=_TRAIN_DEFAULTS.seed, show_default=True)
 @click.option("--scenes", type=int, default=_TRAIN_DEFAULTS.scenes, show_default=True, help="Training scenes (rendered and encoded once).")
 @click.option("--vae-steps", type=int, default=_TRAIN_DEFAULTS.vae_steps, show_default=True)
+@click.option("--text-steps", type=int, default=_TRAIN_DEFAULTS.text_steps, show_default=True, help="Steps teaching the text encoders the grammar (0: leave them random).")
 @click.option("--small-steps", type=int, default=_TRAIN_DEFAULTS.small_steps, show_default=True)
 @click.option("--large-steps", type=int, default=_TRAIN_DEFAULTS.large_steps, show_default=True)
 @click.option("--batch", type=int, default=_TRAIN_DEFAULTS.batch, show_default=True)
@@ -421,7 +422,7 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Cache the trained VAE and encoded scenes here (safetensors; one it cannot read is rebuilt), to retrain only the transformers.")
 @_one_line_errors
 def train_shapes(out, **options):
-    """Train the shapes pair (VAE, small and large SD3 transformers) on CPU.
+    """Train the shapes pair (VAE, text encoders, small and large SD3 transformers) on CPU.
 
     Procedural scenes, SD3's rectified-flow objective, fixed seeds, progress with loss; writes
     fp16 weights read back with from_pretrained. The shipped weights came from the defaults:

@@ -37,17 +37,58 @@ def test_every_prompt_fits_the_text_encoders_whole():
     assert longest <= spec.clip_tokens  # vocabulary words are single tokens: nothing is truncated
 
 
+def test_text_targets_bind_every_word_to_its_object():
+    """T5 (bidirectional) learns every word of an object, causal CLIP only each object's last word;
+    separators and padding teach nothing; the pooled vector learns the whole scene."""
+    from hs_export.shapes.text_encoders import IGNORE, SLOTS, scene_targets, token_targets
+
+    prompt = "a striped red circle , a blue square and a green star on a yellow gradient"
+    tokens = ["<s>", *prompt.split(), "</s>", "<pad>"]
+    every = token_targets(["▁" + t for t in tokens], every_word=True)
+    last = token_targets([t + "</w>" for t in tokens], every_word=False)
+    colour = list(scenes.COLOURS).index
+    assert every["colour"][1:5] == [colour("red")] * 4 and every["slot"][1:5] == [0] * 4
+    assert every["slot"][5] == IGNORE and every["slot"][-2:] == [IGNORE, IGNORE]  # "," and padding
+    assert every["slot"][13:17] == [IGNORE, SLOTS, SLOTS, SLOTS] and every["colour"][15] == colour("yellow")
+    assert [i for i, v in enumerate(last["slot"]) if v != IGNORE] == [4, 8, 12, 16]  # circle, square, star, gradient
+    assert last["texture"][4] == scenes.TEXTURES.index("striped") and last["kind"][16] == len(scenes.SHAPES) + 1
+    scene = scene_targets(prompt)
+    assert scene["background_colour"] == colour("yellow") and scene["count"] == 2 and scene["colour_1"] == colour("blue")
+    one = scene_targets("a purple star on a white background")
+    assert one["count"] == 0 and one["colour_1"] == len(scenes.COLOURS) and one["kind_2"] == len(scenes.SHAPES)
+
+
+def test_text_pretraining_teaches_the_encoders_which_object_a_word_belongs_to():
+    """120 steps (~8 s): held-out token states say which object a word belongs to and its colour
+    (chance: 1/4 and 1/8); the encoders changed and come back in eval mode."""
+    from hs_export.presets import text_components
+    from hs_export.shapes.text_encoders import train_text_encoders
+
+    spec = get_preset("shapes")
+    rng = np.random.default_rng(5)
+    prompts = [scenes.sample_scene(rng).prompt for _ in range(600)]
+    text = text_components(64, 64, 3, scenes.VOCABULARY, spec.clip_tokens)
+    before = [p.detach().clone() for p in text["text_encoder_3"].parameters()]
+    report = train_text_encoders(text, prompts[:500], prompts[500:], 120, seed=0, clip_length=spec.clip_tokens, t5_length=spec.max_sequence_length, batch=64, lr=5e-3, log=lambda *_: None)
+    accuracy = report["held_out_accuracy"]
+    assert accuracy["text_encoder"]["token_slot"] > 0.9 and accuracy["text_encoder_2"]["token_slot"] > 0.9
+    assert accuracy["text_encoder_3"]["token_colour"] > 0.6 and accuracy["text_encoder"]["token_colour"] > 0.5
+    assert any(not torch.equal(a, b) for a, b in zip(before, text["text_encoder_3"].parameters()))
+    assert not text["text_encoder"].training and not text["text_encoder_3"].training
+
+
 def test_training_command_writes_a_pipeline_that_loads(tmp_path):
     """A few steps of every phase on 64² scenes: the real code path, not a useful model."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     out = tmp_path / "shapes"
-    config = ShapesTrainConfig(out=out, scenes=24, held_out=8, vae_pool=16, vae_steps=3, small_steps=3, large_steps=3, batch=4, warmup=1, image_size=64, threads=1, work_dir=tmp_path / "work")
+    config = ShapesTrainConfig(out=out, scenes=24, held_out=8, vae_pool=16, vae_steps=3, text_steps=2, small_steps=3, large_steps=3, batch=4, warmup=1, image_size=64, threads=1, work_dir=tmp_path / "work")
     report = train_shapes(config, log=lambda *_: None)
     cache = read_cache(tmp_path / "work" / CACHE_NAME, config.data_key())
     # The cache keeps scenes, never prompt embeddings: those always come from the encoders that ship.
     assert len(cache["prompts"]["train"]) == 24 and "embeds" not in str(sorted(cache))
     assert cache["latents"]["train"].shape[0] == 24 and cache["vae"]
+    assert report["text"]["steps"] == 2 and set(report["text"]["held_out_accuracy"]) == {"text_encoder", "text_encoder_2", "text_encoder_3"}
     assert report["large"]["steps"] == 3 and set(report["small"]["held_out_loss"]) == {"0.0-0.2", "0.2-0.4", "0.4-0.6", "0.6-0.8", "0.8-1.0"}
     assert json.loads((out / "training.json").read_text())["vae"]["parameters"] > 0
     pipe = StableDiffusion3Pipeline.from_pretrained(str(out / "large"))
@@ -78,7 +119,7 @@ def test_work_dir_cache_never_unpickles_and_rebuilds_what_it_cannot_read(tmp_pat
     marker = tmp_path / "code-ran"
     _planted_pickle(work / "encoded.pt", marker)
     (work / CACHE_NAME).write_bytes(b"not a safetensors file at all")
-    config = ShapesTrainConfig(out=tmp_path / "a", scenes=8, held_out=4, vae_pool=8, vae_steps=1, small_steps=1, large_steps=1, batch=2, warmup=1, image_size=64, threads=1, work_dir=work)
+    config = ShapesTrainConfig(out=tmp_path / "a", scenes=8, held_out=4, vae_pool=8, vae_steps=1, text_steps=1, small_steps=1, large_steps=1, batch=2, warmup=1, image_size=64, threads=1, work_dir=work)
     lines: list[str] = []
     train_shapes(config, log=lines.append)
     assert not marker.exists()  # nothing was unpickled
@@ -96,7 +137,7 @@ def test_work_dir_cache_never_unpickles_and_rebuilds_what_it_cannot_read(tmp_pat
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"scenes": 0}, "scenes must be >= 1"), ({"cfg_dropout": 1.0}, "cfg_dropout out of range"), ({"budget_minutes": 0}, "budget must be > 0")],
+    [({"scenes": 0}, "scenes must be >= 1"), ({"text_steps": -1}, "text_steps must be >= 0"), ({"cfg_dropout": 1.0}, "cfg_dropout out of range"), ({"budget_minutes": 0}, "budget must be > 0")],
 )
 def test_bad_training_settings(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
