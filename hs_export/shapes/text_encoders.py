@@ -13,11 +13,13 @@ short supervised phase gives the encoders that knowledge, as pretraining gives S
 - each CLIP's pooled vector predicts the whole scene: background colour and kind, shape count, and
   every slot's colour, kind and texture.
 
-Linear heads read the states and are discarded; only the encoders ship. Seeded, a minute on 2 cores.
+Linear heads read the states and are discarded; only the encoders ship. Seeded; 1,000 steps take
+about two minutes on 2 cores.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -171,8 +173,8 @@ def train_text_encoders(text: dict, prompts: list[str], held_out: list[str], ste
         for _, encoder, heads, is_clip, train, _ in encoders:
             encoder.train()
             loss = loss + _losses(encoder, heads, train, rows, is_clip)[0]
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item())
+        for group in opt.param_groups:  # 50 warm-up steps, then cosine decay
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
