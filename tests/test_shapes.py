@@ -75,6 +75,9 @@ def test_text_pretraining_teaches_the_encoders_which_object_a_word_belongs_to():
     assert accuracy["text_encoder_3"]["token_colour"] > 0.6 and accuracy["text_encoder"]["token_colour"] > 0.5
     assert any(not torch.equal(a, b) for a, b in zip(before, text["text_encoder_3"].parameters()))
     assert not text["text_encoder"].training and not text["text_encoder_3"].training
+    lines: list[str] = []
+    late = train_text_encoders(text, prompts[:8], prompts[8:10], 5, seed=0, clip_length=spec.clip_tokens, t5_length=spec.max_sequence_length, deadline=0.0, log=lines.append)
+    assert late["steps"] == 0 and late["planned_steps"] == 5 and lines == ["[text] time budget reached after 0 of 5 steps"]
 
 
 def test_training_command_writes_a_pipeline_that_loads(tmp_path):

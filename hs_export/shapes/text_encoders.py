@@ -145,15 +145,16 @@ def _losses(encoder, heads: _Heads, batch: _Batch, rows, is_clip: bool) -> tuple
 
 
 def train_text_encoders(text: dict, prompts: list[str], held_out: list[str], steps: int, *, seed: int, clip_length: int,
-                        t5_length: int, batch: int = 256, lr: float = 2e-3, log=print) -> dict:
+                        t5_length: int, batch: int = 256, lr: float = 2e-3, deadline: float | None = None, log=print) -> dict:
     """Trains ``text``'s three encoders in place (left in ``.eval()``); returns held-out accuracies.
 
     Args:
         text: the ``StableDiffusion3Pipeline`` text keyword arguments (``presets.text_components``).
         prompts / held_out: training and held-out prompts of the ``shapes`` grammar.
+        deadline: ``time.monotonic()`` past which training stops early (and says so).
     """
     if steps == 0:
-        return {"steps": 0, "held_out_accuracy": None}
+        return {"steps": 0, "planned_steps": 0, "held_out_accuracy": None}
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
     encoders = []
@@ -167,7 +168,11 @@ def train_text_encoders(text: dict, prompts: list[str], held_out: list[str], ste
     params = [p for _, encoder, heads, *_ in encoders for p in (*encoder.parameters(), *heads.parameters())]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     began, every = time.monotonic(), max(1, steps // 6)
+    done = 0
     for step in range(steps):
+        if deadline is not None and time.monotonic() > deadline:
+            log(f"[text] time budget reached after {step} of {steps} steps")
+            break
         rows = torch.randint(len(prompts), (batch,), generator=g)
         loss = 0.0
         for _, encoder, heads, is_clip, train, _ in encoders:
@@ -178,11 +183,12 @@ def train_text_encoders(text: dict, prompts: list[str], held_out: list[str], ste
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % every == 0 or step + 1 == steps:
-            log(f"[text] step {step + 1}/{steps}  loss {loss.item():.4f}  {time.monotonic() - began:.0f} s")
+        done = step + 1
+        if done % every == 0 or done == steps:
+            log(f"[text] step {done}/{steps}  loss {loss.item():.4f}  {time.monotonic() - began:.0f} s")
     report = {}
     with torch.no_grad():
         for key, encoder, heads, is_clip, _, held in encoders:
             encoder.eval()
             report[key] = _losses(encoder, heads, held, torch.arange(len(held_out)), is_clip)[1]
-    return {"steps": steps, "held_out_accuracy": report}
+    return {"steps": done, "planned_steps": steps, "held_out_accuracy": report}

@@ -1,9 +1,10 @@
 """``hs-export train-shapes``: trains the ``shapes`` pair on CPU, VAE and all, from nothing.
 
 Phases: render scenes → train a 16-channel ``AutoencoderKL`` (8× down, as SD3's) → teach the
-tiny text encoders the grammar (:mod:`.text_encoders`) → encode the scenes and prompts → train the small and the large ``SD3Transformer2DModel`` with SD3's
-rectified-flow objective (x_t = (1−σ)·x0 + σ·ε, target ε − x0, logit-normal σ shifted by 3 as
-diffusers' SD3 training script does, 10% empty prompts) → save a ``StableDiffusion3Pipeline``
+tiny text encoders the grammar (:mod:`.text_encoders`) → encode the scenes and prompts → train
+the small and the large ``SD3Transformer2DModel`` with SD3's rectified-flow objective
+(x_t = (1−σ)·x0 + σ·ε, target ε − x0, logit-normal σ shifted by 3 as diffusers' SD3 training
+script does, 10% empty prompts) → save a ``StableDiffusion3Pipeline``
 folder (``large/``) and a transformer folder (``small/transformer``) in fp16, read back with
 ``from_pretrained`` like any user's weights.
 
@@ -354,7 +355,7 @@ def train_shapes(config: ShapesTrainConfig, log=print) -> dict:
     began = time.monotonic()
     text_report = train_text_encoders(
         text, prompts["train"], prompts["held"], config.text_steps, seed=config.seed + 5, clip_length=spec.clip_tokens,
-        t5_length=spec.max_sequence_length, log=log,
+        t5_length=spec.max_sequence_length, deadline=deadline, log=log,
     )
     for key in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         _round_trip_fp16(text[key])
