@@ -126,22 +126,25 @@ def _forward(encoder, ids: torch.Tensor, is_clip: bool) -> tuple[torch.Tensor, t
     return encoder(ids)[0], None
 
 
-def _losses(encoder, heads: _Heads, batch: _Batch, rows, is_clip: bool) -> tuple[torch.Tensor, dict[str, float]]:
+def _readouts(encoder, heads: _Heads, batch: _Batch, rows, is_clip: bool) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(field, logits, target)`` of every head on the prompts ``rows``."""
     states, pooled = _forward(encoder, batch.ids[rows], is_clip)
-    total, accuracy = 0.0, {}
-    for name, head in heads.token.items():
-        target = batch.tokens[name][rows]
-        logits = head(states)
-        total = total + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
-        seen = target != IGNORE
-        accuracy[f"token_{name}"] = float((logits.argmax(-1)[seen] == target[seen]).float().mean())
+    readouts = [(f"token_{name}", head(states), batch.tokens[name][rows]) for name, head in heads.token.items()]
     if heads.scene is not None:
-        for name, head in heads.scene.items():
-            target = batch.scene[name][rows]
-            logits = head(pooled)
-            total = total + F.cross_entropy(logits, target)
-            accuracy[f"pooled_{name}"] = float((logits.argmax(-1) == target).float().mean())
-    return total, accuracy
+        readouts += [(f"pooled_{name}", head(pooled), batch.scene[name][rows]) for name, head in heads.scene.items()]
+    return readouts
+
+
+def _loss(readouts) -> torch.Tensor:
+    return sum(F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=IGNORE) for _, logits, target in readouts)
+
+
+def _accuracy(readouts) -> dict[str, float]:
+    accuracy = {}
+    for field, logits, target in readouts:
+        seen = target != IGNORE
+        accuracy[field] = float((logits.argmax(-1)[seen] == target[seen]).float().mean())
+    return accuracy
 
 
 def train_text_encoders(text: dict, prompts: list[str], held_out: list[str], steps: int, *, seed: int, clip_length: int,
@@ -167,6 +170,8 @@ def train_text_encoders(text: dict, prompts: list[str], held_out: list[str], ste
         encoders.append((key, encoder, heads, is_clip, train, held))
     params = [p for _, encoder, heads, *_ in encoders for p in (*encoder.parameters(), *heads.parameters())]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    for _, encoder, *_ in encoders:
+        encoder.train()
     began, every = time.monotonic(), max(1, steps // 6)
     done = 0
     for step in range(steps):
@@ -174,10 +179,7 @@ def train_text_encoders(text: dict, prompts: list[str], held_out: list[str], ste
             log(f"[text] time budget reached after {step} of {steps} steps")
             break
         rows = torch.randint(len(prompts), (batch,), generator=g)
-        loss = 0.0
-        for _, encoder, heads, is_clip, train, _ in encoders:
-            encoder.train()
-            loss = loss + _losses(encoder, heads, train, rows, is_clip)[0]
+        loss = sum(_loss(_readouts(encoder, heads, train, rows, is_clip)) for _, encoder, heads, is_clip, train, _ in encoders)
         for group in opt.param_groups:  # 50 warm-up steps, then cosine decay
             group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.zero_grad(set_to_none=True)
@@ -190,5 +192,5 @@ def train_text_encoders(text: dict, prompts: list[str], held_out: list[str], ste
     with torch.no_grad():
         for key, encoder, heads, is_clip, _, held in encoders:
             encoder.eval()
-            report[key] = _losses(encoder, heads, held, torch.arange(len(held_out)), is_clip)[1]
+            report[key] = _accuracy(_readouts(encoder, heads, held, torch.arange(len(held_out)), is_clip))
     return {"steps": done, "planned_steps": steps, "held_out_accuracy": report}
