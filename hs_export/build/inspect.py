@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from hs_runtime.backends.onnxruntime_backend import load_settings
+from hs_runtime.backends.onnxruntime_backend import load_settings, thread_pool
 from hs_runtime.manifest import Manifest
 
 
@@ -58,7 +58,7 @@ def inspect_folder(folder) -> None:
     console.print(f"versions: {versions}")
     ort = load_settings(folder) if build["backend"] == "onnxruntime" else {}
     if ort:
-        console.print(f"onnxruntime session: thread pool {ort.get('thread_pool', 'session')}, intra-op threads {ort.get('intra_op_num_threads', 0) or 'one per core'}, {ort.get('graph_optimization_level')}")
+        console.print(f"onnxruntime session: thread pool {thread_pool(ort)}, intra-op threads {ort.get('intra_op_num_threads', 0) or 'one per core'}, {ort.get('graph_optimization_level')}")
     for role in ("small", "large"):
         model = manifest.data["models"][role]
         console.print(f"{role}: {model['source']} (sha256 {model['sha256'][:12]})")

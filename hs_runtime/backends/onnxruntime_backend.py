@@ -45,6 +45,12 @@ def _use_global_pool(ort, intra: int) -> None:
     _GLOBAL_POOL.append(intra)
 
 
+def thread_pool(settings: Mapping) -> str:
+    """The thread pool ``ort_session.json`` asks for; folders built before the setting existed
+    ran one pool per session."""
+    return settings.get("thread_pool", "session")
+
+
 def session_options(settings: Mapping):
     """``onnxruntime.SessionOptions`` from the JSON settings saved beside the engines.
 
@@ -61,7 +67,7 @@ def session_options(settings: Mapping):
     ``--ort-thread-pool session``.
     """
     ort = _import_ort()
-    pool = settings.get("thread_pool", "session")
+    pool = thread_pool(settings)
     if pool not in THREAD_POOLS:
         raise ConfigError(describe("unknown thread_pool in ort_session.json", got=repr(pool), expected=" | ".join(THREAD_POOLS)))
     options = ort.SessionOptions()
