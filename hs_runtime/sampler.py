@@ -190,7 +190,7 @@ class StitchedSampler:
             NumericalError: if a graph produced NaN/inf (naming the first such step and graph).
             CancelledError: if ``should_stop`` said so.
         """
-        with self.engines.exclusive():
+        with self.engines.exclusive(), self.engines.host_work():
             return self._denoise(plan, latents, conditioning, profile, should_stop)
 
     def _denoise(self, plan, latents, conditioning, profile, should_stop=None) -> DenoiseResult:

@@ -113,6 +113,76 @@ def _catch(errors, runtime, cond):
         errors.append(exc)
 
 
+def test_onnxruntime_denoise_runs_host_work_on_one_torch_thread(tiny_engine_dir, tiny_conditioning):
+    """Between ONNX Runtime calls on a CPU the sampler's torch work runs on one thread (its OpenMP
+    threads would spin on the cores the next call needs); the process's count comes back after,
+    also when the denoise fails."""
+    runtime, cond = _runtime_and_inputs(tiny_engine_dir, tiny_conditioning)
+    seen = []
+
+    class Spy:  # the large engine, noting torch's thread count at every call
+        def __init__(self, engine):
+            self.engine, self.spec, self.dims = engine, engine.spec, engine.dims
+
+        def __call__(self, feeds, outputs=None):
+            seen.append(torch.get_num_threads())
+            return self.engine(feeds, outputs)
+
+    runtime.engines.engines["large"] = Spy(runtime.engines["large"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runtime.denoise(make_plan("large", 2), initial_latents(1, 128, 128, 0), cond)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        with pytest.raises(ShapeError):
+            runtime.denoise(make_plan("large", 2), initial_latents(1, 256, 128, 0), cond)
+        assert torch.get_num_threads() == 2
+        torch_runtime = HybridStitchRuntime.from_dir(tiny_engine_dir, backend="torch")
+        with torch_runtime.engines.host_work():
+            assert torch.get_num_threads() == 2  # the torch backend computes in torch: left alone
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torch_threads_restored_by_the_last_of_several_holders():
+    from hs_runtime.backends.base import torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = torch_threads(1), torch_threads(1)
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert torch.get_num_threads() == 1  # the second holder is still inside
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_shapes_checked_once_still_refuse_other_shapes(tiny_engine_dir):
+    """The profile check remembers shape sets that passed; a new one is still checked."""
+    runtime = HybridStitchRuntime.from_dir(tiny_engine_dir)
+    engine = runtime.engines["small"]
+    spec = engine.spec
+    from hs_runtime.contract import call_sizes
+
+    def feeds(tokens):
+        shapes = spec.shapes(call_sizes(2, tokens, 0, 85))
+        return {t.name: torch.zeros(shapes[t.name], dtype=torch.int64 if t.name == "token_pos" else torch.float32) for t in spec.inputs}
+
+    for _ in range(2):
+        engine(feeds(64), ["velocity_tokens"])
+    assert len(engine._accepted) == 1
+    with pytest.raises(ShapeError, match="outside the built profiles"):
+        engine(feeds(65), ["velocity_tokens"])
+    bad = feeds(64)
+    bad["pooled_projections"] = torch.zeros(2, 3)
+    with pytest.raises(ShapeError, match="pooled_projections"):
+        engine(bad, ["velocity_tokens"])
+
+
 def test_import_is_thin():
     import subprocess
     import sys

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Protocol
 
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -59,8 +59,45 @@ class EngineSet:
         finally:
             self._lock.release()
 
+    def host_work(self):
+        """Held for one whole denoise: the torch threads of the sampler's own work between engine
+        calls (guidance, Euler update, patchify, gathers, the mask).
+
+        ONNX Runtime on a CPU: one thread (:func:`torch_threads`). Those tensors are a few latents
+        in size, but torch's element-wise and pooling kernels split them over its OpenMP threads,
+        which then spin on the cores the next ONNX Runtime call needs while its own pool spins on
+        them too: on 2 cores the hybrid steps' calls took 1.1–1.3× their time alone and the
+        ``shapes`` ``hybrid`` plan was 12% slower (docs/benchmarks.md). Other backends compute
+        in torch or on a GPU: torch is left as it is.
+        """
+        return torch_threads(1) if self.backend == "onnxruntime" and self.device.type == "cpu" else nullcontext()
+
     def __getitem__(self, name: str) -> Engine:
         return self.engines[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self.engines
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_HELD: list[int] = []  # torch's thread count before the first holder, once per holder
+
+
+@contextmanager
+def torch_threads(count: int):
+    """``torch.set_num_threads(count)`` while held, then the count from before the first holder.
+
+    The setting is process-wide: holders in several threads (one runtime each) share it, and the
+    last one out restores what the process had. Work in other threads of the process meanwhile
+    runs on ``count`` torch threads too.
+    """
+    with _THREADS_LOCK:
+        _THREADS_HELD.append(torch.get_num_threads() if not _THREADS_HELD else _THREADS_HELD[0])
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            before = _THREADS_HELD.pop()
+            if not _THREADS_HELD:
+                torch.set_num_threads(before)

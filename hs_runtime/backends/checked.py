@@ -9,8 +9,16 @@ import torch
 from ..profiles import select_profile
 
 
+_REMEMBERED = 256  # accepted shape sets kept per engine (a denoise uses a handful)
+
+
 class ProfileCheckedEngine:
-    """Wraps an engine; refuses feeds outside the contract or the profiles the folder was built for."""
+    """Wraps an engine; refuses feeds outside the contract or the profiles the folder was built for.
+
+    Both checks depend on the input shapes alone, and a denoise repeats a few shape sets every
+    step: a shape set that passed once is not checked again (0.2 ms of Python per call, which is
+    a twentieth of a hybrid step's large call on the ``shapes`` engines).
+    """
 
     def __init__(self, engine, profiles: list[dict], rebuild_hint: str):
         self.engine = engine
@@ -18,9 +26,14 @@ class ProfileCheckedEngine:
         self.dims = engine.dims
         self.profiles = profiles
         self.rebuild_hint = f"rebuild with: {rebuild_hint} (adjusting the sizes)"
+        self._accepted: set[tuple] = set()
 
     def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        self.spec.check_feeds(feeds)
-        shapes = {name: tuple(feeds[name].shape) for name in self.spec.input_names}
-        select_profile(self.profiles, shapes, self.spec.name, self.rebuild_hint)
+        names = self.spec.input_names
+        key = tuple(tuple(feeds[n].shape) if n in feeds else None for n in names)
+        if key not in self._accepted:
+            self.spec.check_feeds(feeds)
+            select_profile(self.profiles, dict(zip(names, key)), self.spec.name, self.rebuild_hint)
+            if len(self._accepted) < _REMEMBERED:
+                self._accepted.add(key)
         return self.engine(feeds, outputs)
