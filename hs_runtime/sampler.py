@@ -271,13 +271,13 @@ class StitchedSampler:
             if hybrid.offset is not None:
                 v_small = v_small + hybrid.offset
             return scatter_tokens(v_small, hybrid.complex_idx, v_large)
-        merged = torch.zeros_like(patches)
+        parts = [(hybrid.complex_idx, v_large)]
         if hybrid.context_idx.shape[1]:  # no token outside the mask at ratio 1.0: no small call
             v_small = self._guide(self._call(SMALL, run.subset(SMALL, patches, hybrid.small, t))[VELOCITY])
             if hybrid.offset is not None:
                 v_small = v_small + gather_tokens(hybrid.offset, hybrid.context_idx)
-            merged = scatter_tokens(merged, hybrid.context_idx, v_small)
-        return scatter_tokens(merged, hybrid.complex_idx, v_large)
+            parts.append((hybrid.context_idx, v_small))
+        return join_tokens(patches.shape[1], *parts)  # the two index sets partition the tokens
 
     def _capture(self, plan, run, x, patches, v_large, sigma, t, large_out):
         """Mask at a capture step, then the hybrid stage's fixed inputs, gathered once per mask
