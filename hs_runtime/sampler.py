@@ -101,18 +101,22 @@ class _Clock:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def stage(self, name: str):
-        clock = self
+    def stage(self, name: str) -> "_Span":
+        return _Span(self, name)
 
-        class _Span:
-            def __enter__(self):
-                self.start = clock.now() if clock.enabled else 0.0
 
-            def __exit__(self, *exc):
-                if clock.enabled:
-                    clock.times.seconds[name] += clock.now() - self.start
+class _Span:
+    """One stage's time added to its clock (nothing measured when the clock is off)."""
 
-        return _Span()
+    def __init__(self, clock: _Clock, name: str):
+        self.clock, self.name = clock, name
+
+    def __enter__(self):
+        self.start = self.clock.now() if self.clock.enabled else 0.0
+
+    def __exit__(self, *exc):
+        if self.clock.enabled:
+            self.clock.times.seconds[self.name] += self.clock.now() - self.start
 
 
 @dataclass

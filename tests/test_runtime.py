@@ -144,18 +144,40 @@ def test_onnxruntime_denoise_runs_host_work_on_one_torch_thread(tiny_engine_dir,
         torch.set_num_threads(before)
 
 
-def test_torch_threads_restored_by_the_last_of_several_holders():
+def test_torch_threads_restores_each_holders_own_thread():
+    """Two denoising threads that overlap: each sees one thread while it holds, and each gets its
+    own count back when it leaves, whichever leaves first; the main thread keeps its count."""
+    import threading
+
     from hs_runtime.backends.base import torch_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    inside, first_out = threading.Barrier(2, timeout=30), threading.Event()
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+
+    def hold(name: str) -> None:
+        torch.set_num_threads(2)
+        with torch_threads(1):
+            seen[name].append(torch.get_num_threads())
+            inside.wait()  # both hold now
+            if name == "b":
+                assert first_out.wait(30)  # a leaves while b still holds
+                seen[name].append(torch.get_num_threads())
+        seen[name].append(torch.get_num_threads())
+        if name == "a":
+            first_out.set()
+
     try:
-        first, second = torch_threads(1), torch_threads(1)
-        first.__enter__()
-        second.__enter__()
-        first.__exit__(None, None, None)
-        assert torch.get_num_threads() == 1  # the second holder is still inside
-        second.__exit__(None, None, None)
+        threads = [threading.Thread(target=hold, args=(n,)) for n in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert seen == {"a": [1, 2], "b": [1, 1, 2]}
+        assert torch.get_num_threads() == 2
+        with torch_threads(1), torch_threads(1):  # nested in one thread: back to 2 at the end
+            assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -79,25 +79,18 @@ class EngineSet:
         return name in self.engines
 
 
-_THREADS_LOCK = threading.Lock()
-_THREADS_HELD: list[int] = []  # torch's thread count before the first holder, once per holder
-
-
 @contextmanager
 def torch_threads(count: int):
-    """``torch.set_num_threads(count)`` while held, then the count from before the first holder.
+    """``torch.set_num_threads(count)`` while held, then the count the calling thread had.
 
-    The setting is process-wide: holders in several threads (one runtime each) share it, and the
-    last one out restores what the process had. Work in other threads of the process meanwhile
-    runs on ``count`` torch threads too.
+    With the OpenMP backend of torch's CPU builds the count is the calling thread's own (OpenMP's
+    per-thread setting; a thread that first uses torch meanwhile starts from the last count set):
+    concurrent denoises in other threads and the host's other threads keep theirs, and each holder
+    restores its own thread. ``tests/test_runtime.py`` checks this with two threads that overlap.
     """
-    with _THREADS_LOCK:
-        _THREADS_HELD.append(torch.get_num_threads() if not _THREADS_HELD else _THREADS_HELD[0])
-        torch.set_num_threads(count)
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
     try:
         yield
     finally:
-        with _THREADS_LOCK:
-            before = _THREADS_HELD.pop()
-            if not _THREADS_HELD:
-                torch.set_num_threads(before)
+        torch.set_num_threads(before)
