@@ -58,16 +58,19 @@ def join_tokens(count: int, *parts: tuple[torch.Tensor, torch.Tensor]) -> torch.
     """``[B, count, X]`` from ``(index [B, K_i], values [B, K_i, X])`` parts whose indices cover
     every token once (the inverse of gathering at a partition of the tokens)."""
     batch, _, width = parts[0][1].shape
-    out = parts[0][1].new_empty(batch * count, width)
-    for index, values in parts:
-        out.index_copy_(0, _rows(index, count), values.reshape(-1, width))
-    return out.view(batch, count, width)
+    return _copy_rows(parts[0][1].new_empty(batch * count, width), count, parts).view(batch, count, width)
 
 
 def scatter_tokens(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Returns ``tokens`` with rows ``index [B, K]`` (distinct per row) replaced by ``values
     [B, K, X]`` (out of place)."""
     batch, count, width = tokens.shape
-    out = tokens.reshape(batch * count, width).clone()
-    out.index_copy_(0, _rows(index, count), values.reshape(-1, width))
-    return out.view(batch, count, width)
+    return _copy_rows(tokens.reshape(batch * count, width).clone(), count, [(index, values)]).view(batch, count, width)
+
+
+def _copy_rows(out: torch.Tensor, count: int, parts) -> torch.Tensor:
+    """Writes each ``(index [B, K], values [B, K, X])`` of ``parts`` into the flattened ``out
+    [B·count, X]`` in place (whole rows, :func:`_rows`); returns ``out``."""
+    for index, values in parts:
+        out.index_copy_(0, _rows(index, count), values.reshape(-1, out.shape[1]))
+    return out
