@@ -115,7 +115,7 @@ def _catch(errors, runtime, cond):
 
 def test_onnxruntime_denoise_runs_host_work_on_one_torch_thread(tiny_engine_dir, tiny_conditioning):
     """Between ONNX Runtime calls on a CPU the sampler's torch work runs on one thread (its OpenMP
-    threads would spin on the cores the next call needs); the process's count comes back after,
+    threads would spin on the cores the next call needs); the thread's count comes back after,
     also when the denoise fails."""
     runtime, cond = _runtime_and_inputs(tiny_engine_dir, tiny_conditioning)
     seen = []

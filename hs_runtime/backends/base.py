@@ -66,8 +66,8 @@ class EngineSet:
         ONNX Runtime on a CPU: one thread (:func:`torch_threads`). Those tensors are a few latents
         in size, but torch's element-wise and pooling kernels split them over its OpenMP threads,
         which then spin on the cores the next ONNX Runtime call needs while its own pool spins on
-        them too: on 2 cores the hybrid steps' calls took 1.1–1.3× their time alone and the
-        ``shapes`` ``hybrid`` plan was 12% slower (docs/benchmarks.md). Other backends compute
+        them too: on 2 cores the hybrid steps' calls took 1.1–1.4× their time alone and the
+        ``shapes`` ``hybrid`` plan took 1.14× as long (docs/benchmarks.md). Other backends compute
         in torch or on a GPU: torch is left as it is.
         """
         return torch_threads(1) if self.backend == "onnxruntime" and self.device.type == "cpu" else nullcontext()
