@@ -36,7 +36,7 @@ class MaskConfig:
             step's total (the error is not equally local in every image), between
             ``min_ratio`` and ``ratio``; a batch shares its largest count. Exact at its limit:
             ``energy=1`` with ``min_ratio=ratio`` is the fixed mask.
-        min_ratio: the adaptive mask's lower bound (share of image tokens).
+        min_ratio: the adaptive mask's lower bound (share of image tokens); unused by a fixed mask.
         reselect_every: 0 (off): the mask of a capture step holds until the next one. k > 0:
             after every k-th hybrid step the mask is chosen again, with the same token count,
             from the ``detail`` score of that step's merged velocity (large inside the mask,
@@ -59,8 +59,13 @@ class MaskConfig:
             raise ConfigError(describe("mask ratio out of range", got=self.ratio, expected="a value in (0, 1]"))
         if not 0.0 <= self.energy <= 1.0:
             raise ConfigError(describe("mask energy share out of range", got=self.energy, expected="0 (fixed mask) or a value in (0, 1]"))
-        if not 0.0 < self.min_ratio <= self.ratio:
-            raise ConfigError(describe("mask min_ratio out of range", got=self.min_ratio, expected=f"a value in (0, ratio={self.ratio}]"))
+        if not 0.0 < self.min_ratio <= 1.0:
+            raise ConfigError(describe("mask min_ratio out of range", got=self.min_ratio, expected="a value in (0, 1]"))
+        # min_ratio bounds the adaptive mask only: a fixed mask below its default is a plain setting.
+        if self.energy and self.min_ratio > self.ratio:
+            raise ConfigError(
+                describe("mask min_ratio out of range", got=self.min_ratio, expected=f"a value in (0, ratio={self.ratio}] with the adaptive mask", fix="lower --mask-min-ratio or raise --mask-ratio")
+            )
         if self.signal not in MASK_SIGNALS:
             raise ConfigError(describe("unknown mask signal", got=repr(self.signal), expected=" | ".join(MASK_SIGNALS)))
         if self.reselect_every < 0:

@@ -39,7 +39,7 @@ def test_generate_several_seeds_stacks_one_compare_row_per_image(tiny_paths, tmp
         (["--steps", "0"], "steps must be >= 1"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--mask-energy", "1.5"], "mask energy share out of range"),
-        (["--mask-min-ratio", "0.5"], "mask min_ratio out of range"),
+        (["--mask-energy", "0.5", "--mask-min-ratio", "0.5"], "mask min_ratio out of range"),
         (["--mask-reselect-every", "2", "--mask-signal", "disagreement"], "mask re-selection needs the detail signal"),
     ],
 )

@@ -83,4 +83,8 @@ def test_adaptive_mask_settings_are_checked():
     with pytest.raises(ConfigError, match="energy"):
         MaskConfig(energy=1.5)
     with pytest.raises(ConfigError, match="min_ratio"):
-        MaskConfig(ratio=0.2, min_ratio=0.3)
+        MaskConfig(ratio=0.2, energy=0.5, min_ratio=0.3)
+    with pytest.raises(ConfigError, match="min_ratio"):
+        MaskConfig(min_ratio=0.0)
+    # a fixed mask below the adaptive bound's default is a setting of its own, not an error
+    assert MaskConfig(ratio=0.02).min_ratio > MaskConfig(ratio=0.02).ratio

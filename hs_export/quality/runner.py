@@ -213,7 +213,7 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
         plan = variant.plan
         if plan.mask.energy and mask_shares[variant.name]:  # adaptive mask: cost at the share it used
             share = statistics.mean(mask_shares[variant.name])
-            plan = with_mask(plan, ratio=share, energy=0.0, min_ratio=share)
+            plan = with_mask(plan, ratio=share, energy=0.0)
         summary = {
             "name": variant.name,
             "family": variant.family,
