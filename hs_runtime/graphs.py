@@ -45,7 +45,7 @@ def _with_context(fresh: torch.Tensor, context: torch.Tensor | None) -> torch.Te
     return fresh if context is None else torch.cat([fresh, context.to(fresh.dtype)], dim=1)
 
 
-def joint_attention(attn, img, txt, context_kv=None, text_context_kv=None):
+def joint_attention(attn, img, txt, context_kv=None, text_context_kv=None, counts=None):
     """SD3 joint attention (image + text stream), with optional cached image and text K/V.
 
     Keys are ``[fresh image; cached image; fresh text; cached text]``; softmax attention does not
@@ -57,6 +57,8 @@ def joint_attention(attn, img, txt, context_kv=None, text_context_kv=None):
         img: ``[B, N, D]`` normalised image tokens that are recomputed.
         txt: ``[B, T_q, D]`` normalised text tokens that are recomputed (``T_q`` may be 0).
         context_kv / text_context_kv: ``None`` or ``(k, v)``, each ``[B, M, D]`` / ``[B, T_c, D]``.
+        counts: ``(N, T_q)`` read once off the graph's inputs (:class:`TokenGraph`), so the export
+            reads the shapes once per graph rather than once per block; ``None`` reads them here.
 
     Returns:
         ``(img_out [B, N, D], txt_out [B, T_q, D] or None, (k_img, v_img), (k_txt, v_txt))``.
@@ -71,15 +73,16 @@ def joint_attention(attn, img, txt, context_kv=None, text_context_kv=None):
     tctx_k, tctx_v = text_context_kv if text_context_kv is not None else (None, None)
     keys = torch.cat([_with_context(k_i, ctx_k), _with_context(k_t, tctx_k)], dim=1)
     values = torch.cat([_with_context(v_i, ctx_v), _with_context(v_t, tctx_v)], dim=1)
-    n, width = img.shape[1], attn.to_q.out_features
+    width = attn.to_q.out_features
     if attn.context_pre_only:  # the last block drops its text output: no text queries needed
-        out = _attend(q_i, keys, values, h, width)
+        out_img = _attend(q_i, keys, values, h, width)
         txt_out = None
     else:
         q_t = _project(attn.add_q_proj, attn.norm_added_q, txt, h)
         out = _attend(torch.cat([q_i, q_t], dim=1), keys, values, h, width)
-        txt_out = attn.to_add_out(out[:, n:])
-    img_out = attn.to_out[1](attn.to_out[0](out[:, :n]))
+        out_img, out_txt = out.split(list(counts or (img.shape[1], txt.shape[1])), dim=1)
+        txt_out = attn.to_add_out(out_txt)
+    img_out = attn.to_out[1](attn.to_out[0](out_img))
     return img_out, txt_out, (k_i, v_i), (k_t, v_t)
 
 
@@ -94,64 +97,87 @@ def self_attention(attn, img, context_kv=None):
     return attn.to_out[1](attn.to_out[0](out)), k, v
 
 
-def modulation(norm: nn.Module, temb: torch.Tensor, parts: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+def modulation(norm: nn.Module, temb: torch.Tensor, parts: int, scales: tuple[int, ...] = (), dtype: torch.dtype | None = None, tokens=None) -> tuple[torch.Tensor, ...]:
     """An AdaLN module's ``linear(silu(temb))`` cut into ``parts`` tensors ``[B, 1, D]`` that
-    broadcast over tokens.
+    broadcast over tokens; the chunks at ``scales`` come back as ``1 + chunk``.
+
+    ``tokens``: the token count of the stream modulated, where it may be 0 (the text stream of a
+    call that takes its text K/V from a cache). With no tokens the linear runs on no rows and the
+    chunks are ``[B, 0, D]``: half of a block's AdaLN weights (its text half, as large as its
+    attention projections) is then not read on such a call.
 
     diffusers' ``emb.chunk(k, dim=1)`` followed by ``[:, None]`` exports as shape arithmetic plus
     one Slice and one Unsqueeze per chunk (~20 ONNX nodes per norm, ~40 per block); one Unsqueeze
-    and one Split of fixed sizes compute the same values (the sizes are Python ints here).
+    and one Split of fixed sizes compute the same values (the sizes are Python ints here). The
+    ``1 +`` of diffusers' ``norm(x) * (1 + scale)`` goes into the linear's bias: a constant
+    expression of weights that ONNX Runtime folds at session start and TensorRT at build, instead
+    of one Add per scale on every call (two to four per block).
     """
     act = norm.silu(temb)
-    emb = norm.linear(act if dtype is None else act.to(dtype)).unsqueeze(1)
-    width = norm.linear.out_features // parts
+    act = act if dtype is None else act.to(dtype)
+    linear = norm.linear
+    width = linear.out_features // parts
+    bias = linear.bias
+    if scales:  # scalar constants only: no [parts·D] constant in the graph file
+        if bias is None:
+            bias = torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+        bias = torch.cat([b + 1 if i in scales else b for i, b in enumerate(bias.split(width))])
+    if tokens is None:
+        emb = F.linear(act, linear.weight, bias).unsqueeze(1)
+    else:  # [B, 1, C][:, :tokens] is [B, 0, C] or [B, 1, C]: a slice's end is clamped to the axis
+        # (torch and ONNX Slice alike), so no arithmetic on the count, and no Reshape to a
+        # computed 0, which ONNX reads as "copy this axis from the input"
+        emb = F.linear(act.unsqueeze(1)[:, :tokens], linear.weight, bias)
     return emb.split([width] * parts, dim=2)
 
 
-def ada_norm_zero(norm: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def ada_norm_zero(norm: nn.Module, x: torch.Tensor, temb: torch.Tensor, tokens=None) -> tuple[torch.Tensor, ...]:
     """diffusers' ``AdaLayerNormZero`` (SD3) or ``SD35AdaLayerNormZeroX`` (SD3.5 dual attention)
-    forward with :func:`modulation`: the same values, the gates and MLP modulations ``[B, 1, D]``."""
+    forward with :func:`modulation`: the same values, the gates and MLP modulations ``[B, 1, D]``
+    (the MLP scale as its factor ``1 + scale``)."""
     kind = type(norm).__name__
     if kind == "SD35AdaLayerNormZeroX":
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp, shift2, scale2, gate2 = modulation(norm, temb, 9)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp, shift2, scale2, gate2 = modulation(norm, temb, 9, scales=(1, 4, 7), tokens=tokens)
         normed = norm.norm(x)
-        return normed * (1 + scale) + shift, gate, shift_mlp, scale_mlp, gate_mlp, normed * (1 + scale2) + shift2, gate2
+        return normed * scale + shift, gate, shift_mlp, scale_mlp, gate_mlp, normed * scale2 + shift2, gate2
     if kind == "AdaLayerNormZero" and norm.emb is None:
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = modulation(norm, temb, 6)
-        return norm.norm(x) * (1 + scale) + shift, gate, shift_mlp, scale_mlp, gate_mlp
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = modulation(norm, temb, 6, scales=(1, 4), tokens=tokens)
+        return norm.norm(x) * scale + shift, gate, shift_mlp, scale_mlp, gate_mlp
     raise NotImplementedError(f"the SD3 graph does not know the norm {kind}")
 
 
-def ada_norm_continuous(norm: nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+def ada_norm_continuous(norm: nn.Module, x: torch.Tensor, temb: torch.Tensor, tokens=None) -> torch.Tensor:
     """diffusers' ``AdaLayerNormContinuous`` forward (``norm_out``, the last block's text norm)
     with :func:`modulation`."""
-    scale, shift = modulation(norm, temb, 2, dtype=x.dtype)
-    return norm.norm(x) * (1 + scale) + shift
+    scale, shift = modulation(norm, temb, 2, scales=(0,), dtype=x.dtype, tokens=tokens)
+    return norm.norm(x) * scale + shift
 
 
-def joint_block(block, img, txt, temb, context_kv=(), text_context_kv=None):
+def joint_block(block, img, txt, temb, context_kv=(), text_context_kv=None, counts=None):
     """One ``JointTransformerBlock`` forward, equal to diffusers', exposing image and text K/V.
 
     Args:
         context_kv: per attention module of this block that sees image tokens (``attn``, then
             ``attn2`` for dual-attention blocks) a ``(k, v)`` pair of cached context, or empty.
         text_context_kv: ``(k, v)`` of cached text tokens for ``attn``, or ``None``.
+        counts: ``(N, T_q)``, as in :func:`joint_attention`.
 
     Returns:
         ``(img, txt, kv, text_kv)``: ``kv`` lists the fresh image ``(k, v)`` per module,
         ``text_kv`` is the fresh text ``(k, v)`` of this block.
     """
     ctx = list(context_kv) or [None, None]
+    text_tokens = txt.shape[1] if counts is None else counts[1]
     if block.use_dual_attention:
         n_img, gate_msa, shift_mlp, scale_mlp, gate_mlp, n_img2, gate_msa2 = ada_norm_zero(block.norm1, img, temb)
     else:
         n_img, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada_norm_zero(block.norm1, img, temb)
     if block.context_pre_only:
-        n_txt = ada_norm_continuous(block.norm1_context, txt, temb)
+        n_txt = ada_norm_continuous(block.norm1_context, txt, temb, text_tokens)
     else:
-        n_txt, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = ada_norm_zero(block.norm1_context, txt, temb)
+        n_txt, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = ada_norm_zero(block.norm1_context, txt, temb, text_tokens)
 
-    attn_img, attn_txt, kv_img, kv_txt = joint_attention(block.attn, n_img, n_txt, ctx[0], text_context_kv)
+    attn_img, attn_txt, kv_img, kv_txt = joint_attention(block.attn, n_img, n_txt, ctx[0], text_context_kv, counts)
     kv = [kv_img]
     img = img + gate_msa * attn_img
     if block.use_dual_attention:
@@ -159,14 +185,14 @@ def joint_block(block, img, txt, temb, context_kv=(), text_context_kv=None):
         kv.append((k2, v2))
         img = img + gate_msa2 * attn_img2
 
-    n_img = block.norm2(img) * (1 + scale_mlp) + shift_mlp
+    n_img = block.norm2(img) * scale_mlp + shift_mlp
     img = img + gate_mlp * block.ff(n_img)
 
     if block.context_pre_only:
         txt = None
     else:
         txt = txt + c_gate_msa * attn_txt
-        n_txt = block.norm2_context(txt) * (1 + c_scale_mlp) + c_shift_mlp
+        n_txt = block.norm2_context(txt) * c_scale_mlp + c_shift_mlp
         txt = txt + c_gate_mlp * block.ff_context(n_txt)
     return img, txt, kv, kv_txt
 
@@ -219,11 +245,12 @@ class TokenGraph(nn.Module):
         img = (F.linear(patches, weight, conv.bias) + F.embedding(token_pos, pos_table)).to(patches.dtype)
         txt = tr.context_embedder(encoder_hidden_states)
         temb = tr.time_text_embed(timestep, pooled_projections)
+        counts = (patches.shape[1], encoder_hidden_states.shape[1])
         fresh, fresh_text, entry = [], [], 0
         for layer, (block, count) in enumerate(zip(tr.transformer_blocks, kv_entries_per_block(tr))):
             ctx = image_context[entry : entry + count]
             # blocks a reduced-precision build keeps in fp32 cast at their edges (hs_runtime.upcast)
-            img, txt, kv, kv_txt = run_planned(block, joint_block, block, img, txt, temb, ctx, text_context[layer])
+            img, txt, kv, kv_txt = run_planned(block, joint_block, block, img, txt, temb, ctx, text_context[layer], counts)
             fresh.extend(kv)
             fresh_text.append(kv_txt)
             entry += count

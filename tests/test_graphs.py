@@ -116,6 +116,30 @@ def test_text_kv_from_the_same_step_is_exact(setup, role):
     assert (stale[VELOCITY] - expected).abs().max() > 1e-3
 
 
+@torch.no_grad()
+def test_a_call_without_text_queries_skips_the_text_modulation(setup, monkeypatch):
+    """With the text K/V from a cache, each block's text AdaLN linear runs on no rows, so its
+    weights (half the block's AdaLN) go unread; with text recomputed, on every sample."""
+    _, graphs, full = setup
+    graph, dims = graphs["large"], graphs["large"].dims
+    dense, _, patches, pos, context, _ = _subset(graph, full, seed=3, complex_count=5)
+    text = [tuple(dense[n] for n in text_kv_names(j)) for j in range(dims.text_entries)]
+    text_weights = {id(block.norm1_context.linear.weight) for block in graph.transformer.transformer_blocks}
+    rows, linear = [], torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        if id(weight) in text_weights:
+            rows.append(x.shape[:-1].numel())
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    _run(graph, _feeds(dims, patches, pos, full, context, text))
+    assert rows == [0] * dims.num_layers
+    rows.clear()
+    _run(graph, _feeds(dims, patches, pos, full, context))
+    assert rows == [2] * dims.num_layers
+
+
 def test_patchify_roundtrip_and_positions():
     x = torch.randn(2, 16, 8, 6)
     assert torch.equal(unpatchify(patchify(x, 2), 16, 8, 6, 2), x)
