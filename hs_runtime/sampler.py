@@ -375,6 +375,9 @@ class _RunInputs:
         image_kv = [tuple(gather_tokens(t, other_idx) for t in kv) for kv in image]
         query_kv = [tuple(gather_tokens(t, query_idx) for t in kv) for kv in image] if keep_queries else None
         text_kv = self.text_kv(role, out) if reuse_text else None
+        return self._context(query_idx, other_idx, image_kv, text_kv, query_kv)
+
+    def _context(self, query_idx, other_idx, image_kv, text_kv, query_kv) -> _Context:
         return _Context(query_idx, torch.gather(self.positions, 1, query_idx), image_kv, text_kv, other_idx, query_kv)
 
     def regather(self, ctx: _Context, query_idx, other_idx) -> _Context:
@@ -387,4 +390,4 @@ class _RunInputs:
             full = [join_tokens(tokens, (ctx.context_idx, c), (ctx.query_idx, q)) for c, q in zip(context_pair, query_pair)]
             image_kv.append(tuple(gather_tokens(t, other_idx) for t in full))
             query_kv.append(tuple(gather_tokens(t, query_idx) for t in full))
-        return _Context(query_idx, torch.gather(self.positions, 1, query_idx), image_kv, ctx.text_kv, other_idx, query_kv)
+        return self._context(query_idx, other_idx, image_kv, ctx.text_kv, query_kv)
