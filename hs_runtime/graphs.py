@@ -126,7 +126,9 @@ def modulation(norm: nn.Module, temb: torch.Tensor, parts: int, scales: tuple[in
         emb = F.linear(act, linear.weight, bias).unsqueeze(1)
     else:  # [B, 1, C][:, :tokens] is [B, 0, C] or [B, 1, C]: a slice's end is clamped to the axis
         # (torch and ONNX Slice alike), so no arithmetic on the count, and no Reshape to a
-        # computed 0, which ONNX reads as "copy this axis from the input"
+        # computed 0, which ONNX reads as "copy this axis from the input" (TensorRT Developer
+        # Guide, "Working with Empty Tensors": matrix multiply and slice take empty tensors; a
+        # shuffle needs its placeholder zero off to make one)
         emb = F.linear(act.unsqueeze(1)[:, :tokens], linear.weight, bias)
     return emb.split([width] * parts, dim=2)
 
