@@ -36,6 +36,7 @@ from hs_runtime.runtime import HybridStitchRuntime
 from hs_runtime.sampler import STAGES, Conditioning, StitchedSampler
 from hs_runtime.validation import check_device, check_int, check_number, check_seed
 
+from .bootstrap import bootstrap_mean
 from .build import library_versions
 from .reports import append_section, versions_line
 
@@ -405,6 +406,10 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
 
     report_plans = []
     medians = {key: statistics.median(r["total"] for r in entries) for key, entries in runs.items()}
+    # Per round, the plan against `large` timed in the same round: a paired ratio, so the noise
+    # that moves a whole round (a neighbour's burst) cancels, and its spread over rounds says
+    # whether an efficiency target is met or not.
+    paired = {key: [base["total"] / run["total"] for base, run in zip(runs[("large", key[1])], entries)] for key, entries in runs.items()}
     for name, plan in plans.items():
         ideal = ideal_speedup(plan, small_dims, large_dims, n_img, text_tokens)
         for b in backends:
@@ -425,6 +430,7 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
                 "speedup_vs_large": speedup,
                 "ideal_speedup": ideal,
                 "efficiency": speedup / ideal,
+                "efficiency_paired": bootstrap_mean([r / ideal for r in paired[(name, b)]], unit="rounds"),
                 "overhead_fraction": med["overhead"] / med["total"],
                 "hybrid_overhead_fraction": (hybrid_wall - med["hybrid"]) / hybrid_wall if hybrid_wall else None,
                 "stage_seconds": {s: med[s] for s in (*STAGES, "overhead")},
@@ -481,6 +487,15 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
+def _efficiency(row: dict) -> str:
+    """Efficiency, then the paired rounds' mean and 95% interval where there are several rounds."""
+    paired = row.get("efficiency_paired")
+    if not paired or paired["rounds"] < 2 or row["name"] == "large":
+        return f"{row['efficiency']:.2f}"
+    low, high = paired["ci95"]
+    return f"{row['efficiency']:.2f} ({paired['mean']:.2f} [{low:.2f}, {high:.2f}])"
+
+
 def summary_table(report: dict):
     from rich.table import Table
 
@@ -489,7 +504,7 @@ def summary_table(report: dict):
     table = Table(title=f"{what} on {report['device']} — denoise, {report['steps']} steps, "
                         f"{report['image_tokens']} image + {report['text_tokens']} text tokens, median of {report['repeat']}")
     memory_column = "added MiB" if several else "peak MiB"
-    columns = ("plan", *(("backend",) if several else ()), "latency s (min–max)", "speedup", "ideal", "eff.", *STAGES, "overhead", memory_column)
+    columns = ("plan", *(("backend",) if several else ()), "latency s (min–max)", "speedup", "ideal", "eff. (paired, 95% CI)", *STAGES, "overhead", memory_column)
     for column in columns:
         table.add_column(column, justify="left" if column in ("plan", "backend") else "right")
     for p in report["plans"]:
@@ -498,7 +513,7 @@ def summary_table(report: dict):
         stages = [f"{p['stage_seconds'][s]:.2f}" for s in (*STAGES, "overhead")]
         table.add_row(
             p["name"], *((p["backend"],) if several else ()), f"{p['latency_s_median']:.2f} ({p['latency_s_min']:.2f}–{p['latency_s_max']:.2f})",
-            f"{p['speedup_vs_large']:.2f}×", f"{p['ideal_speedup']:.2f}×", f"{p['efficiency']:.2f}", *stages,
+            f"{p['speedup_vs_large']:.2f}×", f"{p['ideal_speedup']:.2f}×", _efficiency(p), *stages,
             _mib(p["added_memory_bytes"] if several else p["peak_memory_bytes"]),
         )
     return table
@@ -537,10 +552,10 @@ def markdown_table(report: dict) -> str:
     several = len(report["backends"]) > 1
     memory = "added MiB" if several else "peak MiB"
     backend_head = "backend | " if several else ""
-    head = f"| plan | {backend_head}stages | latency s median (min–max) | speedup vs large | ideal | efficiency | overhead | {memory} |\n|---|---|---|---|---|---|---|---|{'---|' if several else ''}\n"
+    head = f"| plan | {backend_head}stages | latency s median (min–max) | speedup vs large | ideal | efficiency (paired, 95% CI) | overhead | {memory} |\n|---|---|---|---|---|---|---|---|{'---|' if several else ''}\n"
     rows = "".join(
         f"| {p['name']} | {p['backend'] + ' | ' if several else ''}{p['stages']} | {p['latency_s_median']:.3f} ({p['latency_s_min']:.3f}–{p['latency_s_max']:.3f}) | "
-        f"{p['speedup_vs_large']:.2f}× | {p['ideal_speedup']:.2f}× | {p['efficiency']:.2f} | {100 * p['overhead_fraction']:.1f}% | "
+        f"{p['speedup_vs_large']:.2f}× | {p['ideal_speedup']:.2f}× | {_efficiency(p)} | {100 * p['overhead_fraction']:.1f}% | "
         f"{_mib(p['added_memory_bytes'] if several else p['peak_memory_bytes'])} |\n"
         for p in report["plans"] if p.get("measure", "denoise") == "denoise"
     )

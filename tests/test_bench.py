@@ -31,6 +31,21 @@ def test_bench_smoke_on_tiny_engines(tiny_engine_dir, tmp_path):
         assert column in result.output
 
 
+def test_bench_reports_efficiency_paired_by_round(tiny_engine_dir, tmp_path):
+    """Each plan's per-round ratio to `large` of the same round, over the FLOP ideal: its mean and
+    bootstrap interval, in the JSON and in the table."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        main, ["bench", str(tiny_engine_dir), "--steps", "2", "--warmup", "0", "--repeat", "3", "--plans", "hybrid", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    large, hybrid = json.loads(out.read_text())["plans"]
+    assert large["efficiency_paired"] == {"mean": 1.0, "ci95": [1.0, 1.0], "rounds": 3}
+    paired = hybrid["efficiency_paired"]
+    assert paired["rounds"] == 3 and paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1]
+    assert f"[{paired['ci95'][0]:.2f}, {paired['ci95'][1]:.2f}]" in result.output
+
+
 def test_bench_preset_torch_and_bad_options(preset_root, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["bench", "--preset", "tiny", "--steps", "2", "--warmup", "0", "--repeat", "1", "--plans", "small"])
