@@ -467,7 +467,11 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
     if len(backends) > 1:
         report["side_by_side"] = [
             {"name": name, "latency_s_median": {b: medians[(name, b)] for b in backends},
-             "ratios": {f"{a}/{b}": medians[(name, a)] / medians[(name, b)] for i, a in enumerate(backends) for b in backends[i + 1:]}}
+             "ratios": {f"{a}/{b}": medians[(name, a)] / medians[(name, b)] for i, a in enumerate(backends) for b in backends[i + 1:]},
+             "ratios_paired": {
+                 f"{a}/{b}": bootstrap_mean([x["total"] / y["total"] for x, y in zip(runs[(name, a)], runs[(name, b)])], unit="rounds")
+                 for i, a in enumerate(backends) for b in backends[i + 1:]
+             }}
             for name in plans
         ]
     return report
@@ -487,13 +491,17 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
-def _efficiency(row: dict) -> str:
-    """Efficiency, then the paired rounds' mean and 95% interval where there are several rounds."""
-    paired = row.get("efficiency_paired")
-    if not paired or paired["rounds"] < 2 or row["name"] == "large":
-        return f"{row['efficiency']:.2f}"
+def _with_paired(value: float, paired: dict | None, digits: int = 2) -> str:
+    """A ratio of medians, then the paired rounds' mean and 95% interval where there are
+    several rounds."""
+    if not paired or paired["rounds"] < 2:
+        return f"{value:.{digits}f}"
     low, high = paired["ci95"]
-    return f"{row['efficiency']:.2f} ({paired['mean']:.2f} [{low:.2f}, {high:.2f}])"
+    return f"{value:.{digits}f} ({paired['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}])"
+
+
+def _efficiency(row: dict) -> str:
+    return _with_paired(row["efficiency"], None if row["name"] == "large" else row.get("efficiency_paired"))
 
 
 def summary_table(report: dict):
@@ -528,11 +536,11 @@ def backends_table(report: dict):
         return None
     backends = [b["name"] for b in report["backends"]]
     pairs = list(report["side_by_side"][0]["ratios"])
-    table = Table(title=f"backends side by side — denoise latency, median of {report['repeat']} (same rounds); a/b < 1: a is faster")
+    table = Table(title=f"backends side by side — denoise latency, median of {report['repeat']} (same rounds); a/b < 1: a is faster; (paired mean [95% CI])")
     for column in ("plan", *(f"{b} s" for b in backends), *pairs):
         table.add_column(column, justify="left" if column == "plan" else "right")
     for row in report["side_by_side"]:
-        table.add_row(row["name"], *(f"{row['latency_s_median'][b]:.3f}" for b in backends), *(f"{row['ratios'][p]:.3f}" for p in pairs))
+        table.add_row(row["name"], *(f"{row['latency_s_median'][b]:.3f}" for b in backends), *(_with_paired(row["ratios"][p], row["ratios_paired"][p], 3) for p in pairs))
     table.add_row("memory MiB: loaded + max added", *(f"{_mib(b['loaded_bytes'])} + {_mib(b['max_added_memory_bytes'])}" for b in report["backends"]), *("" for _ in pairs))
     return table
 
@@ -570,7 +578,7 @@ def markdown_backends(report: dict) -> str:
     pairs = list(report["side_by_side"][0]["ratios"])
     head = "| plan | " + " | ".join(f"{b} s" for b in backends) + " | " + " | ".join(pairs) + " |\n|" + "---|" * (1 + len(backends) + len(pairs)) + "\n"
     rows = "".join(
-        f"| {r['name']} | " + " | ".join(f"{r['latency_s_median'][b]:.3f}" for b in backends) + " | " + " | ".join(f"{r['ratios'][p]:.3f}" for p in pairs) + " |\n"
+        f"| {r['name']} | " + " | ".join(f"{r['latency_s_median'][b]:.3f}" for b in backends) + " | " + " | ".join(_with_paired(r["ratios"][p], r["ratios_paired"][p], 3) for p in pairs) + " |\n"
         for r in report["side_by_side"]
     )
     memory = "| memory MiB: loaded + max added | " + " | ".join(f"{_mib(b['loaded_bytes'])} + {_mib(b['max_added_memory_bytes'])}" for b in report["backends"]) + " |" + " |" * len(pairs) + "\n"

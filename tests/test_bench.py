@@ -75,6 +75,8 @@ def test_bench_backends_side_by_side_versus_diffusers(tiny_engine_dir, tmp_path)
     assert rows[("small", "torch")]["measure"] == "denoise" and set(rows[("small", "torch")]["latency_vs_backends"]) == {"onnxruntime"}
     assert [b["name"] for b in report["backends"]] == ["onnxruntime", "torch"]
     assert {r["name"] for r in report["side_by_side"]} == {"large", "small"} and "onnxruntime/torch" in report["side_by_side"][0]["ratios"]
+    paired = report["side_by_side"][0]["ratios_paired"]["onnxruntime/torch"]  # one round: the round's own ratio
+    assert paired["rounds"] == 1 and paired["ci95"][0] == paired["mean"] == paired["ci95"][1]
     versus = report["versus"]
     assert versus["steps"] == 2 and versus["pipeline"] == "diffusers.StableDiffusion3Pipeline"
     ours = {(r["name"], r["backend"]): r for r in versus["rows"] if r["backend"] != "diffusers"}
