@@ -45,7 +45,7 @@ def _with_context(fresh: torch.Tensor, context: torch.Tensor | None) -> torch.Te
     return fresh if context is None else torch.cat([fresh, context.to(fresh.dtype)], dim=1)
 
 
-def joint_attention(attn, img, txt, context_kv=None, text_context_kv=None, counts=None):
+def joint_attention(attn, img, txt, counts, context_kv=None, text_context_kv=None):
     """SD3 joint attention (image + text stream), with optional cached image and text K/V.
 
     Keys are ``[fresh image; cached image; fresh text; cached text]``; softmax attention does not
@@ -56,9 +56,9 @@ def joint_attention(attn, img, txt, context_kv=None, text_context_kv=None, count
         attn: a diffusers ``Attention`` with ``added_kv_proj_dim`` (the MMDiT joint attention).
         img: ``[B, N, D]`` normalised image tokens that are recomputed.
         txt: ``[B, T_q, D]`` normalised text tokens that are recomputed (``T_q`` may be 0).
+        counts: ``(N, T_q)``, read once off the graph's inputs (:class:`TokenGraph`), so the
+            export reads the shapes once per graph rather than once per block.
         context_kv / text_context_kv: ``None`` or ``(k, v)``, each ``[B, M, D]`` / ``[B, T_c, D]``.
-        counts: ``(N, T_q)`` read once off the graph's inputs (:class:`TokenGraph`), so the export
-            reads the shapes once per graph rather than once per block; ``None`` reads them here.
 
     Returns:
         ``(img_out [B, N, D], txt_out [B, T_q, D] or None, (k_img, v_img), (k_txt, v_txt))``.
@@ -80,7 +80,7 @@ def joint_attention(attn, img, txt, context_kv=None, text_context_kv=None, count
     else:
         q_t = _project(attn.add_q_proj, attn.norm_added_q, txt, h)
         out = _attend(torch.cat([q_i, q_t], dim=1), keys, values, h, width)
-        out_img, out_txt = out.split(list(counts or (img.shape[1], txt.shape[1])), dim=1)
+        out_img, out_txt = out.split(list(counts), dim=1)
         txt_out = attn.to_add_out(out_txt)
     img_out = attn.to_out[1](attn.to_out[0](out_img))
     return img_out, txt_out, (k_i, v_i), (k_t, v_t)
@@ -162,24 +162,24 @@ def joint_block(block, img, txt, temb, context_kv=(), text_context_kv=None, coun
         context_kv: per attention module of this block that sees image tokens (``attn``, then
             ``attn2`` for dual-attention blocks) a ``(k, v)`` pair of cached context, or empty.
         text_context_kv: ``(k, v)`` of cached text tokens for ``attn``, or ``None``.
-        counts: ``(N, T_q)``, as in :func:`joint_attention`.
+        counts: ``(N, T_q)``, as in :func:`joint_attention`; ``None`` reads them off ``img`` and ``txt``.
 
     Returns:
         ``(img, txt, kv, text_kv)``: ``kv`` lists the fresh image ``(k, v)`` per module,
         ``text_kv`` is the fresh text ``(k, v)`` of this block.
     """
     ctx = list(context_kv) or [None, None]
-    text_tokens = txt.shape[1] if counts is None else counts[1]
+    counts = counts or (img.shape[1], txt.shape[1])
     if block.use_dual_attention:
         n_img, gate_msa, shift_mlp, scale_mlp, gate_mlp, n_img2, gate_msa2 = ada_norm_zero(block.norm1, img, temb)
     else:
         n_img, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada_norm_zero(block.norm1, img, temb)
     if block.context_pre_only:
-        n_txt = ada_norm_continuous(block.norm1_context, txt, temb, text_tokens)
+        n_txt = ada_norm_continuous(block.norm1_context, txt, temb, counts[1])
     else:
-        n_txt, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = ada_norm_zero(block.norm1_context, txt, temb, text_tokens)
+        n_txt, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = ada_norm_zero(block.norm1_context, txt, temb, counts[1])
 
-    attn_img, attn_txt, kv_img, kv_txt = joint_attention(block.attn, n_img, n_txt, ctx[0], text_context_kv, counts)
+    attn_img, attn_txt, kv_img, kv_txt = joint_attention(block.attn, n_img, n_txt, counts, ctx[0], text_context_kv)
     kv = [kv_img]
     img = img + gate_msa * attn_img
     if block.use_dual_attention:
