@@ -55,17 +55,20 @@ def clip_tokenizer(words=PROMPT_WORDS, max_length: int = 77):
     from transformers import CLIPTokenizer
 
     symbols = [c for c in string.printable if not c.isspace()]
+    word_ends = [c + "</w>" for c in symbols]  # unknown words spell out, never hit <unk>
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # The word-final characters go in as special tokens only to fix their ids: left to the trainer
+    # they are numbered in hash order, which differs between processes, and since ties between
+    # merges are broken by id, so would the merges and every id after them. Fixed, the same words
+    # give the same tokenizer, and a seeded text encoder the same embeddings, in every run.
     trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000, min_frequency=1, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        vocab_size=1_000_000, min_frequency=1, special_tokens=["<|startoftext|>", "<|endoftext|>", *word_ends],
         initial_alphabet=symbols, end_of_word_suffix="</w>", show_progress=False,
     )
     bpe.train_from_iterator([" ".join(words)], trainer)
     model = json.loads(bpe.to_str())["model"]
     vocab = dict(model["vocab"])
-    for token in symbols + [c + "</w>" for c in symbols]:  # unknown words spell out, never hit <unk>
-        vocab.setdefault(token, len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 

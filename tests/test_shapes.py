@@ -2,6 +2,8 @@
 the method works on the trained pair."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -35,6 +37,15 @@ def test_every_prompt_fits_the_text_encoders_whole():
     rng = np.random.default_rng(1)
     longest = max(len(tokenizer(scenes.sample_scene(rng).prompt).input_ids) for _ in range(500))
     assert longest <= spec.clip_tokens  # vocabulary words are single tokens: nothing is truncated
+
+
+def test_the_tokenizer_is_the_same_in_every_process():
+    """Seeded training needs the same word → id map each run (the BPE trainer numbers by hash order
+    unless told otherwise, and Rust's hash seed changes per process)."""
+    code = "from hs_export.presets import clip_tokenizer; from hs_export.shapes import scenes; print(clip_tokenizer(scenes.VOCABULARY).backend_tokenizer.to_str())"
+    other = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout)
+    here = json.loads(clip_tokenizer(scenes.VOCABULARY).backend_tokenizer.to_str())
+    assert here["model"]["vocab"] == other["model"]["vocab"] and here["model"]["merges"] == other["model"]["merges"]
 
 
 def test_text_targets_bind_every_word_to_its_object():
