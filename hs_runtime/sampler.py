@@ -231,6 +231,8 @@ class StitchedSampler:
             t = timesteps[i].expand(batch)
             patches = patchify(x, p)  # [P, N, P_dim], fp32
             if action in ("large", "capture"):
+                if action == "capture":
+                    hybrid = None  # a refresh replaces the cache: free the old one before writing the new
                 outputs = self.engines[LARGE].spec.output_names if action == "capture" else (VELOCITY,)
                 with clock.stage("large"):
                     out = self._call(LARGE, run.dense(LARGE, patches, t), outputs)
