@@ -60,7 +60,8 @@ def plan_options(fn):
         click.option("--hybrid-end", type=float, default=_PLAN_DEFAULTS.hybrid_end, show_default=True),
         click.option("--small-fraction", type=float, default=_PLAN_DEFAULTS.small_fraction, show_default=True, help="tstitch: small-model share."),
         click.option("--srdiff-large-fraction", type=float, default=_PLAN_DEFAULTS.srdiff_large_fraction, show_default=True),
-        click.option("--refresh-every", type=int, default=_PLAN_DEFAULTS.refresh_every, show_default=True, help="Dense large refresh every k hybrid steps (0: never)."),
+        click.option("--refresh-every", type=int, default=_PLAN_DEFAULTS.refresh_every, show_default=True, help="Dense large refresh every k hybrid steps (0: use --refreshes)."),
+        click.option("--refreshes", type=int, default=None, help=f"Dense large refreshes spread evenly over the hybrid stage [default: {_PLAN_DEFAULTS.refreshes}; --refresh-every replaces it]."),
         click.option("--carry-offset/--no-carry-offset", default=_PLAN_DEFAULTS.carry_offset, show_default=True, help="Hybrid steps add the capture step's large − small offset outside the mask."),
         click.option("--reuse-text-kv/--no-reuse-text-kv", default=_PLAN_DEFAULTS.reuse_text_kv, show_default=True, help="Hybrid steps take the text K/V from the capture step instead of recomputing the text stream."),
         click.option("--small-outside-mask/--no-small-outside-mask", default=_PLAN_DEFAULTS.small_outside_mask, show_default=True, help="Hybrid steps run the small model only on the tokens outside the mask."),
@@ -79,9 +80,16 @@ def plan_config_from(kwargs: dict) -> PlanConfig:
     return PlanConfig(
         large_fraction=kwargs.pop("large_fraction"), hybrid_end=kwargs.pop("hybrid_end"),
         small_fraction=kwargs.pop("small_fraction"), srdiff_large_fraction=kwargs.pop("srdiff_large_fraction"),
-        refresh_every=kwargs.pop("refresh_every"), carry_offset=kwargs.pop("carry_offset"),
+        refresh_every=(every := kwargs.pop("refresh_every")), refreshes=_refreshes(kwargs.pop("refreshes"), every), carry_offset=kwargs.pop("carry_offset"),
         reuse_text_kv=kwargs.pop("reuse_text_kv"), small_outside_mask=kwargs.pop("small_outside_mask"), mask=mask,
     )
+
+
+def _refreshes(given: int | None, every: int) -> int:
+    """The count of refreshes: a period (``--refresh-every``) replaces it, so both is an error."""
+    if given is not None and every:
+        raise ConfigError(describe("--refresh-every and --refreshes both given", got=(every, given), fix="give one: a period in hybrid steps, or a count spread over the hybrid stage"))
+    return _PLAN_DEFAULTS.refreshes if given is None else given
 
 
 def model_options(fn):

@@ -45,9 +45,10 @@ class MaskConfig:
             K/V of every token of both models (once). Exact at ratio 1.0 (the mask is every token).
     """
 
-    # The default hybrid's mask (docs/quality.md: chosen on the paired front of the shapes pair,
-    # with large_fraction 0.3, and confirmed on 64 fresh prompts).
-    ratio: float = 0.1
+    # The default hybrid's mask (docs/quality.md: chosen on the paired front of the shapes pair
+    # with the default PlanConfig, and confirmed on 64 fresh prompts): 2% of the tokens, so the
+    # hybrid steps stay cheap enough for two refreshes within 1.72x ideal at SD3.5 1024².
+    ratio: float = 0.02
     signal: str = "detail"
     dilate: bool = False
     energy: float = 0.0
@@ -89,7 +90,11 @@ class PlanConfig:
         hybrid_end: share of steps after which the hybrid stage ends (``hybrid``).
         small_fraction: share of steps the small model runs first (``tstitch``).
         refresh_every: in the hybrid stage, every k-th step is a dense ``capture`` step that
-            refreshes cache and mask; 0 disables.
+            refreshes cache, mask and carried offset (a plain large step when it is the stage's
+            last, where nothing would read them); 0 disables.
+        refreshes: the same refreshes given as a count spread evenly over the hybrid stage,
+            which keeps their share of the stage at any step count; a non-zero
+            ``refresh_every`` (a period in steps) replaces it.
         carry_offset: in hybrid steps, the tokens outside the mask get the small model's velocity
             plus the large − small offset measured at the last capture step, instead of the small
             model's velocity alone (no extra graph call; exact at ratio 1.0, where no token is
@@ -101,11 +106,15 @@ class PlanConfig:
             small call is skipped).
     """
 
-    large_fraction: float = 0.3
-    hybrid_end: float = 0.5
+    # The default hybrid (docs/quality.md, 2026-12-06: the paired front of the shapes pair,
+    # confirmed on 64 fresh prompts): a short large stage, a long hybrid stage whose carried
+    # offset two dense large steps refresh, then a short small stage.
+    large_fraction: float = 0.15
+    hybrid_end: float = 0.75
     small_fraction: float = 0.4
     srdiff_large_fraction: float = 0.4
     refresh_every: int = 0
+    refreshes: int = 2
     carry_offset: bool = True
     reuse_text_kv: bool = True
     small_outside_mask: bool = True
@@ -122,6 +131,8 @@ class PlanConfig:
             )
         if self.refresh_every < 0:
             raise ConfigError(describe("refresh_every must be >= 0", got=self.refresh_every))
+        if self.refreshes < 0:
+            raise ConfigError(describe("refreshes must be >= 0", got=self.refreshes))
 
 
 @dataclass(frozen=True)
@@ -179,6 +190,14 @@ def _split(steps: int, fraction: float) -> int:
     return int(round(fraction * steps))
 
 
+def _refresh_steps(length: int, every: int, count: int) -> list[int]:
+    """Indices into a hybrid stage of ``length`` steps that refresh: every ``every``-th, or
+    ``count`` of them spread evenly (the same share of the stage at any step count)."""
+    if every:
+        return list(range(every, length, every))
+    return sorted({round(i * length / (count + 1)) for i in range(1, count + 1)} & set(range(1, length)))
+
+
 def make_plan(name: str, steps: int, config: PlanConfig | None = None) -> Plan:
     """Builds one of :data:`PLAN_NAMES` for ``steps`` denoising steps."""
     config = config or PlanConfig()
@@ -195,7 +214,9 @@ def make_plan(name: str, steps: int, config: PlanConfig | None = None) -> Plan:
         k = _split(steps, config.srdiff_large_fraction)
         return Plan(name, ("large",) * k + ("small",) * (steps - k), config.mask)
     if name == "hybrid":
-        a, b = _split(steps, config.large_fraction), _split(steps, config.hybrid_end)
+        # a large stage asked for gets at least one step (0.15 of 3 steps rounds to none)
+        a = max(_split(steps, config.large_fraction), 1 if config.large_fraction > 0 else 0)
+        b = max(_split(steps, config.hybrid_end), a)
         if b > a and a < 1:
             raise ConfigError(
                 describe(
@@ -207,10 +228,10 @@ def make_plan(name: str, steps: int, config: PlanConfig | None = None) -> Plan:
         actions = ["large"] * a + ["hybrid"] * (b - a) + ["small"] * (steps - b)
         if b > a:
             actions[a - 1] = "capture"
-            k = config.refresh_every
-            for j in range(1, b - a):
-                if k and j % k == 0:
-                    actions[a + j] = "capture"
+            for j in _refresh_steps(b - a, config.refresh_every, config.refreshes):
+                # the stage's last step refreshes nothing a later step reads: a plain large step
+                # (the same velocity as a capture, without its small call)
+                actions[a + j] = "capture" if j < b - a - 1 else "large"
         return Plan(
             name, tuple(actions), config.mask, carry_offset=config.carry_offset,
             reuse_text_kv=config.reuse_text_kv, small_outside_mask=config.small_outside_mask,

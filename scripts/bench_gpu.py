@@ -35,7 +35,7 @@ from hs_runtime.presets import get_preset, random_transformer  # noqa: E402
 from hs_runtime.sampler import Conditioning, StitchedSampler  # noqa: E402
 
 # The hybrid default until 2026-12-04: dense small model, text recomputed, disagreement mask at 0.3.
-FORMER_DEFAULT = PlanConfig(large_fraction=0.25, reuse_text_kv=False, small_outside_mask=False, mask=MaskConfig(0.3, "disagreement"))
+FORMER_DEFAULT = PlanConfig(large_fraction=0.25, hybrid_end=0.5, refreshes=0, reuse_text_kv=False, small_outside_mask=False, mask=MaskConfig(0.3, "disagreement"))
 PLANS = {
     "large": ("large", PlanConfig()),
     "small": ("small", PlanConfig()),

@@ -37,6 +37,8 @@ TABLE: dict[str, list[tuple[list[str], int, str]]] = {
         ([*GEN, "--mask-ratio", "0"], ERROR, "mask ratio out of range"),
         ([*GEN, "--mask-ratio", "-0.3"], ERROR, "mask ratio out of range"),
         ([*GEN, "--refresh-every", "-1"], ERROR, "refresh_every must be >= 0"),
+        ([*GEN, "--refreshes", "-1"], ERROR, "refreshes must be >= 0"),
+        ([*GEN, "--refresh-every", "2", "--refreshes", "1"], ERROR, "--refresh-every and --refreshes both given"),
         ([*GEN, "--large-fraction", "2"], ERROR, "large_fraction out of range"),
         ([*GEN, "--out", "{empty}"], ERROR, "is a folder, not a file"),
         ([*GEN, "--out", "{tmp}/no-extension"], ERROR, "--out needs an image file name"),

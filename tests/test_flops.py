@@ -25,7 +25,8 @@ def test_plan_costs():
     assert ideal_speedup(make_plan("large", 28), small, large, N_IMG, TXT) == pytest.approx(1.0)
     hybrid = make_plan("hybrid", 28)
     cost = plan_flops(hybrid, small, large, N_IMG, TXT)
-    assert cost.mask == pytest.approx(transformer_flops(small, N_IMG, N_IMG, TXT))
+    assert hybrid.count("capture") == 3  # the first and two refreshes: each runs the small model densely
+    assert cost.mask == pytest.approx(3 * transformer_flops(small, N_IMG, N_IMG, TXT))
     assert 1.4 < ideal_speedup(hybrid, small, large, N_IMG, TXT) < 2.0
     wider = make_plan("hybrid", 28, PlanConfig(mask=MaskConfig(ratio=0.6)))
     assert ideal_speedup(wider, small, large, N_IMG, TXT) < ideal_speedup(hybrid, small, large, N_IMG, TXT)
@@ -34,22 +35,26 @@ def test_plan_costs():
 def test_cheaper_hybrid_steps_at_sd35_sizes():
     """Text K/V reuse drops the 333 text queries from the large model's hybrid-step calls; the
     small model on the context tokens drops the complex ones: 0.71 → 0.54 of a dense large step,
-    and the former default plan (ratio 0.3) from 1.61× to 1.73× ideal; the default (large 30%,
-    ratio 0.1) has hybrid steps at 0.42 of a dense large step and is 1.76× ideal at 28 steps."""
+    and the former default plan (ratio 0.3) from 1.61× to 1.73× ideal; the default until 2026-12-06
+    (large 30%, ratio 0.1) has hybrid steps at 0.42 of a dense large step and is 1.76× ideal at 28
+    steps, the default (large 15%, two refreshes, ratio 0.02) 0.37 and 1.84×."""
     from hs_runtime.flops import hybrid_step_flops
 
     small, large = dims("sd3.5-medium"), dims("sd3.5-large")
     dense = transformer_flops(large, N_IMG, N_IMG, TXT)
-    plain = dict(large_fraction=0.25, reuse_text_kv=False, small_outside_mask=False, mask=MaskConfig(ratio=0.3))  # the former default
+    plain = dict(large_fraction=0.25, hybrid_end=0.5, refreshes=0, reuse_text_kv=False, small_outside_mask=False, mask=MaskConfig(ratio=0.3))  # the former default
     step = lambda **kw: hybrid_step_flops(make_plan("hybrid", 28, PlanConfig(**{**plain, **kw})), small, large, N_IMG, TXT) / dense  # noqa: E731
     assert step() == pytest.approx(0.714, abs=0.005)
     assert step(reuse_text_kv=True) == pytest.approx(0.639, abs=0.005)
     assert step(reuse_text_kv=True, small_outside_mask=True) == pytest.approx(0.537, abs=0.005)
-    both = make_plan("hybrid", 28, PlanConfig(large_fraction=0.25, reuse_text_kv=True, small_outside_mask=True, mask=MaskConfig(ratio=0.3)))
+    both = make_plan("hybrid", 28, PlanConfig(**{**plain, "reuse_text_kv": True, "small_outside_mask": True}))
     assert ideal_speedup(both, small, large, N_IMG, TXT) == pytest.approx(1.730, abs=0.005)
+    former = make_plan("hybrid", 28, PlanConfig(large_fraction=0.3, hybrid_end=0.5, refreshes=0, mask=MaskConfig(ratio=0.1)))  # the default until 2026-12-06
+    assert hybrid_step_flops(former, small, large, N_IMG, TXT) / dense == pytest.approx(0.420, abs=0.005)
+    assert ideal_speedup(former, small, large, N_IMG, TXT) == pytest.approx(1.756, abs=0.01)
     default = make_plan("hybrid", 28)
-    assert hybrid_step_flops(default, small, large, N_IMG, TXT) / dense == pytest.approx(0.420, abs=0.005)
-    assert ideal_speedup(default, small, large, N_IMG, TXT) == pytest.approx(1.756, abs=0.01)
+    assert hybrid_step_flops(default, small, large, N_IMG, TXT) / dense == pytest.approx(0.373, abs=0.005)
+    assert ideal_speedup(default, small, large, N_IMG, TXT) == pytest.approx(1.841, abs=0.01)
     # at ratio 1.0 with the small model outside the mask, the small call disappears
     full = make_plan("hybrid", 28, PlanConfig(small_outside_mask=True, reuse_text_kv=False, mask=MaskConfig(ratio=1.0)))
     assert hybrid_step_flops(full, small, large, N_IMG, TXT) == pytest.approx(dense)

@@ -116,7 +116,7 @@ def test_generate_with_nan_weights_fails_in_one_line_and_writes_nothing(tiny_pat
     result = CliRunner().invoke(main, args)
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert errors == ["Error: step 0 (large): large produced NaN | expected finite velocities | do the model weights hold NaN/inf "
+    assert errors == ["Error: step 0 (capture): large produced NaN | expected finite velocities | do the model weights hold NaN/inf "
                       "(a damaged or badly converted checkpoint)? use a clean checkpoint and rebuild from it"]
     assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []  # no image, no comparison
@@ -144,5 +144,5 @@ def test_verify_reports_non_finite_outputs_as_failures(tiny_engine_dir, nan_larg
     checks = verify(folder, steps=6)
     failed = {c.name: c.problem for c in checks if not c.ok}
     assert failed["large vs torch (4 kinds of call)"] == "NaN/inf in the engine's or the torch graph's outputs"
-    assert failed["end-to-end hybrid, 6 steps"].startswith("torch reference: step 0 (large): large produced NaN")
+    assert failed["end-to-end hybrid, 6 steps"].startswith("torch reference: step 0 (capture): large produced NaN")
     assert "small vs torch (4 kinds of call)" not in failed

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from hs_runtime.errors import ConfigError
@@ -5,13 +7,12 @@ from hs_runtime.plans import MaskConfig, Plan, PlanConfig, make_plan
 
 
 def test_hybrid_default_layout():
-    plan = make_plan("hybrid", 28)
-    a, b = round(0.3 * 28), round(0.5 * 28)
-    assert plan.actions[: a - 1] == ("large",) * (a - 1)
-    assert plan.actions[a - 1] == "capture"
-    assert plan.actions[a:b] == ("hybrid",) * (b - a)
-    assert plan.actions[b:] == ("small",) * (28 - b)
-    assert plan.mask == MaskConfig(0.1, "detail", False) and plan.carry_offset  # docs/quality.md: the paired front
+    """docs/quality.md: large for 15% of the steps, a hybrid stage to 75% that two dense large
+    steps refresh, then small; a 2% detail mask, the carried offset and both cheaper hybrid calls."""
+    plan = make_plan("hybrid", 20)
+    assert plan.stages() == "large×2 capture hybrid×4 capture hybrid×3 capture hybrid×3 small×5"
+    assert make_plan("hybrid", 28).stages() == "large×3 capture hybrid×6 capture hybrid×4 capture hybrid×5 small×7"
+    assert plan.mask == MaskConfig(0.02, "detail", False) and plan.carry_offset  # docs/quality.md: the paired front
     assert plan.reuse_text_kv and plan.small_outside_mask and plan.small_at_capture
 
 
@@ -26,6 +27,19 @@ def test_refresh_every_inserts_dense_captures():
     plan = make_plan("hybrid", 20, PlanConfig(large_fraction=0.1, hybrid_end=0.9, refresh_every=4))
     hybrid_stage = plan.actions[2:18]
     assert [i for i, a in enumerate(hybrid_stage) if a == "capture"] == [4, 8, 12]
+    # a refresh due on the stage's last step: nothing after it reads a cache, so a large step
+    ends_on_one = make_plan("hybrid", 20, PlanConfig(large_fraction=0.1, hybrid_end=0.45, refresh_every=3)).actions
+    assert ends_on_one == ("large", "capture", "hybrid", "hybrid", "hybrid", "capture", "hybrid", "hybrid", "large", *("small",) * 11)
+
+
+def test_refreshes_keep_their_share_of_the_stage_at_any_step_count():
+    """Two refreshes split the hybrid stage in three at 20 steps (as ``refresh_every=4``) and at 28
+    (where a period of 4 would make four)."""
+    config = PlanConfig(large_fraction=0.15, hybrid_end=0.75, refreshes=2)
+    assert make_plan("hybrid", 20, config).actions == make_plan("hybrid", 20, replace(config, refreshes=0, refresh_every=4)).actions
+    assert make_plan("hybrid", 20, config).stages() == "large×2 capture hybrid×4 capture hybrid×3 capture hybrid×3 small×5"
+    assert make_plan("hybrid", 28, config).stages() == "large×3 capture hybrid×6 capture hybrid×4 capture hybrid×5 small×7"
+    assert make_plan("hybrid", 20, replace(config, refresh_every=6)).stages() == "large×2 capture hybrid×6 capture hybrid×5 small×5"  # a period replaces the count
 
 
 def test_a_new_schedule_is_data():
@@ -42,7 +56,8 @@ def test_a_new_schedule_is_data():
         lambda: MaskConfig(ratio=1.5),
         lambda: MaskConfig(signal="edges"),
         lambda: PlanConfig(large_fraction=0.6, hybrid_end=0.5),
-        lambda: make_plan("hybrid", 2, PlanConfig(large_fraction=0.2)),  # round(0.4) = 0 large steps before a hybrid stage
+        lambda: PlanConfig(refreshes=-1),
+        lambda: make_plan("hybrid", 2, PlanConfig(large_fraction=0.0)),  # no large step before the hybrid stage
         lambda: Plan("bad", ("hybrid", "small")),
     ],
 )

@@ -280,7 +280,7 @@ def test_quality_reports_paired_deltas_adherence_and_clip_score(tmp_path, tiny_c
 
     out = tmp_path / "q.json"
     args = ["--preset", "shapes", "--prompts", "2", "--seeds", "1", "--steps", "8", "--no-timing", "--plans", "large,small,srdiff,hybrid",
-            "--sweep", "srdiff:large_fraction=0.25,0.5", "--sweep", "hybrid:energy=0.5:ratio=0.5", "--clip-model", str(tiny_clip), "--json", str(out),
+            "--sweep", "srdiff:large_fraction=0.25,0.5,0.75", "--sweep", "hybrid:energy=0.5:ratio=0.5", "--clip-model", str(tiny_clip), "--json", str(out),
             "--markdown", str(tmp_path / "q.md"), "--plot", str(tmp_path / "q.png"), "--grid", str(tmp_path / "grid.png")]
     result = _quality(args, tmp_path)
     assert result.exit_code == 0, result.output

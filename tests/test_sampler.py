@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hs_runtime.backends.torch_backend import torch_engines
+from hs_runtime.contract import LARGE, VELOCITY
 from hs_runtime.errors import ShapeError
 from hs_runtime.pipeline import initial_latents
 from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan
@@ -49,6 +50,45 @@ def test_every_plan_runs_and_times_its_stages(name, tiny_torch_engines, tiny_con
     assert times["total"] > 0 and times["overhead"] >= 0
     assert (times["hybrid"] > 0) == (plan.count("hybrid") > 0)
     assert len(result.masks) == plan.count("capture")
+
+
+def test_a_refresh_on_the_stage_s_last_step_is_a_plain_large_step(tiny_torch_engines, tiny_conditioning):
+    """A capture whose cache, mask and offset no later step reads costs a small call for nothing:
+    the plan runs a large step there instead, and the image is the same."""
+    plan = make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.6, refresh_every=2))
+    assert plan.actions == ("capture", "hybrid", "hybrid", "large", "small", "small")
+    with_capture = replace(plan, actions=("capture", "hybrid", "hybrid", "capture", "small", "small"))
+    sampler = StitchedSampler(tiny_torch_engines, 7.0)
+    latents = initial_latents(2, 128, 128, seed=4)
+    assert torch.equal(sampler.denoise(plan, latents, tiny_conditioning).latents, sampler.denoise(with_capture, latents, tiny_conditioning).latents)
+
+
+def test_a_refresh_frees_the_old_cache_before_writing_the_new(tiny_torch_engines, tiny_conditioning, monkeypatch):
+    """Peak memory at a refresh is one capture's K/V, as at the first capture: by the refresh's
+    large call no earlier capture's contexts are alive."""
+    import gc
+    import weakref
+
+    captured, alive_at_capture = [], []
+    real_capture, real_call = StitchedSampler._capture, StitchedSampler._call
+
+    def capture(self, *args):
+        mask, hybrid = real_capture(self, *args)
+        captured.append(weakref.ref(hybrid))
+        return mask, hybrid
+
+    def call(self, role, feeds, outputs=(VELOCITY,)):
+        if len(outputs) > 1 and role == LARGE:  # a capture step's large call (it returns the K/V)
+            gc.collect()
+            alive_at_capture.append(sum(ref() is not None for ref in captured))
+        return real_call(self, role, feeds, outputs)
+
+    monkeypatch.setattr(StitchedSampler, "_capture", capture)
+    monkeypatch.setattr(StitchedSampler, "_call", call)
+    plan = make_plan("hybrid", 10, PlanConfig(refreshes=2))
+    assert plan.count("capture") == 3
+    StitchedSampler(tiny_torch_engines, 7.0).denoise(plan, initial_latents(2, 128, 128, 0), tiny_conditioning)
+    assert alive_at_capture == [0, 0, 0]
 
 
 def test_hybrid_differs_from_small_and_large(tiny_torch_engines, tiny_conditioning):
@@ -156,7 +196,7 @@ def test_mask_reselection_is_exact_at_full_ratio_and_moves_the_mask_below_it(tin
     sampler = StitchedSampler(tiny_torch_engines, 7.0)
     latents = initial_latents(2, 128, 128, 0)
     steps = 10
-    base = PlanConfig(large_fraction=0.2, hybrid_end=0.8, mask=MaskConfig(ratio=1.0))
+    base = PlanConfig(large_fraction=0.2, hybrid_end=0.8, refreshes=0, mask=MaskConfig(ratio=1.0))
     plain = sampler.denoise(make_plan("hybrid", steps, base), latents, tiny_conditioning)
     again = sampler.denoise(make_plan("hybrid", steps, replace(base, mask=MaskConfig(ratio=1.0, reselect_every=1))), latents, tiny_conditioning)
     assert torch.equal(plain.latents, again.latents)
@@ -192,7 +232,7 @@ def test_mask_reselection_keeps_each_tokens_kv_once(tiny_torch_engines, tiny_con
 
     monkeypatch.setattr(StitchedSampler, "_hybrid_step", spy)
     sampler = StitchedSampler(tiny_torch_engines, 7.0)
-    plan = make_plan("hybrid", 10, PlanConfig(large_fraction=0.2, hybrid_end=0.8, mask=MaskConfig(ratio=0.3, reselect_every=1)))
+    plan = make_plan("hybrid", 10, PlanConfig(large_fraction=0.2, hybrid_end=0.8, refreshes=0, mask=MaskConfig(ratio=0.3, reselect_every=1)))
     sampler.denoise(plan, initial_latents(2, 128, 128, 0), tiny_conditioning)
     first = seen[0]
     later = next(h for h in seen[1:] if not torch.equal(h.complex_idx, first.complex_idx))  # the mask moved
@@ -208,7 +248,7 @@ def test_mask_reselection_keeps_each_tokens_kv_once(tiny_torch_engines, tiny_con
                     return out
                 assert a.image_kv[module][which].shape[1] + a.query_kv[module][which].shape[1] == tokens
                 assert torch.equal(full(a), full(b)) and not full(a).isnan().any()
-    plain = make_plan("hybrid", 10, PlanConfig(large_fraction=0.2, hybrid_end=0.8, mask=MaskConfig(ratio=0.3)))
+    plain = make_plan("hybrid", 10, PlanConfig(large_fraction=0.2, hybrid_end=0.8, refreshes=0, mask=MaskConfig(ratio=0.3)))
     seen.clear()
     sampler.denoise(plain, initial_latents(2, 128, 128, 0), tiny_conditioning)
     assert seen[0].large.query_kv is None and seen[0].small.query_kv is None  # nothing kept without re-selection

@@ -105,12 +105,12 @@ def test_runtime_pads_and_splits_prompts(tiny4_runtime, tiny_conditioning, promp
     plan = make_plan("hybrid", 6)
     result = tiny4_runtime.denoise(plan, initial_latents(prompts, 128, 128, seeds), cond)
     assert result.latents.shape == (prompts, 16, 16, 16)
-    assert len(result.masks) == 1 and result.masks[0].complex_idx.shape[0] == prompts
+    assert len(result.masks) == plan.count("capture") and all(m.complex_idx.shape[0] == prompts for m in result.masks)
     for i in range(prompts):
         one = Conditioning(*(t[i : i + 1] for t in (cond.prompt_embeds, cond.pooled_prompt_embeds, cond.negative_prompt_embeds, cond.negative_pooled_prompt_embeds)))
         alone = tiny4_runtime.denoise(plan, initial_latents(1, 128, 128, seeds[i]), one)
         assert torch.allclose(result.latents[i], alone.latents[0], atol=1e-4)
-        assert torch.equal(result.masks[0].complex_idx[i], alone.masks[0].complex_idx[0])
+        assert all(torch.equal(m.complex_idx[i], a.complex_idx[0]) for m, a in zip(result.masks, alone.masks, strict=True))
 
 
 # ----------------------------------------------------------------------------- validation and grouping
@@ -642,3 +642,15 @@ def test_sigterm_drains_in_flight_requests(server):
     assert server.stop() == []
     log = server.log_tail(20000)
     assert "SIGTERM: draining in-flight requests" in log and "stopped: tritonserver drained and exited" in log
+
+
+def test_a_folder_built_before_refreshes_serves_the_plan_it_recorded():
+    """Manifests written before ``refreshes`` existed ran their hybrid stage without refreshes."""
+    from dataclasses import asdict
+
+    from hs_export.serve.batching import _plan_config
+    from hs_runtime.plans import PlanConfig
+
+    old = {k: v for k, v in asdict(PlanConfig(large_fraction=0.3, hybrid_end=0.5, mask=MaskConfig(ratio=0.1))).items() if k != "refreshes"}
+    assert _plan_config(old).refreshes == 0 and _plan_config(old).large_fraction == 0.3
+    assert _plan_config(asdict(PlanConfig())) == PlanConfig()

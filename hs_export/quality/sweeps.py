@@ -27,22 +27,23 @@ KNOBS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 # The sweep docs/quality.md is made with: each family's knob over the 1.3×–2.2× range, the hybrid
-# stage boundaries with and without the carried offset, and each other mechanism once around the
-# default.
+# stage boundaries and refreshes with and without the carried offset, each other mechanism once
+# around the default, and the former defaults spelled out in full.
 STANDARD_SWEEP = (
     "tstitch:small_fraction=0.2,0.4,0.6",
-    "srdiff:large_fraction=0.25,0.3,0.35,0.4,0.5,0.6",
-    "hybrid:large_fraction=0.2,0.25,0.3:hybrid_end=0.4,0.5",
-    "hybrid:ratio=0.3,1.0",
-    "hybrid:carry_offset=false:large_fraction=0.25,0.3",
-    "hybrid:refresh_every=2",
+    "srdiff:large_fraction=0.25,0.3,0.35,0.4,0.45,0.5,0.6",
+    "hybrid:large_fraction=0.1,0.15,0.2:hybrid_end=0.7,0.75,0.8",
+    "hybrid:refreshes=0,1,3",
+    "hybrid:ratio=0.05,0.1,0.3,1.0",
+    "hybrid:carry_offset=false:refreshes=0,2",
     "hybrid:dilate=true",
     "hybrid:signal=disagreement",
     "hybrid:energy=0.5:ratio=0.4",
     "hybrid:reuse_text_kv=false:small_outside_mask=false,true",
-    "hybrid:large_fraction=0.25:reuse_text_kv=false:small_outside_mask=false:signal=disagreement:ratio=0.3",  # the default until 2026-12-04
-    "hybrid:large_fraction=0.25:ratio=0.2",  # the default 2026-12-04 … 2026-12-06
     "hybrid:reselect_every=1",
+    "hybrid:large_fraction=0.25:hybrid_end=0.5:refreshes=0:reuse_text_kv=false:small_outside_mask=false:signal=disagreement:ratio=0.3",  # the default until 2026-12-04
+    "hybrid:large_fraction=0.25:hybrid_end=0.5:refreshes=0:ratio=0.2",  # the default 2026-12-04 … 06
+    "hybrid:large_fraction=0.3:hybrid_end=0.5:refreshes=0:ratio=0.1",  # the default on 2026-12-06
 )
 
 

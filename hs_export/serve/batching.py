@@ -69,7 +69,10 @@ def _plan_config(data: dict) -> PlanConfig:
     known = {f.name for f in fields(PlanConfig)} - {"mask"}
     mask_known = {f.name for f in fields(MaskConfig)}
     mask = MaskConfig(**{k: v for k, v in (data.get("mask") or {}).items() if k in mask_known})
-    return PlanConfig(**{k: v for k, v in data.items() if k in known}, mask=mask)
+    recorded = {k: v for k, v in data.items() if k in known}
+    if data:  # a folder built before `refreshes` existed ran its hybrid stage without them
+        recorded.setdefault("refreshes", 0)
+    return PlanConfig(**recorded, mask=mask)
 
 
 @dataclass(frozen=True)
