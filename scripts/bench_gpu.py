@@ -44,6 +44,8 @@ PLANS = {
     "hybrid (former default)": ("hybrid", FORMER_DEFAULT),
     "hybrid +large text reuse": ("hybrid", replace(FORMER_DEFAULT, reuse_text_kv=True)),
     "hybrid +large text reuse +small outside": ("hybrid", replace(FORMER_DEFAULT, reuse_text_kv=True, small_outside_mask=True)),
+    # the default on 2026-12-06 before the refreshes: large 30%, hybrid to 50%, 10% mask
+    "hybrid (2026-12-06 morning)": ("hybrid", PlanConfig(large_fraction=0.3, hybrid_end=0.5, refreshes=0, mask=MaskConfig(0.1))),
     "hybrid (default)": ("hybrid", PlanConfig()),
 }
 
