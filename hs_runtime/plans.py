@@ -90,8 +90,9 @@ class PlanConfig:
         hybrid_end: share of steps after which the hybrid stage ends (``hybrid``).
         small_fraction: share of steps the small model runs first (``tstitch``).
         refresh_every: in the hybrid stage, every k-th step is a dense ``capture`` step that
-            refreshes cache, mask and carried offset (a plain large step when it is the stage's
-            last, where nothing would read them); 0 disables.
+            refreshes cache, mask and carried offset (a plain large step where no hybrid step
+            follows to read them: the stage's last step, or one before another refresh); 0
+            disables.
         refreshes: the same refreshes given as a count spread evenly over the hybrid stage,
             which keeps their share of the stage at any step count; a non-zero
             ``refresh_every`` (a period in steps) replaces it.
@@ -229,9 +230,13 @@ def make_plan(name: str, steps: int, config: PlanConfig | None = None) -> Plan:
         if b > a:
             actions[a - 1] = "capture"
             for j in _refresh_steps(b - a, config.refresh_every, config.refreshes):
-                # the stage's last step refreshes nothing a later step reads: a plain large step
-                # (the same velocity as a capture, without its small call)
-                actions[a + j] = "capture" if j < b - a - 1 else "large"
+                actions[a + j] = "capture"
+            # a capture no hybrid step follows (the stage's last step, or one before another
+            # capture) keeps a cache nothing reads: a plain large step, the same velocity
+            # without the capture's small call
+            for i in range(a, b):
+                if actions[i] == "capture" and (i + 1 == len(actions) or actions[i + 1] != "hybrid"):
+                    actions[i] = "large"
         return Plan(
             name, tuple(actions), config.mask, carry_offset=config.carry_offset,
             reuse_text_kv=config.reuse_text_kv, small_outside_mask=config.small_outside_mask,

@@ -27,9 +27,11 @@ def test_refresh_every_inserts_dense_captures():
     plan = make_plan("hybrid", 20, PlanConfig(large_fraction=0.1, hybrid_end=0.9, refresh_every=4))
     hybrid_stage = plan.actions[2:18]
     assert [i for i, a in enumerate(hybrid_stage) if a == "capture"] == [4, 8, 12]
-    # a refresh due on the stage's last step: nothing after it reads a cache, so a large step
+    # a refresh due on the stage's last step, or just before another one: no hybrid step reads its
+    # cache, so a large step
     ends_on_one = make_plan("hybrid", 20, PlanConfig(large_fraction=0.1, hybrid_end=0.45, refresh_every=3)).actions
     assert ends_on_one == ("large", "capture", "hybrid", "hybrid", "hybrid", "capture", "hybrid", "hybrid", "large", *("small",) * 11)
+    assert make_plan("hybrid", 8).stages() == "capture hybrid×2 large capture hybrid small×2"  # refreshes at stage steps 2 and 3
 
 
 def test_refreshes_keep_their_share_of_the_stage_at_any_step_count():
