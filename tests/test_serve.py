@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +24,13 @@ import torch
 from click.testing import CliRunner
 
 from hs_export.cli import main
-from hs_export.serve.batching import RunSettings, ServingDefaults, ServingLimits, group_calls, parse_generation, parse_rows
+from hs_export.serve.batching import RunSettings, ServingDefaults, ServingLimits, _plan_config, group_calls, parse_generation, parse_rows
 from hs_export.serve.handlers import CANCELLED, INTERNAL, INVALID_ARG, GenerateHandler, Instance, LatentsHandler
 from hs_export.serve.protocol import GENERATE, LATENTS, TIMING_KEYS, ServingError
 from hs_runtime import HybridStitchRuntime
-from hs_runtime.plans import MaskConfig
 from hs_runtime.errors import CancelledError, HybridStitchError
 from hs_runtime.pipeline import initial_latents
-from hs_runtime.plans import MaskConfig, make_plan
+from hs_runtime.plans import MaskConfig, PlanConfig, make_plan
 from hs_runtime.sampler import Conditioning
 
 STEPS = 4
@@ -646,11 +646,6 @@ def test_sigterm_drains_in_flight_requests(server):
 
 def test_a_folder_built_before_refreshes_serves_the_plan_it_recorded():
     """Manifests written before ``refreshes`` existed ran their hybrid stage without refreshes."""
-    from dataclasses import asdict
-
-    from hs_export.serve.batching import _plan_config
-    from hs_runtime.plans import PlanConfig
-
     old = {k: v for k, v in asdict(PlanConfig(large_fraction=0.3, hybrid_end=0.5, mask=MaskConfig(ratio=0.1))).items() if k != "refreshes"}
     assert _plan_config(old).refreshes == 0 and _plan_config(old).large_fraction == 0.3
     assert _plan_config(asdict(PlanConfig())) == PlanConfig()
