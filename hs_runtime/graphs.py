@@ -9,6 +9,8 @@ text counts (zero included).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,6 +99,37 @@ def self_attention(attn, img, context_kv=None):
     return attn.to_out[1](attn.to_out[0](out)), k, v
 
 
+# linear → (the tensor the folded bias was made from, its in-place version, scales, width, folded bias)
+_FOLDED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _folded_bias(linear: nn.Module, width: int, scales: tuple[int, ...]) -> torch.Tensor | None:
+    """``linear``'s bias with 1 added to the chunks at ``scales`` (see :func:`modulation`).
+
+    Exported, it stays an expression of the weights with scalar constants only (no
+    ``[parts·D]`` constant in the graph file; the runtimes fold it at load). Run eagerly under
+    ``torch.inference_mode`` (the torch backend) it is made once per weights and reused, instead
+    of a split, an add per scale and a concatenation per norm on every call (~100 small kernels
+    per SD3.5-large call). The cache holds the bias tensor it was made from and that tensor's
+    in-place version, so replaced, moved, cast or reloaded weights make a new one."""
+    bias = linear.bias
+    if not scales:
+        return bias
+    source = bias if bias is not None else linear.weight
+    # weights made under inference mode keep no version counter: those are folded on every call
+    eager = torch.is_inference_mode_enabled() and not (source.is_inference() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+    if eager:
+        cached = _FOLDED.get(linear)
+        if cached is not None and cached[0] is source and cached[1:4] == (source._version, scales, width):
+            return cached[4]
+    if bias is None:
+        bias = torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+    folded = torch.cat([b + 1 if i in scales else b for i, b in enumerate(bias.split(width))])
+    if eager:
+        _FOLDED[linear] = (source, source._version, scales, width, folded)
+    return folded
+
+
 def modulation(norm: nn.Module, temb: torch.Tensor, parts: int, scales: tuple[int, ...] = (), dtype: torch.dtype | None = None, tokens=None) -> tuple[torch.Tensor, ...]:
     """An AdaLN module's ``linear(silu(temb))`` cut into ``parts`` tensors ``[B, 1, D]`` that
     broadcast over tokens; the chunks at ``scales`` come back as ``1 + chunk``.
@@ -117,11 +150,7 @@ def modulation(norm: nn.Module, temb: torch.Tensor, parts: int, scales: tuple[in
     act = act if dtype is None else act.to(dtype)
     linear = norm.linear
     width = linear.out_features // parts
-    bias = linear.bias
-    if scales:  # scalar constants only: no [parts·D] constant in the graph file
-        if bias is None:
-            bias = torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
-        bias = torch.cat([b + 1 if i in scales else b for i, b in enumerate(bias.split(width))])
+    bias = _folded_bias(linear, width, scales)
     if tokens is None:
         emb = F.linear(act, linear.weight, bias).unsqueeze(1)
     else:  # [B, 1, C][:, :tokens] is [B, 0, C] or [B, 1, C]: a slice's end is clamped to the axis

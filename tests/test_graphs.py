@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hs_runtime.contract import VELOCITY, ModelDims, context_names, graph_spec, kv_names, text_context_names, text_kv_names
-from hs_runtime.graphs import build_graphs
+from hs_runtime.graphs import _FOLDED, build_graphs
 from hs_runtime.tokens import gather_tokens, patchify, position_ids, unpatchify
 
 from conftest import random_full_inputs
@@ -138,6 +138,36 @@ def test_a_call_without_text_queries_skips_the_text_modulation(setup, monkeypatc
     rows.clear()
     _run(graph, _feeds(dims, patches, pos, full, context))
     assert rows == [2] * dims.num_layers
+
+
+def test_the_eager_graph_folds_the_adaln_bias_once_per_weights(setup):
+    """Under inference mode (the torch backend) each AdaLN bias with its ``1 +`` is made once and
+    reused with the values of the per-call form (the export's); an in-place weight update makes
+    a new one."""
+    _, graphs, full = setup
+    graph = graphs["large"]
+    feeds = _feeds(graph.dims, patchify(full["hidden_states"], 2), position_ids(H, W, 2, graph.dims.pos_embed_max_size)[None].expand(2, -1), full)
+    linear = graph.transformer.transformer_blocks[0].norm1.linear
+    with torch.no_grad():
+        expected = _run(graph, feeds)[VELOCITY]  # outside inference mode: folded on every call
+    with torch.inference_mode():
+        first = _run(graph, feeds)[VELOCITY]
+        folded = _FOLDED[linear][-1]
+        second = _run(graph, feeds)[VELOCITY]
+        assert _FOLDED[linear][-1] is folded
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    original = linear.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            linear.bias.add_(0.5)
+            changed = _run(graph, feeds)[VELOCITY]
+        with torch.inference_mode():
+            cached = _run(graph, feeds)[VELOCITY]
+        assert _FOLDED[linear][-1] is not folded
+        assert torch.equal(cached, changed) and not torch.equal(changed, expected)
+    finally:
+        with torch.no_grad():
+            linear.bias.copy_(original)
 
 
 def test_patchify_roundtrip_and_positions():
