@@ -37,6 +37,7 @@ from hs_runtime.sampler import STAGES, Conditioning, StitchedSampler
 from hs_runtime.validation import check_device, check_int, check_number, check_seed
 
 from .bootstrap import bootstrap_mean
+from .call_profile import call_rows, calls_table, dense_large_reference, markdown_calls
 from .build import library_versions
 from .reports import append_section, versions_line
 
@@ -53,6 +54,8 @@ class BenchConfig:
             the run opens (the engine folder's own, or torch for a preset).
         versus: ``"diffusers"`` adds diffusers' ``StableDiffusion3Pipeline`` on the same weights,
             prompt → image, beside our own prompt → image (:mod:`hs_export.versus`).
+        calls: also time every graph call (:mod:`hs_export.call_profile`); on a GPU that
+            synchronises around each call.
     """
 
     plans: tuple[str, ...] = ("large", "small", "tstitch", "srdiff", "hybrid")
@@ -66,6 +69,7 @@ class BenchConfig:
     check_finite: bool = True
     backends: tuple[str, ...] = ()
     versus: str | None = None
+    calls: bool = False
 
     def __post_init__(self):
         unknown = [p for p in self.plans if p not in PLAN_NAMES]
@@ -108,7 +112,7 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def _median_times(runs: list[dict]) -> dict:
-    keys = set().union(*(r.keys() for r in runs))
+    keys = {k for r in runs for k, v in r.items() if isinstance(v, (int, float))}
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
 
 
@@ -394,8 +398,8 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
         def call():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times = sampler.denoise(plan, latents, cond, profile=True).times
-            return {**times.as_dict(), **{f"step:{a}": s for a, s in times.step_seconds.items()}, "peak": _peak_memory(device)[0]}
+            times = sampler.denoise(plan, latents, cond, profile=True, profile_calls=config.calls).times
+            return {**times.as_dict(), **{f"step:{a}": s for a, s in times.step_seconds.items()}, "peak": _peak_memory(device)[0], "calls": dict(times.calls)}
 
         return call
 
@@ -410,6 +414,8 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
     # that moves a whole round (a neighbour's burst) cancels, and its spread over rounds says
     # whether an efficiency target is met or not.
     paired = {key: [base["total"] / run["total"] for base, run in zip(runs[("large", key[1])], entries)] for key, entries in runs.items()}
+    dims = {LARGE: large_dims, SMALL: small_dims}
+    references = {b: dense_large_reference([r["calls"] for r in runs[("large", b)]], dims) for b in backends}
     for name, plan in plans.items():
         ideal = ideal_speedup(plan, small_dims, large_dims, n_img, text_tokens)
         for b in backends:
@@ -438,6 +444,7 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
                 "peak_memory_bytes": max(r["peak"] for r in runs[(name, b)]),
                 "added_memory_bytes": added[(name, b)],
                 "latency_vs_backends": {o: medians[(name, b)] / medians[(name, o)] for o in backends if o != b},
+                **({"calls": call_rows([r["calls"] for r in runs[(name, b)]], dims, references[b])} if config.calls else {}),
             })
     loaded_bytes = loaded_bytes or {}
     report = {
@@ -547,7 +554,7 @@ def backends_table(report: dict):
 
 def summary_tables(report: dict) -> list:
     """Every table of the report, in print order: plans, backends side by side, versus."""
-    tables = [summary_table(report), backends_table(report)]
+    tables = [summary_table(report), backends_table(report), calls_table(report)]
     if "versus" in report:
         from .versus import versus_table
 
@@ -635,6 +642,9 @@ def append_markdown(report: dict, path: Path, title: str) -> Path:
     )
     if several:
         section += "\nBackends side by side (a/b < 1: a is faster):\n\n" + markdown_backends(report) + f"\nMemory: {report['memory_note']}.\n"
+    calls = markdown_calls(report)
+    if calls:
+        section += "\nGraph calls per denoise (time and FLOPs as multiples of one dense large call of the same run):\n\n" + calls
     if "versus" in report:
         from .versus import versus_markdown
 

@@ -270,15 +270,16 @@ def verify(engine_dir, device, steps, plan_name):
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG of speedup vs. mask ratio (needs --sweep-ratio).")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None, help="Append the table, with date, device and versions, to this Markdown file.")
 @click.option("--finite-check/--no-finite-check", default=_BENCH_DEFAULTS.check_finite, show_default=True, help="Per-step NaN/inf record (off only to measure its cost).")
+@click.option("--calls", is_flag=True, help="Also time every graph call: per kind of call its count, median time, and time and FLOPs against a dense large call (a device sync per call on GPUs).")
 @plan_options
 @_one_line_errors
-def bench(engine_dir, preset, backend, backends_list, versus, device, dtype, plans, steps, warmup, repeat, prompts, guidance_scale, height, width, sweep_ratio, json_path, plot_path, markdown_path, finite_check, **plan_kwargs):
+def bench(engine_dir, preset, backend, backends_list, versus, device, dtype, plans, steps, warmup, repeat, prompts, guidance_scale, height, width, sweep_ratio, json_path, plot_path, markdown_path, finite_check, calls, **plan_kwargs):
     """Benchmark every plan against the large model.
 
     Per plan: latency (median, min, max), speedup vs. large measured in the same run, the FLOP
     ideal, efficiency, per-stage seconds, overhead and peak memory. --backends times every plan on
     every backend in the same rounds and compares them; --versus diffusers adds prompt → image
-    against diffusers' own pipeline.
+    against diffusers' own pipeline; --calls says which graph calls the time goes to.
     """
     from rich.console import Console
 
@@ -304,7 +305,7 @@ def bench(engine_dir, preset, backend, backends_list, versus, device, dtype, pla
     if backends_list is not None and not backend_names:
         raise ConfigError(describe("--backends names no backend", got=repr(backends_list), expected="e.g. onnxruntime,torch"))
     plan_config = plan_config_from(plan_kwargs)
-    config = BenchConfig(plans=plan_list, steps=steps, warmup=warmup, repeat=repeat, prompts=prompts, guidance_scale=guidance_scale, sweep_ratios=ratios, check_finite=finite_check, backends=backend_names, versus=versus)
+    config = BenchConfig(plans=plan_list, steps=steps, warmup=warmup, repeat=repeat, prompts=prompts, guidance_scale=guidance_scale, sweep_ratios=ratios, check_finite=finite_check, backends=backend_names, versus=versus, calls=calls)
     target = open_target(engine_dir, preset, backend_names or (backend,), device, dtype, prompts, height, width, plan_config.mask.ratio, versus=versus, log=_log)
     report = run_bench(target.engines, target.latent[0], target.latent[1], target.text_tokens, config, plan_config, log=_log, loaded_bytes=target.loaded_bytes)
     if versus:

@@ -19,6 +19,7 @@ import torch
 from .backends.base import EngineSet
 from .contract import LARGE, SMALL, VELOCITY, context_names, kv_names, text_context_names, text_kv_names
 from .errors import CancelledError, ShapeError, describe
+from .flops import transformer_flops
 from .mask import TokenMask, compute_mask
 from .numerics import FiniteMonitor
 from .plans import Plan
@@ -59,16 +60,43 @@ class Conditioning:
         return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class CallShape:
+    """The sizes of one graph call, which its cost depends on: the CFG batch, image tokens
+    recomputed and taken from the cached context, text tokens recomputed and cached, and whether
+    it returns the K/V outputs (a capture step's calls)."""
+
+    graph: str
+    batch: int
+    image_queries: int
+    image_context: int
+    text_queries: int
+    text_context: int
+    kv_outputs: bool
+
+    def flops(self, dims) -> float:
+        """The FLOP model's count for this call, the whole batch (:mod:`hs_runtime.flops`)."""
+        keys = self.image_queries + self.image_context
+        return self.batch * transformer_flops(dims, self.image_queries, keys, self.text_queries + self.text_context, self.text_queries)
+
+    def label(self) -> str:
+        """E.g. ``large: 12 image + 0 text queries, context 564 image + 154 text``."""
+        context = f", context {self.image_context} image + {self.text_context} text" if self.image_context or self.text_context else ""
+        return f"{self.graph}: {self.image_queries} image + {self.text_queries} text queries{context}{', K/V out' if self.kv_outputs else ''}"
+
+
 @dataclass
 class StageTimes:
     """Seconds per stage; ``overhead`` is everything outside graph calls (gather, merge, Euler).
 
     ``seconds`` holds graph-call time per stage, ``step_seconds`` the wall time of whole steps
     per action, so the overhead inside one stage is ``step_seconds[a] − graph time of a``.
+    ``calls`` (``profile_calls``) holds every graph call's seconds by :class:`CallShape`.
     """
 
     seconds: dict = field(default_factory=lambda: defaultdict(float))
     step_seconds: dict = field(default_factory=lambda: defaultdict(float))
+    calls: dict = field(default_factory=lambda: defaultdict(list))
     total: float = 0.0
 
     @property
@@ -91,8 +119,9 @@ class DenoiseResult:
 
 
 class _Clock:
-    def __init__(self, device: torch.device, enabled: bool):
+    def __init__(self, device: torch.device, enabled: bool, calls: bool = False):
         self.enabled = enabled
+        self.calls = enabled and calls
         self.sync = enabled and device.type == "cuda"
         self.times = StageTimes()
 
@@ -172,22 +201,38 @@ class StitchedSampler:
         self._finite = FiniteMonitor.disabled()
         self.small_dims = engines[SMALL].dims
         self.large_dims = engines[LARGE].dims
+        self._clock = _Clock(engines.device, False)
 
     @property
     def cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
     def _call(self, graph: str, feeds: dict, outputs=(VELOCITY,)) -> dict:
+        clock = self._clock
+        start = clock.now() if clock.calls else 0.0
         out = self.engines[graph](feeds, outputs)
+        if clock.calls:
+            clock.times.calls[self._call_shape(graph, feeds, outputs)].append(clock.now() - start)
         self._finite.record(graph, out)  # device-side: no host synchronisation
         return out
 
-    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False, should_stop: Callable[[], bool] | None = None) -> DenoiseResult:
+    def _call_shape(self, graph: str, feeds: dict, outputs) -> CallShape:
+        dims = self.engines[graph].dims
+        patches = feeds["patches"]
+        context = feeds[context_names(0)[0]].shape[1] if dims.kv_entries else 0
+        text_context = feeds[text_context_names(0)[0]].shape[1] if dims.text_entries else 0
+        return CallShape(graph, patches.shape[0], patches.shape[1], context, feeds["encoder_hidden_states"].shape[1], text_context, len(tuple(outputs)) > 1)
+
+    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False, should_stop: Callable[[], bool] | None = None, profile_calls: bool = False) -> DenoiseResult:
         """Denoises ``latents [P, C, H, W]`` (initial noise) through every step of ``plan``.
 
         Args:
+            profile: stage times in the result (synchronising the device at stage edges).
             should_stop: called before every step after the first (a host-side check, no device
                 synchronisation); ``True`` stops the denoise with :class:`CancelledError`.
+            profile_calls: with ``profile``, also every graph call's time by :class:`CallShape`
+                (``times.calls``); on a GPU that synchronises the device around every call, so
+                the two calls of a hybrid step no longer overlap the host's work.
 
         Raises:
             ConcurrencyError: if the same engines are already serving another thread.
@@ -195,9 +240,9 @@ class StitchedSampler:
             CancelledError: if ``should_stop`` said so.
         """
         with self.engines.exclusive(), self.engines.host_work():
-            return self._denoise(plan, latents, conditioning, profile, should_stop)
+            return self._denoise(plan, latents, conditioning, profile, should_stop, profile_calls)
 
-    def _denoise(self, plan, latents, conditioning, profile, should_stop=None) -> DenoiseResult:
+    def _denoise(self, plan, latents, conditioning, profile, should_stop=None, profile_calls=False) -> DenoiseResult:
         device, dtype, cfg = self.engines.device, self.engines.dtype, self.cfg
         if latents.shape[0] != conditioning.prompts:
             raise ShapeError(describe("latents and prompt embeddings disagree on prompt count", got=(latents.shape[0], conditioning.prompts)))
@@ -218,7 +263,7 @@ class StitchedSampler:
         finite = self._finite = FiniteMonitor(plan.actions, device, getattr(self.engines, "precision", None), self.engines.backend, self.check_finite)
         finite.record_inputs(x, embeds, pooled)
 
-        clock = _Clock(device, profile)
+        clock = self._clock = _Clock(device, profile, profile_calls)
         start = clock.now()
         masks: list[TokenMask] = []
         hybrid: _Hybrid | None = None

@@ -2,7 +2,8 @@
 
 1. The torch backend on CUDA, SD3.5-large + SD3.5-medium (random bf16 weights made in memory),
    1024², 28 steps, CFG: every plan, round-robin, median of ``--repeat``; FLOP ideal at the same
-   sizes; peak GPU memory per plan.
+   sizes; peak GPU memory per plan. Then the default hybrid's (and the morning's) graph calls one
+   by one, as ``hs-export bench --calls`` reports them (in separate runs: a sync per call).
 2. Parity on CUDA: the tiny preset's graphs on CUDA against the same graphs on the CPU for every
    kind of call (dense, subset with context, text reuse), and the ``hybrid`` plan end to end.
 3. TensorRT: only where ``tensorrt`` imports (it is not on this project's GPU machines).
@@ -33,6 +34,7 @@ from hs_runtime.flops import ideal_speedup  # noqa: E402
 from hs_runtime.plans import MaskConfig, PlanConfig, make_plan  # noqa: E402
 from hs_runtime.presets import get_preset, random_transformer  # noqa: E402
 from hs_runtime.sampler import Conditioning, StitchedSampler  # noqa: E402
+from hs_export.call_profile import call_rows, dense_large_reference  # noqa: E402
 
 # The hybrid default until 2026-12-04: dense small model, text recomputed, disagreement mask at 0.3.
 FORMER_DEFAULT = PlanConfig(large_fraction=0.25, hybrid_end=0.5, refreshes=0, reuse_text_kv=False, small_outside_mask=False, mask=MaskConfig(0.3, "disagreement"))
@@ -48,6 +50,7 @@ PLANS = {
     "hybrid (2026-12-06 morning)": ("hybrid", PlanConfig(large_fraction=0.3, hybrid_end=0.5, refreshes=0, mask=MaskConfig(0.1))),
     "hybrid (default)": ("hybrid", PlanConfig()),
 }
+CALL_PLANS = ("large", "hybrid (2026-12-06 morning)", "hybrid (default)")  # large: the reference call
 
 
 def conditioning(prompts, text_tokens, dims, device, dtype, seed=0):
@@ -99,9 +102,21 @@ def latency(preset: str, device: str, steps: int, repeat: int, size: int, log=pr
             "plan": label, "stages": plan.stages(), "latency_s_median": median, "speedup": base / median, "ideal": ideal,
             "efficiency": (base / median) / ideal, "peak_gpu_gib": peaks.get(label, 0) / 2**30,
         })
+    calls = call_times(sampler, plans, latents, cond, dims)
     del engines, small, large
     torch.cuda.empty_cache() if device.startswith("cuda") else None
-    return {"preset": preset, "size": size, "steps": steps, "repeat": repeat, "rows": rows}
+    return {"preset": preset, "size": size, "steps": steps, "repeat": repeat, "rows": rows, "calls": calls}
+
+
+def call_times(sampler, plans, latents, cond, dims, rounds: int = 2) -> dict:
+    """Each graph call of :data:`CALL_PLANS` timed by its kind (``profile_calls``, a device sync
+    per call, so apart from the plan timings), against a dense large call of the same rounds."""
+    timed = {label: [] for label in CALL_PLANS}
+    for _ in range(rounds):
+        for label in CALL_PLANS:
+            timed[label].append(dict(sampler.denoise(plans[label], latents, cond, profile=True, profile_calls=True).times.calls))
+    reference = dense_large_reference(timed["large"], dims)
+    return {label: call_rows(runs, dims, reference) for label, runs in timed.items() if label != "large"}
 
 
 @torch.no_grad()
@@ -144,6 +159,12 @@ def markdown(report: dict) -> str:
         lines.append("|---|---|---|---|---|---|---|")
         for r in bench["rows"]:
             lines.append(f"| {r['plan']} | {r['stages']} | {r['latency_s_median']:.3f} | {r['speedup']:.2f}× | {r['ideal']:.2f}× | {r['efficiency']:.2f} | {r['peak_gpu_gib']:.1f} GiB |")
+        for label, rows in bench.get("calls", {}).items():
+            lines.append(f"\nGraph calls of {label} (time and FLOPs as multiples of one dense large call; a sync per call):\n")
+            lines.append("| call | per denoise | median ms | time × | FLOPs × | efficiency |")
+            lines.append("|---|---|---|---|---|---|")
+            for r in rows:
+                lines.append(f"| {r['call']} | {r['per_denoise']:g} | {1e3 * r['median_s']:.2f} | {r['time_vs_dense_large']:.3f} | {r['flops_vs_dense_large']:.3f} | {r['efficiency']:.2f} |")
     lines.append("\nCUDA parity (tiny preset, fp32, the same graphs on CUDA vs CPU; relative to max |ref|):\n")
     lines.append("| check | relative error |")
     lines.append("|---|---|")

@@ -4,6 +4,7 @@ import shutil
 from click.testing import CliRunner
 
 from hs_export.cli import main
+from hs_runtime.plans import make_plan
 
 KEYS = {"name", "latency_s_median", "speedup_vs_large", "ideal_speedup", "efficiency", "overhead_fraction"}
 
@@ -23,6 +24,7 @@ def test_bench_smoke_on_tiny_engines(tiny_engine_dir, tmp_path):
         assert KEYS <= set(plan)
         assert plan["latency_s_median"] > 0 and plan["ideal_speedup"] > 0
         assert set(plan["stage_seconds"]) == {"large", "mask", "hybrid", "small", "overhead"}
+        assert "calls" not in plan  # graph calls are timed on request (--calls)
     large = report["plans"][0]
     assert large["speedup_vs_large"] == 1.0 and large["ideal_speedup"] == 1.0
     assert report["backend"] == "onnxruntime" and report["steps"] == 4
@@ -44,6 +46,28 @@ def test_bench_reports_efficiency_paired_by_round(tiny_engine_dir, tmp_path):
     paired = hybrid["efficiency_paired"]
     assert paired["rounds"] == 3 and paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1]
     assert f"[{paired['ci95'][0]:.2f}, {paired['ci95'][1]:.2f}]" in result.output
+
+
+def test_bench_calls_says_which_graph_calls_the_time_goes_to(tiny_engine_dir, tmp_path):
+    """--calls: per plan, each kind of graph call with its count per denoise, median time and
+    its time and FLOPs against the dense large call of the `large` plan (which is 1 on both)."""
+    out, notes = tmp_path / "bench.json", tmp_path / "bench.md"
+    result = CliRunner().invoke(
+        main, ["bench", str(tiny_engine_dir), "--steps", "8", "--warmup", "0", "--repeat", "2", "--plans", "hybrid", "--calls", "--json", str(out), "--markdown", str(notes)]
+    )
+    assert result.exit_code == 0, result.output
+    large, hybrid = json.loads(out.read_text())["plans"]
+    (dense,) = large["calls"]
+    assert dense["graph"] == "large" and dense["per_denoise"] == 8 and dense["time_vs_dense_large"] == 1.0 and dense["efficiency"] == 1.0
+    calls = {(c["graph"], c["image_context"] > 0, c["kv_outputs"]): c for c in hybrid["calls"]}
+    plan = make_plan("hybrid", 8)
+    assert calls[("large", True, False)]["per_denoise"] == plan.count("hybrid")
+    assert calls[("large", True, False)]["text_queries"] == 0 and calls[("large", True, False)]["flops_vs_dense_large"] < 0.2
+    assert calls[("large", False, True)]["per_denoise"] == calls[("small", False, True)]["per_denoise"] == plan.count("capture")
+    assert sum(c["per_denoise"] for c in hybrid["calls"]) == plan.count("large") + 2 * plan.count("capture") + 2 * plan.count("hybrid") + plan.count("small")
+    assert all(c["median_s"] > 0 and c["gflops"] > 0 for c in hybrid["calls"])
+    assert "graph calls per denoise" in result.output and calls[("large", True, False)]["call"] in result.output
+    assert "Graph calls per denoise" in notes.read_text()
 
 
 def test_bench_preset_torch_and_bad_options(preset_root, tmp_path):

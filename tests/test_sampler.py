@@ -52,6 +52,30 @@ def test_every_plan_runs_and_times_its_stages(name, tiny_torch_engines, tiny_con
     assert len(result.masks) == plan.count("capture")
 
 
+def test_profile_calls_times_every_graph_call_by_its_shape(tiny_torch_engines, tiny_conditioning):
+    """One entry per graph call, keyed by what its cost depends on; nothing unless asked."""
+    plan = make_plan("hybrid", 8, PlanConfig(large_fraction=0.25, hybrid_end=0.875, refreshes=1))
+    assert plan.actions == ("large", "capture", "hybrid", "hybrid", "capture", "hybrid", "hybrid", "small")
+    sampler = StitchedSampler(tiny_torch_engines, 7.0)
+    latents = initial_latents(2, 128, 96, 0)
+    assert not sampler.denoise(plan, latents, tiny_conditioning, profile=True).times.calls
+    calls = sampler.denoise(plan, latents, tiny_conditioning, profile=True, profile_calls=True).times.calls
+    assert all(t > 0 for times in calls.values() for t in times)
+    count = {shape: len(times) for shape, times in calls.items()}
+    image, text = 16 * 12 // 4, tiny_conditioning.prompt_embeds.shape[1]
+    subset = [s for s in count if s.graph == LARGE and s.image_context]
+    assert len(subset) == 1 and count[subset[0]] == plan.count("hybrid")
+    large = subset[0]
+    assert large.text_queries == 0 and large.text_context == text and large.image_queries + large.image_context == image
+    assert large.batch == 4  # two prompts with CFG
+    captures = [s for s in count if s.kv_outputs]
+    assert {s.graph for s in captures} == {"small", "large"} and all(count[s] == plan.count("capture") for s in captures)
+    assert sum(count.values()) == plan.count("large") + 2 * plan.count("capture") + 2 * plan.count("hybrid") + plan.count("small")
+    dense = next(s for s in count if s.graph == LARGE and not s.image_context and not s.kv_outputs)
+    assert large.flops(tiny_torch_engines[LARGE].dims) < dense.flops(tiny_torch_engines[LARGE].dims)
+    assert large.label().startswith(f"large: {large.image_queries} image + 0 text queries, context {large.image_context} image + {text} text")
+
+
 def test_a_refresh_on_the_stage_s_last_step_is_a_plain_large_step(tiny_torch_engines, tiny_conditioning):
     """A capture whose cache, mask and offset no later step reads costs a small call for nothing:
     the plan runs a large step there instead, and the image is the same."""
