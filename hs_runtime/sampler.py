@@ -121,8 +121,8 @@ class DenoiseResult:
 class _Clock:
     def __init__(self, device: torch.device, enabled: bool, calls: bool = False):
         self.enabled = enabled
-        self.calls = enabled and calls
-        self.sync = enabled and device.type == "cuda"
+        self.calls = calls
+        self.sync = (enabled or calls) and device.type == "cuda"
         self.times = StageTimes()
 
     def now(self) -> float:
@@ -230,9 +230,9 @@ class StitchedSampler:
             profile: stage times in the result (synchronising the device at stage edges).
             should_stop: called before every step after the first (a host-side check, no device
                 synchronisation); ``True`` stops the denoise with :class:`CancelledError`.
-            profile_calls: with ``profile``, also every graph call's time by :class:`CallShape`
-                (``times.calls``); on a GPU that synchronises the device around every call, so
-                the two calls of a hybrid step no longer overlap the host's work.
+            profile_calls: every graph call's time by :class:`CallShape` (``times.calls``); on a
+                GPU that synchronises the device around every call, so the two calls of a hybrid
+                step no longer overlap the host's work.
 
         Raises:
             ConcurrencyError: if the same engines are already serving another thread.
