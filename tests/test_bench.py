@@ -1,10 +1,14 @@
 import json
 import shutil
 
+import pytest
 from click.testing import CliRunner
 
+from hs_export.call_profile import call_rows, dense_large_reference
 from hs_export.cli import main
+from hs_runtime.contract import ModelDims
 from hs_runtime.plans import make_plan
+from hs_runtime.sampler import CallShape
 
 KEYS = {"name", "latency_s_median", "speedup_vs_large", "ideal_speedup", "efficiency", "overhead_fraction"}
 
@@ -68,6 +72,26 @@ def test_bench_calls_says_which_graph_calls_the_time_goes_to(tiny_engine_dir, tm
     assert all(c["median_s"] > 0 and c["gflops"] > 0 for c in hybrid["calls"])
     assert "graph calls per denoise" in result.output and calls[("large", True, False)]["call"] in result.output
     assert "Graph calls per denoise" in notes.read_text()
+
+
+def test_call_rows_price_each_call_against_the_dense_large_call():
+    """time × and FLOPs × are multiples of the reference call; efficiency is their ratio; the
+    count per denoise is per round, and rows come costliest per denoise first."""
+    dims = {"large": ModelDims(16, 16, 2, 64, 2, 2, 32, 32, 16), "small": ModelDims(16, 16, 2, 32, 2, 2, 32, 32, 16)}
+    dense = CallShape("large", 2, 64, 0, 10, 0, False)
+    subset = CallShape("large", 2, 4, 60, 0, 10, False)
+    small = CallShape("small", 2, 64, 0, 10, 0, False)
+    rounds = [{dense: [1.0], subset: [0.2, 0.2, 0.2], small: [0.5]}, {dense: [1.0], subset: [0.2, 0.2, 0.2], small: [0.5]}]
+    reference = dense_large_reference(rounds, dims)
+    assert reference == (1.0, dense.flops(dims["large"]))
+    rows = {r["call"]: r for r in call_rows(rounds, dims, reference)}
+    assert [r["call"] for r in call_rows(rounds, dims, reference)] == [dense.label(), subset.label(), small.label()]  # 1.0, 0.6, 0.5 s per denoise
+    row = rows[subset.label()]
+    assert row["per_denoise"] == 3 and row["seconds_per_denoise"] == pytest.approx(0.6) and row["time_vs_dense_large"] == pytest.approx(0.2)
+    assert row["flops_vs_dense_large"] == pytest.approx(subset.flops(dims["large"]) / dense.flops(dims["large"]))
+    assert row["efficiency"] == pytest.approx(row["flops_vs_dense_large"] / 0.2) and row["efficiency"] < 1
+    assert rows[dense.label()]["efficiency"] == 1.0
+    assert "efficiency" not in call_rows(rounds, dims, None)[0]  # no dense large call timed: no multiples
 
 
 def test_bench_preset_torch_and_bad_options(preset_root, tmp_path):
