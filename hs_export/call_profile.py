@@ -53,6 +53,16 @@ def _plans_with_calls(report: dict) -> list[dict]:
     return [p for p in report["plans"] if p.get("calls")]
 
 
+def _cells(plan: dict, row: dict) -> list[str]:
+    """One call's row as text: plan, backend, call, per denoise, median ms, share of the denoise,
+    time ×, FLOPs ×, efficiency (the rich table and the Markdown share them)."""
+    return [
+        plan["name"], plan["backend"], row["call"], f"{row['per_denoise']:g}", f"{1e3 * row['median_s']:.2f}",
+        f"{100 * row['seconds_per_denoise'] / plan['latency_s_median']:.0f}%",
+        _ratio(row, "time_vs_dense_large"), _ratio(row, "flops_vs_dense_large"), _ratio(row, "efficiency", 2),
+    ]
+
+
 def calls_table(report: dict):
     """The rich table of every plan's calls (``None`` when the run did not time calls)."""
     from rich.table import Table
@@ -66,10 +76,8 @@ def calls_table(report: dict):
         table.add_column(column, justify="left" if column in ("plan", "backend", "call") else "right")
     for plan in plans:
         for row in plan["calls"]:
-            table.add_row(
-                plan["name"], *((plan["backend"],) if several else ()), row["call"], f"{row['per_denoise']:g}", f"{1e3 * row['median_s']:.2f}",
-                f"{100 * row['seconds_per_denoise'] / plan['latency_s_median']:.0f}%", _ratio(row, "time_vs_dense_large"), _ratio(row, "flops_vs_dense_large"), _ratio(row, "efficiency", 2),
-            )
+            cells = _cells(plan, row)
+            table.add_row(*(cells if several else cells[:1] + cells[2:]))
     return table
 
 
@@ -79,9 +87,4 @@ def markdown_calls(report: dict) -> str:
     if not plans:
         return ""
     head = "| plan | backend | call | per denoise | median ms | share of denoise | time × dense large | FLOPs × dense large | efficiency |\n|---|---|---|---|---|---|---|---|---|\n"
-    rows = "".join(
-        f"| {plan['name']} | {plan['backend']} | {row['call']} | {row['per_denoise']:g} | {1e3 * row['median_s']:.2f} | "
-        f"{100 * row['seconds_per_denoise'] / plan['latency_s_median']:.0f}% | {_ratio(row, 'time_vs_dense_large')} | {_ratio(row, 'flops_vs_dense_large')} | {_ratio(row, 'efficiency', 2)} |\n"
-        for plan in plans for row in plan["calls"]
-    )
-    return head + rows
+    return head + "".join("| " + " | ".join(_cells(plan, row)) + " |\n" for plan in plans for row in plan["calls"])
