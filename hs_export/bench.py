@@ -339,6 +339,12 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
             if shape.prompts != prompts:
                 raise ConfigError(describe("--prompts differs from the engine build", got=prompts, expected=shape.prompts))
             latent, text_tokens = (shape.latent_height, shape.latent_width), shape.text_tokens
+            if height is not None or width is not None:  # the engines' profiles refuse a size they were not built for
+                from hs_runtime.pipeline import check_image_size
+
+                scale = runtime.manifest.vae_scale
+                check_image_size(height, width, scale)
+                latent = (latent[0] if height is None else height // scale, latent[1] if width is None else width // scale)
         elif backend in (None, "torch") and selection is not None:  # the preset's own weights, as saved
             from hs_runtime.pipeline import check_image_size
 

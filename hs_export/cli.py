@@ -263,7 +263,7 @@ def verify(engine_dir, device, steps, plan_name):
 @click.option("--repeat", type=int, default=_BENCH_DEFAULTS.repeat, show_default=True)
 @click.option("--prompts", type=int, default=_BENCH_DEFAULTS.prompts, show_default=True)
 @click.option("--guidance-scale", type=float, default=_BENCH_DEFAULTS.guidance_scale, show_default=True)
-@click.option("--height", type=int, default=None, help="Pixels (presets only; default: the preset's).")
+@click.option("--height", type=int, default=None, help="Pixels (default: the preset's or the build's; an engine folder runs sizes its profiles cover).")
 @click.option("--width", type=int, default=None)
 @click.option("--sweep-ratio", default="", help="Comma-separated mask ratios to sweep, e.g. 0.1,0.2,0.3,0.4,0.5.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)

@@ -149,6 +149,9 @@ def test_bench_backends_errors(tiny_engine_dir, preset_root, tmp_path, monkeypat
         (["bench", str(tiny_engine_dir), "--backends", "onnxruntime,tensorrt"], "holds onnxruntime engines"),
         (["bench", "--preset", "sd3-medium", "--versus", "diffusers"], "--versus diffusers runs prompt → image, which needs text encoders and a VAE; preset sd3-medium has none"),
         (["bench", str(no_pipeline), "--versus", "diffusers"], f"engine folder {no_pipeline} records none"),
+        # an engine folder runs the sizes its profiles cover, not silently its build size
+        (["bench", str(tiny_engine_dir), "--height", str(2 * manifest["build"]["height"])], "image size outside the built profiles"),
+        (["bench", str(tiny_engine_dir), "--width", "40"], "width must be a positive multiple of 16"),
     ]
     for args, message in cases:
         result = runner.invoke(main, args)

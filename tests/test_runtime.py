@@ -228,3 +228,9 @@ def test_dynamic_shape_build_serves_other_resolutions(tiny_paths, tiny_condition
     assert (got - want).abs().max() / want.abs().max() <= 1e-4
     with pytest.raises(ShapeError, match="outside the built profiles"):
         ort.denoise(plan, initial_latents(1, 48, 128, 0), cond)  # 6 rows: below half of 16
+    # bench times the folder at a size its profiles cover, not at its build size
+    report = tmp_path / "bench.json"
+    args = ["bench", str(tmp_path / "dyn"), "--plans", "hybrid", "--steps", "2", "--warmup", "0", "--repeat", "1", "--height", "192", "--width", "96", "--json", str(report)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["latent"] == [24, 12]
