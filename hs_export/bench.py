@@ -334,7 +334,7 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
     for backend in backends:
         before = memory_in_use(device)
         if engine_dir is not None:
-            runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device)
+            runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device, dtype=dtype)
             shape = runtime.manifest.shape
             if shape.prompts != prompts:
                 raise ConfigError(describe("--prompts differs from the engine build", got=prompts, expected=shape.prompts))
@@ -350,10 +350,10 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
 
             h, w = spec.height if height is None else height, spec.width if width is None else width
             check_image_size(h, w)
-            runtime = HybridStitchRuntime.from_models(selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=spec.max_sequence_length)
+            runtime = HybridStitchRuntime.from_models(selection.small, selection.large, selection.pipeline, device=device, dtype=dtype or "fp32", max_sequence_length=spec.max_sequence_length)
             latent, text_tokens = (h // 8, w // 8), spec.text_tokens
         else:
-            engines, latent, text_tokens = bench_engines(None, preset, backend, str(device), dtype, prompts, height, width, mask_ratio, log=log)
+            engines, latent, text_tokens = bench_engines(preset, backend, str(device), dtype, prompts, height, width, mask_ratio, log=log)
             runtime = HybridStitchRuntime(engines, selection.pipeline if selection else None, spec.max_sequence_length)
         after = memory_in_use(device)
         name = runtime.engines.backend

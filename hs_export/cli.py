@@ -143,7 +143,7 @@ def _quiet_libraries() -> None:
 @click.option("--width", type=int, default=None)
 @click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the preset's or the build's, else 7.0).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="torch backend precision.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="torch backend precision (default fp32); an engine folder's own engines refuse any but the one they were built in.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
 @click.option("--compare", is_flag=True, help="Also write large-only | this plan | mask overlay side by side.")
 @plan_options
@@ -256,7 +256,7 @@ def verify(engine_dir, device, steps, plan_name):
 @click.option("--backends", "backends_list", default=None, help="Comma-separated backends timed side by side in one run, e.g. onnxruntime,torch.")
 @click.option("--versus", type=click.Choice(VERSUS_TOOLS), default=None, help="Also time diffusers' StableDiffusion3Pipeline on the same weights, prompt → image.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="torch backend precision.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="torch backend precision (default fp32); an engine folder's own engines refuse any but the one they were built in.")
 @click.option("--plans", default=",".join(_BENCH_DEFAULTS.plans), show_default=True)
 @click.option("--steps", type=int, default=_BENCH_DEFAULTS.steps, show_default=True)
 @click.option("--warmup", type=int, default=_BENCH_DEFAULTS.warmup, show_default=True)
@@ -335,7 +335,7 @@ def bench(engine_dir, preset, backend, backends_list, versus, device, dtype, pla
 @model_options
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: torch for models, the built backend for an engine folder.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="torch backend precision.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="torch backend precision (default fp32); an engine folder's own engines refuse any but the one they were built in.")
 @click.option("--prompts", "prompts_source", default="8", show_default=True, help="N built-in prompts, or a text file with one prompt per line.")
 @click.option("--seeds", type=int, default=_QUALITY_DEFAULTS.seeds, show_default=True, help="Seeds 0 … K−1 per prompt.")
 @click.option("--plans", default=",".join(_QUALITY_DEFAULTS.plans), show_default=True, help="Named plans; large is always added as the reference.")

@@ -18,7 +18,7 @@ def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend
     if engine_dir is not None:
         if preset or small_src or large_src:
             raise ConfigError(describe("an engine folder already names its models", fix="drop --preset/--small/--large"))
-        runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device, pipeline_source=pipeline_src)
+        runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device, pipeline_source=pipeline_src, dtype=dtype)
         build, plan = runtime.manifest.build, runtime.manifest.data.get("default_plan", {})
         return runtime, RunDefaults(build["height"], build["width"], plan.get("steps", 28), plan.get("guidance_scale", 7.0), build.get("preset"))
     if backend not in (None, "torch"):
@@ -29,32 +29,25 @@ def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend
         )
     selection = resolve_models(preset, small_src, large_src, pipeline_src)
     runtime = HybridStitchRuntime.from_models(
-        selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=selection.max_sequence_length
+        selection.small, selection.large, selection.pipeline, device=device, dtype=dtype or "fp32", max_sequence_length=selection.max_sequence_length
     )
     return runtime, selection.defaults
 
 
-def bench_engines(engine_dir, preset, backend, device, dtype, prompts, height, width, mask_ratio, log=print):
-    """Engines to benchmark, their latent size and text-token count.
+def bench_engines(preset, backend, device, dtype, prompts, height, width, mask_ratio, log=print):
+    """A preset's engines to benchmark, their latent size and text-token count.
 
-    An engine folder is used as built. A preset runs on the torch backend with random weights
-    made in memory on ``device`` (the real SD3.5 sizes never touch the disk); for ONNX Runtime or
-    TensorRT it is built first under ``engines/`` (skipped when up to date).
+    The torch backend runs random weights made in memory on ``device`` (the real SD3.5 sizes never
+    touch the disk); ONNX Runtime or TensorRT engines are built first under ``engines/`` (skipped
+    when up to date). ``dtype``: a precision name, fp32 when ``None``.
     """
     import torch
 
+    from hs_runtime.backends.base import torch_dtype
     from hs_runtime.backends.torch_backend import torch_engines
     from hs_runtime.presets import random_transformer
-    from hs_runtime.runtime import DTYPES
 
-    if (engine_dir is None) == (preset is None):
-        raise ConfigError(describe("bench needs an engine folder or --preset, not both", fix="hs-export bench engines/tiny, or hs-export bench --preset bench"))
-    if engine_dir is not None:
-        runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device)
-        shape = runtime.manifest.shape
-        if shape.prompts != prompts:
-            raise ConfigError(describe("--prompts differs from the engine build", got=prompts, expected=shape.prompts))
-        return runtime.engines, (shape.latent_height, shape.latent_width), shape.text_tokens
+    dtype = dtype or "fp32"
     spec = get_preset(preset)
     height = spec.height if height is None else height
     width = spec.width if width is None else width
@@ -62,10 +55,10 @@ def bench_engines(engine_dir, preset, backend, device, dtype, prompts, height, w
     check_device(device)
     if backend in (None, "torch"):
         log(f"preset {preset}: random weights in memory on {device} ({dtype})")
-        torch_dtype = DTYPES[dtype]
-        small = random_transformer(spec.small, spec.seed + 1, torch_dtype, device)
-        large = random_transformer(spec.large, spec.seed + 2, torch_dtype, device)
-        return torch_engines(small, large, torch.device(device), torch_dtype), (height // 8, width // 8), spec.text_tokens
+        weights = torch_dtype(dtype)
+        small = random_transformer(spec.small, spec.seed + 1, weights, device)
+        large = random_transformer(spec.large, spec.seed + 2, weights, device)
+        return torch_engines(small, large, torch.device(device), weights), (height // 8, width // 8), spec.text_tokens
     from .build import BuildConfig, build
 
     selection = resolve_models(preset, None, None, None, log=log)

@@ -6,16 +6,13 @@ from pathlib import Path
 
 import torch
 
-from .backends.base import EngineSet
+from .backends.base import EngineSet, torch_dtype
 from .contract import SMALL
 from .errors import ShapeError, describe
 from .mask import TokenMask
 from .plans import Plan
 from .sampler import Conditioning, DenoiseResult, StageTimes, StitchedSampler
 from .validation import check_device
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 class HybridStitchRuntime:
     """Runs any plan on one engine set.
@@ -40,27 +37,32 @@ class HybridStitchRuntime:
         from .backends.torch_backend import torch_engines
         from .models import check_pair, load_transformer
 
-        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        dtype = torch_dtype(dtype)
         device = check_device(device)
-        small_model = load_transformer(small, torch_dtype, device)
-        large_model = load_transformer(large, torch_dtype, device)
+        small_model = load_transformer(small, dtype, device)
+        large_model = load_transformer(large, dtype, device)
         check_pair(small_model.config, large_model.config)
-        return cls(torch_engines(small_model, large_model, device, torch_dtype), pipeline_source, max_sequence_length)
+        return cls(torch_engines(small_model, large_model, device, dtype), pipeline_source, max_sequence_length)
 
     @classmethod
-    def from_dir(cls, folder, backend: str | None = None, device="cpu", pipeline_source=None) -> "HybridStitchRuntime":
+    def from_dir(cls, folder, backend: str | None = None, device="cpu", pipeline_source=None, dtype=None) -> "HybridStitchRuntime":
         """Loads an engine folder made by ``hs-export build``; no other flags needed.
 
         Args:
             backend: the folder's own backend by default; ``torch`` runs the PyTorch graphs of
                 the models the manifest names (a reference, or a GPU fast path).
             pipeline_source: text encoders + VAE folder; defaults to the manifest's.
+            dtype: the torch backend's precision (default fp32); with the folder's engines it
+                must be the one they were built in (they compute in nothing else).
+
+        Raises:
+            ConfigError: ``dtype`` differs from the precision of the engines asked for.
         """
         from .backends.loading import engines_from_manifest
         from .manifest import Manifest
 
         manifest = Manifest.load(folder)
-        engines = engines_from_manifest(manifest, manifest.backend if backend is None else backend, device)
+        engines = engines_from_manifest(manifest, manifest.backend if backend is None else backend, device, dtype)
         pipeline_source = manifest.data.get("pipeline") if pipeline_source is None else pipeline_source
         return cls(engines, pipeline_source, manifest.build["max_sequence_length"], manifest)
 

@@ -152,6 +152,8 @@ def test_bench_backends_errors(tiny_engine_dir, preset_root, tmp_path, monkeypat
         # an engine folder runs the sizes its profiles cover, not silently its build size
         (["bench", str(tiny_engine_dir), "--height", str(2 * manifest["build"]["height"])], "image size outside the built profiles"),
         (["bench", str(tiny_engine_dir), "--width", "40"], "width must be a positive multiple of 16"),
+        # --dtype is the torch backend's precision; the folder's engines were built in one
+        (["bench", str(tiny_engine_dir), "--dtype", "fp16"], "onnxruntime engines compute in the precision they were built in | got dtype fp16"),
     ]
     for args, message in cases:
         result = runner.invoke(main, args)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from hs_export.cli import main
 from hs_runtime import HybridStitchRuntime
-from hs_runtime.errors import ConcurrencyError, ManifestError, ShapeError
+from hs_runtime.errors import ConcurrencyError, ConfigError, ManifestError, ShapeError
 from hs_runtime.pipeline import initial_latents
 from hs_runtime.plans import PLAN_NAMES, PlanConfig, make_plan
 from hs_runtime.sampler import Conditioning
@@ -57,6 +57,24 @@ def test_wrong_embedding_width(tiny_engine_dir, tiny_conditioning):
     wide = Conditioning(torch.zeros(1, 85, 4096), cond.pooled_prompt_embeds, torch.zeros(1, 85, 4096), cond.negative_pooled_prompt_embeds)
     with pytest.raises(ShapeError, match=r"encoder_hidden_states axis 'joint_dim'.*expected \('batch', 'text_queries', 32\)"):
         runtime.denoise(make_plan("large", 2), initial_latents(1, 128, 128, 0), wide)
+
+
+def test_precision_of_a_folder_run(tiny_engine_dir, tiny_conditioning):
+    """The torch backend runs an engine folder's models in the dtype asked for; the folder's
+    own engines refuse any dtype but the one they were built in, before loading."""
+    runtime = HybridStitchRuntime.from_dir(tiny_engine_dir, backend="torch", dtype="bf16")
+    assert runtime.engines.dtype == torch.bfloat16 and runtime.engines.precision == "bf16"
+    assert next(runtime.engines["large"].engine.module.parameters()).dtype == torch.bfloat16
+    _, cond = _runtime_and_inputs(tiny_engine_dir, tiny_conditioning)
+    assert runtime.denoise(make_plan("hybrid", 2), initial_latents(1, 128, 128, 0), cond).latents.isfinite().all()
+    assert HybridStitchRuntime.from_dir(tiny_engine_dir, backend="torch").engines.dtype == torch.float32
+    assert HybridStitchRuntime.from_dir(tiny_engine_dir, dtype="fp32").engines.backend == "onnxruntime"
+    with pytest.raises(ConfigError, match=r"onnxruntime engines compute in the precision they were built in \| got dtype fp16 for .*, built in fp32 \| .*--backend onnxruntime --precision fp16"):
+        HybridStitchRuntime.from_dir(tiny_engine_dir, dtype="fp16")
+    with pytest.raises(ConfigError, match=r"bf16.*rebuild: .*--backend tensorrt --precision bf16"):
+        HybridStitchRuntime.from_dir(tiny_engine_dir, dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match=r"unknown precision \| got 'fp8' \| expected fp32 \| fp16 \| bf16"):
+        HybridStitchRuntime.from_dir(tiny_engine_dir, backend="torch", dtype="fp8")
 
 
 def test_folder_missing_a_graph(tiny_engine_dir, tmp_path):

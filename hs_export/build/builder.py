@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from hs_runtime import __version__
+from hs_runtime.backends.base import torch_dtype
 from hs_runtime.backends.onnxruntime_backend import THREAD_POOLS
 from hs_runtime.contract import GRAPH_NAMES, ModelDims, graph_spec
 from hs_runtime.errors import BuildError, ConfigError, ManifestError, NumericalError, ToleranceError, describe
@@ -50,7 +51,6 @@ from .precision import apply_precision_plan, precision_plan
 from .sources import ModelSelection, model_configs
 
 BACKENDS = ("onnxruntime", "tensorrt")
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPSETS = (14, 20)  # scaled_dot_product_attention exports from opset 14; torch's TorchScript exporter stops at 20
 
 
@@ -293,7 +293,7 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
     shape, height, width, text_tokens, dims = plan.shape, plan.height, plan.width, plan.text_tokens, plan.dims
     with phases("limits", f"largest I/O tensor {max(t.elements for t in plan.needs.tensors):,} elements; needs ~{plan.needs.host_bytes / 2**30:.1f} GiB memory, ~{plan.needs.disk_bytes / 2**30:.1f} GiB disk"):
         check_limits(plan.needs, config.backend, out, config.force)
-    export_dtype = TORCH_DTYPES[config.precision]
+    export_dtype = torch_dtype(config.precision)
     with phases("load", f"small {selection.small} + large {selection.large} ({config.precision})"):
         models = {role: load_transformer(src, export_dtype) for role, src in (("small", selection.small), ("large", selection.large))}
         # Reduced precision: the layers NVIDIA's SD3.5 demo keeps in fp32 stay fp32 (build/precision.py).
@@ -440,7 +440,7 @@ def _check_engines(selection: ModelSelection, config: BuildConfig, work: Path, m
             source = selection.small if name == "small" else selection.large
             module = TokenGraph(load_transformer(source, torch.float32, device), name).eval()
             engine = load_engine(view, name, config.backend, torch.device(device))
-            parity = onnx_export.check_parity(module, engine, _parity_sizes(shape, config.backend), engine_dtype=TORCH_DTYPES[config.precision])
+            parity = onnx_export.check_parity(module, engine, _parity_sizes(shape, config.backend), engine_dtype=torch_dtype(config.precision))
             del module, engine
             gc.collect()
         rtol = graph_spec(name, view.dims(name)).rtol if config.precision == "fp32" else rtol_reduced

@@ -32,10 +32,9 @@ from typing import Mapping
 
 import torch
 
+from hs_runtime.backends.base import PRECISIONS  # noqa: F401  (re-exported)
 from hs_runtime.errors import ConfigError, describe
 from hs_runtime.upcast import UPCAST_ATTR, cast_tree as _cast_tree, run_planned  # noqa: F401  (re-exported)
-
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 _DEMO_FILE = "NVIDIA/TensorRT demo/Diffusion/demo_diffusion/model/diffusion_transformer.py (SD3TransformerModel.get_model, UpcastLayer)"

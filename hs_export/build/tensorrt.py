@@ -19,9 +19,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from hs_runtime.backends.base import PRECISIONS
 from hs_runtime.errors import BuildError, ConfigError, describe, first_line
-
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 # ONNX TensorProto element types (onnx/onnx.proto): what each precision's float inputs must be.
 _ONNX_FLOAT, _ONNX_FLOAT16, _ONNX_BFLOAT16 = 1, 10, 16

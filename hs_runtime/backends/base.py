@@ -10,7 +10,27 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from ..contract import GraphSpec, ModelDims
-from ..errors import ConcurrencyError, describe
+from ..errors import ConcurrencyError, ConfigError, describe
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(precision: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a precision name (``fp32``, ``fp16``, ``bf16``); a dtype passes through.
+
+    Raises:
+        ConfigError: any other name.
+    """
+    if isinstance(precision, torch.dtype):
+        return precision
+    if precision not in PRECISIONS:
+        raise ConfigError(describe("unknown precision", got=repr(precision), expected=" | ".join(PRECISIONS)))
+    return PRECISIONS[precision]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """``fp32``, ``fp16`` or ``bf16``: the name a manifest and the CLI use for ``dtype``."""
+    return next((name for name, d in PRECISIONS.items() if d == dtype), str(dtype).replace("torch.", ""))
 
 
 class Engine(Protocol):

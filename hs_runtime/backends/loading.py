@@ -5,13 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..contract import GRAPH_NAMES
-from ..errors import ManifestError, describe
+from ..errors import ConfigError, ManifestError, describe
 from ..profiles import check_latent_size
 from ..validation import check_device
-from .base import EngineSet
+from .base import EngineSet, precision_name, torch_dtype
 from .checked import ProfileCheckedEngine
-
-IO_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_engine(manifest, name: str, backend: str, device: torch.device):
@@ -32,30 +30,38 @@ def load_engine(manifest, name: str, backend: str, device: torch.device):
     return TrtEngine(manifest.engine_path(name), name, dims, device, manifest.graph(name)["profiles"], built_with, fix=fix)
 
 
-def engines_from_manifest(manifest, backend: str, device) -> EngineSet:
+def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineSet:
     """Loads the folder's engines (or the torch graphs of its models) behind the profile checks.
 
+    Args:
+        dtype: the torch backend's precision (``fp32`` by default: the reference); the folder's
+            own engines compute in the precision they were built in, and refuse another.
+
     Raises:
-        ConfigError: an unknown or absent device.
+        ConfigError: an unknown or absent device; ``dtype`` not the engines' precision.
         ManifestError: a backend the folder was not built for.
         EngineLoadError: an engine library refused a file (with its reason and the rebuild command).
     """
     device = check_device(device)
     precision = manifest.build.get("precision")
+    wanted = None if dtype is None else torch_dtype(dtype)
     if backend == "torch":
         from ..models import load_transformer
         from .torch_backend import torch_engines
 
-        models = {role: load_transformer(manifest.data["models"][role]["source"]) for role in GRAPH_NAMES}
-        inner = torch_engines(models["small"], models["large"], device, torch.float32)
+        wanted = wanted or torch.float32
+        models = {role: load_transformer(manifest.data["models"][role]["source"], wanted, device) for role in GRAPH_NAMES}
+        inner = torch_engines(models["small"], models["large"], device, wanted)
         precision = inner.precision
     elif backend != manifest.backend:
         raise ManifestError(
             describe(f"engine folder {manifest.folder} holds {manifest.backend} engines", got=f"--backend {backend}", expected=f"{manifest.backend} or torch", fix=f"build {backend} engines: {manifest.rebuild_command.replace('--backend ' + manifest.backend, '--backend ' + backend)}")
         )
     elif backend in ("onnxruntime", "tensorrt"):
+        if wanted is not None and precision_name(wanted) != precision:  # before any engine loads
+            raise ConfigError(describe(f"{backend} engines compute in the precision they were built in", got=f"dtype {precision_name(wanted)} for {manifest.folder}, built in {precision}", fix=_precision_fix(manifest, precision_name(wanted))))
         engines = {name: load_engine(manifest, name, backend, device) for name in GRAPH_NAMES}
-        inner = EngineSet(engines, device, IO_DTYPES[manifest.data.get("io_dtype", "fp32")], backend, precision)
+        inner = EngineSet(engines, device, torch_dtype(manifest.data.get("io_dtype", "fp32")), backend, precision)
     else:
         raise ManifestError(describe("unknown backend", got=repr(backend), expected="torch | onnxruntime | tensorrt"))
     checked = {
@@ -65,3 +71,11 @@ def engines_from_manifest(manifest, backend: str, device) -> EngineSet:
     hint = f"rebuild with: {manifest.rebuild_command} --force"
     check_size = lambda h, w: check_latent_size(shape, large, h, w, hint, manifest.vae_scale)  # noqa: E731
     return EngineSet(checked, inner.device, inner.dtype, inner.backend, precision, check_size)
+
+
+def _precision_fix(manifest, asked: str) -> str:
+    """How to run ``asked``: the torch backend, or the folder rebuilt in it (bf16 engines are TensorRT's)."""
+    rebuild = manifest.rebuild_command.replace(f"--precision {manifest.build.get('precision')}", f"--precision {asked}")
+    if asked == "bf16":
+        rebuild = rebuild.replace("--backend onnxruntime", "--backend tensorrt")
+    return f"drop the dtype, run the torch backend in {asked}, or rebuild: {rebuild} --force"

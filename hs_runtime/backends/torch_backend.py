@@ -12,9 +12,8 @@ import torch
 from ..contract import VELOCITY, ModelDims
 from ..graphs import build_graphs
 from ..validation import check_device
-from .base import EngineSet
+from .base import EngineSet, precision_name
 
-PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class TorchEngine:
@@ -47,4 +46,4 @@ def torch_engines(small, large, device="cpu", dtype=torch.float32) -> EngineSet:
     small, large = (_to(m, device, dtype) for m in (small, large))
     dims = {"small": ModelDims.from_config(small.config), "large": ModelDims.from_config(large.config)}
     engines = {name: TorchEngine(module, dims[name]) for name, module in build_graphs(small, large).items()}
-    return EngineSet(engines, device, dtype, "torch", PRECISIONS.get(dtype))
+    return EngineSet(engines, device, dtype, "torch", precision_name(dtype))
