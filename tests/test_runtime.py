@@ -77,6 +77,11 @@ def test_precision_of_a_folder_run(tiny_engine_dir, tiny_conditioning):
         HybridStitchRuntime.from_dir(tiny_engine_dir, backend="torch", dtype="fp8")
 
 
+def test_unknown_backend_is_named_as_such(tiny_engine_dir):
+    with pytest.raises(ConfigError, match=r"^unknown backend \| got 'onnx' \| expected torch \| onnxruntime \| tensorrt$"):
+        HybridStitchRuntime.from_dir(tiny_engine_dir, backend="onnx")  # not "build onnx engines"
+
+
 def test_folder_missing_a_graph(tiny_engine_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_engine_dir, broken)

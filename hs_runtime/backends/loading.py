@@ -9,6 +9,7 @@ from ..errors import ConfigError, ManifestError, describe
 from ..profiles import check_latent_size
 from ..validation import check_device
 from .base import EngineSet, precision_name, torch_dtype
+from . import BACKENDS
 from .checked import ProfileCheckedEngine
 
 
@@ -38,11 +39,14 @@ def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineS
             own engines compute in the precision they were built in, and refuse another.
 
     Raises:
-        ConfigError: an unknown or absent device; ``dtype`` not the engines' precision.
+        ConfigError: an unknown backend, an unknown or absent device; ``dtype`` not the engines'
+            precision.
         ManifestError: a backend the folder was not built for.
         EngineLoadError: an engine library refused a file (with its reason and the rebuild command).
     """
     device = check_device(device)
+    if backend not in BACKENDS:
+        raise ConfigError(describe("unknown backend", got=repr(backend), expected=" | ".join(BACKENDS)))
     precision = manifest.build.get("precision")
     wanted = None if dtype is None else torch_dtype(dtype)
     if backend == "torch":
@@ -57,13 +61,11 @@ def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineS
         raise ManifestError(
             describe(f"engine folder {manifest.folder} holds {manifest.backend} engines", got=f"--backend {backend}", expected=f"{manifest.backend} or torch", fix=f"build {backend} engines: {manifest.rebuild_command.replace('--backend ' + manifest.backend, '--backend ' + backend)}")
         )
-    elif backend in ("onnxruntime", "tensorrt"):
+    else:
         if wanted is not None and precision_name(wanted) != precision:  # before any engine loads
             raise ConfigError(describe(f"{backend} engines compute in the precision they were built in", got=f"dtype {precision_name(wanted)} for {manifest.folder}, built in {precision}", fix=_precision_fix(manifest, precision_name(wanted))))
         engines = {name: load_engine(manifest, name, backend, device) for name in GRAPH_NAMES}
         inner = EngineSet(engines, device, torch_dtype(manifest.data.get("io_dtype", "fp32")), backend, precision)
-    else:
-        raise ManifestError(describe("unknown backend", got=repr(backend), expected="torch | onnxruntime | tensorrt"))
     checked = {
         name: ProfileCheckedEngine(inner[name], manifest.graph(name)["profiles"], manifest.rebuild_command) for name in GRAPH_NAMES
     }
