@@ -14,6 +14,7 @@ from .plans import Plan
 from .sampler import Conditioning, DenoiseResult, StageTimes, StitchedSampler
 from .validation import check_device
 
+
 class HybridStitchRuntime:
     """Runs any plan on one engine set.
 

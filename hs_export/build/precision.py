@@ -32,7 +32,7 @@ from typing import Mapping
 
 import torch
 
-from hs_runtime.backends.base import PRECISIONS  # noqa: F401  (re-exported)
+from hs_runtime.backends.base import PRECISIONS
 from hs_runtime.errors import ConfigError, describe
 from hs_runtime.upcast import UPCAST_ATTR, cast_tree as _cast_tree, run_planned  # noqa: F401  (re-exported)
 

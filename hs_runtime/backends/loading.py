@@ -8,8 +8,8 @@ from ..contract import GRAPH_NAMES
 from ..errors import ConfigError, ManifestError, describe
 from ..profiles import check_latent_size
 from ..validation import check_device
-from .base import EngineSet, precision_name, torch_dtype
 from . import BACKENDS
+from .base import EngineSet, precision_name, torch_dtype
 from .checked import ProfileCheckedEngine
 
 

@@ -15,7 +15,6 @@ from ..validation import check_device
 from .base import EngineSet, precision_name
 
 
-
 class TorchEngine:
     """Runs one graph module under ``torch.inference_mode``."""
 
