@@ -50,7 +50,7 @@ def _one_line_errors(fn):
 def plan_options(fn):
     """Options that shape a plan, shared by ``generate`` and ``bench``."""
     options = [
-        click.option("--mask-ratio", type=float, default=_MASK_DEFAULTS.ratio, show_default=True, help="Share of image tokens the large model refines."),
+        click.option("--mask-ratio", type=float, default=None, help=f"Share of image tokens the large model refines [default: an engine folder's build ratio (its profiles are tuned for it, its server's default), else {_MASK_DEFAULTS.ratio}]."),
         click.option("--mask-signal", type=click.Choice(MASK_SIGNALS), default=_MASK_DEFAULTS.signal, show_default=True),
         click.option("--dilate/--no-dilate", default=_MASK_DEFAULTS.dilate, show_default=True, help="Grow the mask by one token."),
         click.option("--mask-energy", type=float, default=_MASK_DEFAULTS.energy, show_default=True, help="Adaptive mask: per prompt, the fewest tokens holding this share of the score energy, up to --mask-ratio (0: fixed mask)."),
@@ -71,10 +71,14 @@ def plan_options(fn):
     return fn
 
 
-def plan_config_from(kwargs: dict) -> PlanConfig:
-    """Pops the :func:`plan_options` values out of ``kwargs`` into a validated :class:`PlanConfig`."""
+def plan_config_from(kwargs: dict, engine_dir: Path | None = None) -> PlanConfig:
+    """Pops the :func:`plan_options` values out of ``kwargs`` into a validated :class:`PlanConfig`;
+    without ``--mask-ratio``, an engine folder's plans refine the share of tokens it was built for."""
+    ratio = kwargs.pop("mask_ratio")
+    if ratio is None:
+        ratio = _MASK_DEFAULTS.ratio if engine_dir is None else _build_mask_ratio(engine_dir)
     mask = MaskConfig(
-        ratio=kwargs.pop("mask_ratio"), signal=kwargs.pop("mask_signal"), dilate=kwargs.pop("dilate"),
+        ratio=ratio, signal=kwargs.pop("mask_signal"), dilate=kwargs.pop("dilate"),
         energy=kwargs.pop("mask_energy"), min_ratio=kwargs.pop("mask_min_ratio"), reselect_every=kwargs.pop("mask_reselect_every"),
     )
     return PlanConfig(
@@ -83,6 +87,12 @@ def plan_config_from(kwargs: dict) -> PlanConfig:
         refresh_every=(every := kwargs.pop("refresh_every")), refreshes=_refreshes(kwargs.pop("refreshes"), every), carry_offset=kwargs.pop("carry_offset"),
         reuse_text_kv=kwargs.pop("reuse_text_kv"), small_outside_mask=kwargs.pop("small_outside_mask"), mask=mask,
     )
+
+
+def _build_mask_ratio(engine_dir: Path) -> float:
+    from hs_runtime.manifest import Manifest
+
+    return Manifest.load(engine_dir).shape.mask_ratio
 
 
 def _refreshes(given: int | None, every: int) -> int:
@@ -157,7 +167,7 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
     from .generate import run_generate
     from .runs import open_runtime
 
-    plan_config = plan_config_from(plan_kwargs)
+    plan_config = plan_config_from(plan_kwargs, engine_dir)
     if seed_count < 1:
         raise ConfigError(describe("--seeds must be >= 1", got=seed_count))
     runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype)
@@ -304,7 +314,7 @@ def bench(engine_dir, preset, backend, backends_list, versus, device, dtype, pla
     backend_names = parse_backends(backends_list)
     if backends_list is not None and not backend_names:
         raise ConfigError(describe("--backends names no backend", got=repr(backends_list), expected="e.g. onnxruntime,torch"))
-    plan_config = plan_config_from(plan_kwargs)
+    plan_config = plan_config_from(plan_kwargs, engine_dir)
     config = BenchConfig(plans=plan_list, steps=steps, warmup=warmup, repeat=repeat, prompts=prompts, guidance_scale=guidance_scale, sweep_ratios=ratios, check_finite=finite_check, backends=backend_names, versus=versus, calls=calls)
     target = open_target(engine_dir, preset, backend_names or (backend,), device, dtype, prompts, height, width, plan_config.mask.ratio, versus=versus, log=_log)
     report = run_bench(target.engines, target.latent[0], target.latent[1], target.text_tokens, config, plan_config, log=_log, loaded_bytes=target.loaded_bytes)
@@ -378,7 +388,7 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
     for path, what, suffixes in ((json_path, "--json", None), (markdown_path, "--markdown", None), (plot_path, "--plot", (".png",)), (grid_path, "--grid", (".png",))):
         if path is not None:
             check_output_file(path, what, suffixes)  # before the run, not after it
-    plan_config = plan_config_from(plan_kwargs)
+    plan_config = plan_config_from(plan_kwargs, engine_dir)
     config = QualityConfig(
         plans=tuple(p.strip() for p in plans.split(",") if p.strip()), sweeps=tuple(sweeps), seeds=seeds, steps=steps,
         guidance_scale=guidance_scale, height=height, width=width, batch=batch, warmup=warmup, repeat=repeat,

@@ -66,7 +66,8 @@ def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, step
     out = check_output_file(out, "--out", image_suffixes())
     plan = make_plan(plan_name, steps, plan_config)
     pipe = runtime.pipeline(guidance_scale)
-    console.print(f"[bold]{plan.name}[/]: {plan.stages()} on {runtime.engines.backend} ({runtime.engines.device})")
+    mask_note = f", mask {plan.mask.ratio * 100:g}% of the tokens" if plan.count("hybrid") else ""
+    console.print(f"[bold]{plan.name}[/]: {plan.stages()}{mask_note} on {runtime.engines.backend} ({runtime.engines.device})")
     runs = [pipe(prompts, plan, height, width, seed, negative_prompt) for seed in seeds]
     seed_note = f", seed {seeds[0]}" + (f" (of {len(seeds)})" if len(seeds) > 1 else "")
     console.print(timing_table(f"{plan.name}: {steps} steps, {len(prompts)} prompt(s), {width}×{height}{seed_note}", runs[0][1].times.as_dict(), steps))

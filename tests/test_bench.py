@@ -74,6 +74,22 @@ def test_bench_calls_says_which_graph_calls_the_time_goes_to(tiny_engine_dir, tm
     assert "Graph calls per denoise" in notes.read_text()
 
 
+def test_bench_on_a_folder_refines_the_share_it_was_built_for(tiny_engine_dir, tmp_path):
+    """Without --mask-ratio an engine folder runs the ratio its profiles are tuned for (and its
+    server defaults to), not the CLI's own default."""
+    folder = tmp_path / "ratio"
+    shutil.copytree(tiny_engine_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["build"]["shape"]["mask_ratio"] = 0.5
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for extra, ratio in (([], 0.5), (["--mask-ratio", "0.25"], 0.25)):
+        out = tmp_path / "bench.json"
+        args = ["bench", str(folder), "--plans", "hybrid", "--steps", "4", "--warmup", "0", "--repeat", "1", "--json", str(out), *extra]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert [p["mask_ratio"] for p in json.loads(out.read_text())["plans"]] == [None, ratio]
+
+
 def test_call_rows_price_each_call_against_the_dense_large_call():
     """time × and FLOPs × are multiples of the reference call; efficiency is their ratio; the
     count per denoise is per round, and rows come costliest per denoise first."""
