@@ -317,6 +317,11 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
         if Manifest.load(engine_dir).data.get("pipeline") is None:
             raise _refuse_versus(f"engine folder {engine_dir} records none", "a build from transformers without a pipeline folder")
     named = [b for b in backends if b is not None]
+    if engine_dir is not None and dtype is None and "torch" in named and len(named) > 1:  # like for like
+        from hs_runtime.manifest import Manifest
+
+        dtype = Manifest.load(engine_dir).build.get("precision")
+        log(f"--backends: torch runs in {dtype}, the precision the engines were built in (--dtype to change)")
     if spec is not None and len(named) == len(backends) and named:  # --backends: no builds mid-comparison
         for backend in named:
             folder = preset_engine_dir(preset, backend)
@@ -540,6 +545,11 @@ def summary_table(report: dict):
     return table
 
 
+def _backend_column(backend: dict) -> str:
+    """A backend's latency column, named with the precision it ran in (like for like or not)."""
+    return f"{backend['name']} {backend['precision']} s"
+
+
 def backends_table(report: dict):
     """Side by side: each plan's latency per backend and the ratios between backends (``None``
     for a one-backend report)."""
@@ -550,7 +560,7 @@ def backends_table(report: dict):
     backends = [b["name"] for b in report["backends"]]
     pairs = list(report["side_by_side"][0]["ratios"])
     table = Table(title=f"backends side by side — denoise latency, median of {report['repeat']} (same rounds); a/b < 1: a is faster; (paired mean [95% CI])")
-    for column in ("plan", *(f"{b} s" for b in backends), *pairs):
+    for column in ("plan", *map(_backend_column, report["backends"]), *pairs):
         table.add_column(column, justify="left" if column == "plan" else "right")
     for row in report["side_by_side"]:
         table.add_row(row["name"], *(f"{row['latency_s_median'][b]:.3f}" for b in backends), *(_with_paired(row["ratios"][p], row["ratios_paired"][p], 3) for p in pairs))
@@ -589,7 +599,7 @@ def markdown_backends(report: dict) -> str:
         return ""
     backends = [b["name"] for b in report["backends"]]
     pairs = list(report["side_by_side"][0]["ratios"])
-    head = "| plan | " + " | ".join(f"{b} s" for b in backends) + " | " + " | ".join(pairs) + " |\n|" + "---|" * (1 + len(backends) + len(pairs)) + "\n"
+    head = "| plan | " + " | ".join(map(_backend_column, report["backends"])) + " | " + " | ".join(pairs) + " |\n|" + "---|" * (1 + len(backends) + len(pairs)) + "\n"
     rows = "".join(
         f"| {r['name']} | " + " | ".join(f"{r['latency_s_median'][b]:.3f}" for b in backends) + " | " + " | ".join(_with_paired(r["ratios"][p], r["ratios_paired"][p], 3) for p in pairs) + " |\n"
         for r in report["side_by_side"]

@@ -151,6 +151,23 @@ def test_bench_backends_side_by_side_versus_diffusers(tiny_engine_dir, tmp_path)
         assert title in result.output and title in notes.read_text().lower()
 
 
+def test_bench_backends_run_torch_in_the_engines_precision(tiny_paths, tmp_path):
+    """Side by side, the torch backend runs in the precision the folder's engines were built in
+    (like for like), and the table says which precision each backend ran in."""
+    from hs_export.build import BuildConfig, build, resolve_models
+
+    folder = tmp_path / "tiny16"
+    build(resolve_models("tiny", None, None, None, log=lambda *_: None), BuildConfig(out=folder, precision="fp16"), log=lambda *_: None)
+    out = tmp_path / "bench.json"
+    args = ["bench", str(folder), "--backends", "onnxruntime,torch", "--plans", "hybrid", "--steps", "2", "--warmup", "0", "--repeat", "1", "--json", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert [(b["name"], b["precision"]) for b in json.loads(out.read_text())["backends"]] == [("onnxruntime", "fp16"), ("torch", "fp16")]
+    assert "torch runs in fp16" in result.output and "torch fp16 s" in result.output
+    result = CliRunner().invoke(main, [*args, "--dtype", "fp32"])  # the engines cannot follow
+    assert result.exit_code == 1 and "built in fp16" in result.output, result.output
+
+
 def test_bench_backends_errors(tiny_engine_dir, preset_root, tmp_path, monkeypatch):
     runner = CliRunner()
     monkeypatch.chdir(tmp_path)  # no engines/ folder here
