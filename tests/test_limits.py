@@ -65,7 +65,22 @@ def test_dry_run_loads_no_weights_and_prints_the_table(tmp_path):
     text = "\n".join(lines)
     assert "k_* ×38" in text and "v_context_* ×38" in text and "[4, 4096, 2432]" in text and "limits: ok" in text
     assert "host memory" in text and plan.shape.batch == 4
+    assert "run needs (default hybrid at mask ratio 0.02, build size)" in text and "hybrid K/V cache" in text
     assert not (tmp_path / "e").exists()
+
+
+def test_run_needs_at_sd35_large():
+    """One TensorRT runtime at SD3.5-large + SD3.5-medium, 1024², bf16, one prompt with CFG: both
+    engines' weights, every output buffer at its profiles' maxima, and the default plan's cache."""
+    needs = _needs(prompts=1, mask_ratio=0.02)
+    shape = BuildShape(1, 128, 128, 333, mask_ratio=0.02)
+    run = limits.run_needs(needs, shape, DIMS, "bf16", "tensorrt")
+    assert run.weights == sum(needs.weights.values())
+    assert run.outputs == sum(t.bytes for t in needs.tensors if t.direction == "out")
+    assert 4.5 * 2**30 < run.outputs < 5.0 * 2**30 and 3.0 * 2**30 < run.cache < 3.1 * 2**30
+    assert 27 * 2**30 < run.total < 28.5 * 2**30  # + TensorRT's activations: one instance per 80 GB GPU leaves room
+    ort = limits.run_needs(limits.build_needs(shape, DIMS, SD35, "fp16", "onnxruntime"), shape, DIMS, "fp16", "onnxruntime")
+    assert ort.cache == run.cache and ort.outputs < run.outputs  # a capture step's K/V, not every buffer at its maxima
 
 
 def test_cli_dry_run(tmp_path):

@@ -46,7 +46,7 @@ from hs_runtime.profiles import BuildShape, graph_profiles
 from hs_runtime.validation import check_folder_path, check_int
 
 from . import export as onnx_export
-from .limits import BuildNeeds, build_needs, check_limits, format_table
+from .limits import BuildNeeds, build_needs, check_limits, format_run_needs, format_table, run_needs
 from .precision import apply_precision_plan, precision_plan
 from .sources import ModelSelection, model_configs
 
@@ -271,6 +271,7 @@ def dry_run(selection: ModelSelection, config: BuildConfig, log=print) -> BuildP
     log(f"{config.backend} {config.precision}, {plan.width}×{plan.height} px, {s.prompts} prompt(s) (batch {s.batch}), {s.text_tokens} text tokens, {len(plan.needs.tensors)} I/O tensors")
     for line in format_table(plan.needs, config.backend):
         log(line)
+    log(format_run_needs(run_needs(plan.needs, s, plan.dims, config.precision, config.backend), config.backend))
     check_limits(plan.needs, config.backend, Path(config.out), force=True)  # tensor limits only: a dry run may plan for another host
     log("limits: ok")
     return plan

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from hs_runtime.contract import GRAPH_NAMES, ModelDims, graph_spec
+from hs_runtime.contract import GRAPH_NAMES, LARGE, SMALL, ModelDims, graph_spec
 from hs_runtime.errors import BuildError, describe
+from hs_runtime.memory import hybrid_cache, kv_output_bytes
+from hs_runtime.plans import MaskConfig, PlanConfig, make_plan
 from hs_runtime.profiles import BuildShape, profile_sizes
 
 TRT_MAX_ELEMENTS = 2**31 - 1  # TensorRT: "tensor volume must not exceed 2^31-1 elements" (see DESIGN §6)
@@ -106,6 +108,49 @@ def build_needs(shape: BuildShape, dims: dict[str, ModelDims], configs: dict[str
     host = int(max(total, largest + engine_copy) + HOST_OVERHEAD)
     disk = 2 * total if backend == "tensorrt" else total
     return BuildNeeds(tensors, weights, io_bytes, host, disk, total)
+
+
+@dataclass(frozen=True)
+class RunNeeds:
+    """What one runtime over the engine set holds while it runs the default ``hybrid`` at the
+    build size, from the contract (the engines' own activation memory comes on top)."""
+
+    weights: int
+    outputs: int  # TensorRT: every output buffer at its maxima; else the capture step's K/V outputs
+    cache: int  # the hybrid stage's K/V cache and carried offset (hs_runtime.memory)
+    ratio: float
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.outputs + self.cache
+
+
+def run_needs(needs: BuildNeeds, shape: BuildShape, dims: dict[str, ModelDims], precision: str, backend: str) -> RunNeeds:
+    """Weights, output memory and the default plan's cache for one run at the build size.
+
+    TensorRT engines keep one buffer per output, sized for the profiles' maxima, for their
+    lifetime (``hs_runtime/backends/tensorrt_backend.py``); ONNX Runtime and torch return new
+    tensors, of which a capture step's K/V of both models are alive together until the cache is
+    gathered from them.
+    """
+    element = ELEMENT_BYTES[precision]
+    n = dims[LARGE].image_tokens(shape.latent_height, shape.latent_width)
+    if backend == "tensorrt":
+        outputs = sum(t.bytes for t in needs.tensors if t.direction == "out")
+    else:
+        outputs = sum(kv_output_bytes(dims[role], shape.batch, n, shape.text_tokens, element) for role in (SMALL, LARGE))
+    plan = make_plan("hybrid", 28, PlanConfig(mask=MaskConfig(ratio=shape.mask_ratio)))
+    cache = hybrid_cache(plan, dims, n, shape.text_tokens, shape.prompts, element, shape.cfg).total
+    return RunNeeds(sum(needs.weights.values()), outputs, cache, shape.mask_ratio)
+
+
+def format_run_needs(run: RunNeeds, backend: str) -> str:
+    outputs = "output buffers" if backend == "tensorrt" else "a capture step's K/V outputs"
+    engine = "TensorRT's activation memory" if backend == "tensorrt" else "the activations of one call"
+    return (
+        f"run needs (default hybrid at mask ratio {run.ratio:g}, build size): ~{_gib(run.total)} = weights {_gib(run.weights)}"
+        f" + {outputs} {_gib(run.outputs)} + hybrid K/V cache {_gib(run.cache)}, plus {engine}"
+    )
 
 
 def _gib(n: float) -> str:
