@@ -68,4 +68,18 @@ def inspect_folder(folder) -> None:
         console.print(f"files: {len(artifacts)}, {_mib(total)}; sizes checked on load, sha256 by hs-export verify")
     else:
         console.print("files: no size/sha256 records (built before they existed); a --force rebuild adds them")
+    console.print(_run_needs_line(manifest))
     console.print(f"rebuild: {manifest.rebuild_command}")
+
+
+def _run_needs_line(manifest) -> str:
+    """What one runtime over this folder holds while it runs the default ``hybrid`` (``--dry-run``'s line)."""
+    from hs_runtime.contract import GRAPH_NAMES
+
+    from .limits import build_needs, format_run_needs, run_needs
+
+    build, shape = manifest.build, manifest.shape
+    dims = {role: manifest.dims(role) for role in GRAPH_NAMES}
+    configs = {role: manifest.data["models"][role]["config"] for role in GRAPH_NAMES}
+    needs = build_needs(shape, dims, configs, build["precision"], build["backend"])
+    return format_run_needs(run_needs(needs, shape, dims, build["precision"], build["backend"]), build["backend"])
