@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hs_runtime.backends.torch_backend import torch_engines  # noqa: E402
 from hs_runtime.contract import ModelDims, call_sizes, graph_spec  # noqa: E402
 from hs_runtime.flops import ideal_speedup  # noqa: E402
+from hs_runtime.memory import hybrid_cache  # noqa: E402
 from hs_runtime.plans import MaskConfig, PlanConfig, make_plan  # noqa: E402
 from hs_runtime.presets import get_preset, random_transformer  # noqa: E402
 from hs_runtime.sampler import Conditioning, StitchedSampler  # noqa: E402
@@ -94,6 +95,7 @@ def latency(preset: str, device: str, steps: int, repeat: int, size: int, log=pr
         log(f"  round {round_}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v))
     n_img = dims["large"].image_tokens(latent, latent)
     base = statistics.median(times["large"])
+    weights = sum(p.numel() * p.element_size() for m in (small, large) for p in m.parameters())
     rows = []
     for label, plan in plans.items():
         median = statistics.median(times[label])
@@ -101,6 +103,8 @@ def latency(preset: str, device: str, steps: int, repeat: int, size: int, log=pr
         rows.append({
             "plan": label, "stages": plan.stages(), "latency_s_median": median, "speedup": base / median, "ideal": ideal,
             "efficiency": (base / median) / ideal, "peak_gpu_gib": peaks.get(label, 0) / 2**30,
+            # what hs_runtime.memory computes: the peak is this + one call's activations and outputs
+            "weights_and_cache_gib": (weights + hybrid_cache(plan, dims, n_img, spec.text_tokens, 1, 2).total) / 2**30,
         })
     calls = call_times(sampler, plans, latents, cond, dims)
     del engines, small, large
@@ -155,10 +159,10 @@ def markdown(report: dict) -> str:
                      f"{bench['size']}², {bench['steps']} steps, median of {bench['repeat']} round-robin runs after one warm-up round.\n")
     for bench in report["latency"]:
         lines.append(f"\n**{bench['preset']}** (small → large)\n")
-        lines.append("| plan | stages | latency (s) | speedup vs large | FLOP ideal | efficiency | peak GPU memory |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("| plan | stages | latency (s) | speedup vs large | FLOP ideal | efficiency | peak GPU memory | weights + K/V cache (computed) |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         for r in bench["rows"]:
-            lines.append(f"| {r['plan']} | {r['stages']} | {r['latency_s_median']:.3f} | {r['speedup']:.2f}× | {r['ideal']:.2f}× | {r['efficiency']:.2f} | {r['peak_gpu_gib']:.1f} GiB |")
+            lines.append(f"| {r['plan']} | {r['stages']} | {r['latency_s_median']:.3f} | {r['speedup']:.2f}× | {r['ideal']:.2f}× | {r['efficiency']:.2f} | {r['peak_gpu_gib']:.1f} GiB | {r['weights_and_cache_gib']:.1f} GiB |")
         for label, rows in bench.get("calls", {}).items():
             lines.append(f"\nGraph calls of {label} (time and FLOPs as multiples of one dense large call; a sync per call):\n")
             lines.append("| call | per denoise | median ms | time × | FLOPs × | efficiency |")
