@@ -139,12 +139,13 @@ def run_needs(needs: BuildNeeds, shape: BuildShape, dims: dict[str, ModelDims], 
         outputs = sum(t.bytes for t in needs.tensors if t.direction == "out")
     else:
         outputs = sum(kv_output_bytes(dims[role], shape.batch, n, shape.text_tokens, element) for role in (SMALL, LARGE))
-    plan = make_plan("hybrid", 28, PlanConfig(mask=MaskConfig(ratio=shape.mask_ratio)))
+    plan = make_plan("hybrid", 28, PlanConfig(mask=MaskConfig(ratio=shape.mask_ratio)))  # the cache does not depend on the step count
     cache = hybrid_cache(plan, dims, n, shape.text_tokens, shape.prompts, element, shape.cfg).total
     return RunNeeds(sum(needs.weights.values()), outputs, cache, shape.mask_ratio)
 
 
 def format_run_needs(run: RunNeeds, backend: str) -> str:
+    """The one line ``--dry-run`` and ``inspect`` print."""
     outputs = "output buffers" if backend == "tensorrt" else "a capture step's K/V outputs"
     engine = "TensorRT's activation memory" if backend == "tensorrt" else "the activations of one call"
     return (
