@@ -79,6 +79,15 @@ def test_run_needs_at_sd35_large():
     assert run.outputs == sum(t.bytes for t in needs.tensors if t.direction == "out")
     assert 4.5 * 2**30 < run.outputs < 5.0 * 2**30 and 3.0 * 2**30 < run.cache < 3.1 * 2**30
     assert 27 * 2**30 < run.total < 28.5 * 2**30  # + TensorRT's activations: one instance per 80 GB GPU leaves room
+    # what the TensorRT backend allocates: one buffer per output at the largest size any profile allows
+    from hs_runtime.backends.tensorrt_backend import output_capacity
+    from hs_runtime.contract import graph_spec
+    from hs_runtime.profiles import graph_profiles
+
+    allocated = sum(
+        n * 2 for name, d in DIMS.items() for n in output_capacity(graph_spec(name, d), graph_profiles(name, shape, d)).values()
+    )
+    assert run.outputs == allocated
     ort = limits.run_needs(limits.build_needs(shape, DIMS, SD35, "fp16", "onnxruntime"), shape, DIMS, "fp16", "onnxruntime")
     assert ort.cache == run.cache and ort.outputs < run.outputs  # a capture step's K/V, not every buffer at its maxima
 
