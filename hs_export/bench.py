@@ -538,11 +538,17 @@ def summary_table(report: dict):
             continue
         stages = [f"{p['stage_seconds'][s]:.2f}" for s in (*STAGES, "overhead")]
         table.add_row(
-            p["name"], *((p["backend"],) if several else ()), f"{p['latency_s_median']:.2f} ({p['latency_s_min']:.2f}–{p['latency_s_max']:.2f})",
+            _plan_label(p), *((p["backend"],) if several else ()), f"{p['latency_s_median']:.2f} ({p['latency_s_min']:.2f}–{p['latency_s_max']:.2f})",
             f"{p['speedup_vs_large']:.2f}×", f"{p['ideal_speedup']:.2f}×", _efficiency(p), *stages,
             _mib(p["added_memory_bytes"] if several else p["peak_memory_bytes"]),
         )
     return table
+
+
+def _plan_label(plan: dict) -> str:
+    """A plan's name with its mask ratio where it has hybrid steps (a sweep row's name says it)."""
+    ratio = plan.get("mask_ratio")
+    return plan["name"] if ratio is None or "@" in plan["name"] else f"{plan['name']} ({ratio * 100:g}% mask)"
 
 
 def _backend_column(backend: dict) -> str:
@@ -585,7 +591,7 @@ def markdown_table(report: dict) -> str:
     backend_head = "backend | " if several else ""
     head = f"| plan | {backend_head}stages | latency s median (min–max) | speedup vs large | ideal | efficiency (paired, 95% CI) | overhead | {memory} |\n|---|---|---|---|---|---|---|---|{'---|' if several else ''}\n"
     rows = "".join(
-        f"| {p['name']} | {p['backend'] + ' | ' if several else ''}{p['stages']} | {p['latency_s_median']:.3f} ({p['latency_s_min']:.3f}–{p['latency_s_max']:.3f}) | "
+        f"| {_plan_label(p)} | {p['backend'] + ' | ' if several else ''}{p['stages']} | {p['latency_s_median']:.3f} ({p['latency_s_min']:.3f}–{p['latency_s_max']:.3f}) | "
         f"{p['speedup_vs_large']:.2f}× | {p['ideal_speedup']:.2f}× | {_efficiency(p)} | {100 * p['overhead_fraction']:.1f}% | "
         f"{_mib(p['added_memory_bytes'] if several else p['peak_memory_bytes'])} |\n"
         for p in report["plans"] if p.get("measure", "denoise") == "denoise"
