@@ -31,6 +31,8 @@ from hs_runtime.backends import BACKENDS, EngineSet
 from hs_runtime.contract import LARGE, SMALL
 from hs_runtime.flops import ideal_speedup, plan_flops
 from hs_runtime.errors import ConfigError, describe
+from hs_runtime.manifest import Manifest
+from hs_runtime.pipeline import check_image_size
 from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan, with_mask
 from hs_runtime.runtime import HybridStitchRuntime
 from hs_runtime.sampler import STAGES, Conditioning, StitchedSampler
@@ -311,16 +313,12 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
     spec = get_preset(preset) if preset is not None else None
     if spec is not None and versus and not spec.text_pipeline:
         raise _refuse_versus(f"preset {preset} has none", f"preset {preset}: random transformer weights only")
-    if engine_dir is not None and versus:  # refused before any engine loads
-        from hs_runtime.manifest import Manifest
-
-        if Manifest.load(engine_dir).data.get("pipeline") is None:
-            raise _refuse_versus(f"engine folder {engine_dir} records none", "a build from transformers without a pipeline folder")
+    manifest = Manifest.load(engine_dir) if engine_dir is not None else None  # read once for the checks before any engine loads
+    if manifest is not None and versus and manifest.data.get("pipeline") is None:
+        raise _refuse_versus(f"engine folder {engine_dir} records none", "a build from transformers without a pipeline folder")
     named = [b for b in backends if b is not None]
-    if engine_dir is not None and dtype is None and "torch" in named and len(named) > 1:  # like for like
-        from hs_runtime.manifest import Manifest
-
-        dtype = Manifest.load(engine_dir).build.get("precision")
+    if manifest is not None and dtype is None and "torch" in named and len(named) > 1:  # like for like
+        dtype = manifest.build.get("precision")
         log(f"--backends: torch runs in {dtype}, the precision the engines were built in (--dtype to change)")
     if spec is not None and len(named) == len(backends) and named:  # --backends: no builds mid-comparison
         for backend in named:
@@ -345,17 +343,13 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
                 raise ConfigError(describe("--prompts differs from the engine build", got=prompts, expected=shape.prompts))
             latent, text_tokens = (shape.latent_height, shape.latent_width), shape.text_tokens
             if height is not None or width is not None:  # the engines' profiles refuse a size they were not built for
-                from hs_runtime.pipeline import check_image_size
-
                 scale = runtime.manifest.vae_scale
                 check_image_size(height, width, scale)
                 latent = (latent[0] if height is None else height // scale, latent[1] if width is None else width // scale)
         elif backend in (None, "torch") and selection is not None:  # the preset's own weights, as saved
-            from hs_runtime.pipeline import check_image_size
-
             h, w = spec.height if height is None else height, spec.width if width is None else width
             check_image_size(h, w)
-            runtime = HybridStitchRuntime.from_models(selection.small, selection.large, selection.pipeline, device=device, dtype=dtype or "fp32", max_sequence_length=spec.max_sequence_length)
+            runtime = HybridStitchRuntime.from_models(selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=spec.max_sequence_length)
             latent, text_tokens = (h // 8, w // 8), spec.text_tokens
         else:
             engines, latent, text_tokens = bench_engines(preset, backend, str(device), dtype, prompts, height, width, mask_ratio, log=log)
@@ -367,8 +361,7 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
         runtimes[name] = runtime
         loaded[name] = None if before is None or after is None else after - before
     first = next(iter(runtimes.values()))
-    if engine_dir is not None:
-        manifest = first.manifest
+    if manifest is not None:
         pipeline_source, large_source = first.pipeline_source, manifest.data["models"][LARGE]["source"]
         target_preset, label = manifest.build.get("preset"), str(engine_dir)
     else:

@@ -29,7 +29,7 @@ def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend
         )
     selection = resolve_models(preset, small_src, large_src, pipeline_src)
     runtime = HybridStitchRuntime.from_models(
-        selection.small, selection.large, selection.pipeline, device=device, dtype=dtype or "fp32", max_sequence_length=selection.max_sequence_length
+        selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=selection.max_sequence_length
     )
     return runtime, selection.defaults
 

@@ -33,12 +33,13 @@ class HybridStitchRuntime:
         self._text_and_vae = None
 
     @classmethod
-    def from_models(cls, small, large, pipeline_source=None, device="cpu", dtype="fp32", max_sequence_length: int = 256) -> "HybridStitchRuntime":
-        """The ``torch`` backend over a small/large pair (folders or hub ids)."""
+    def from_models(cls, small, large, pipeline_source=None, device="cpu", dtype=None, max_sequence_length: int = 256) -> "HybridStitchRuntime":
+        """The ``torch`` backend over a small/large pair (folders or hub ids), in ``dtype``
+        (a precision name or torch dtype; fp32 by default, as :meth:`from_dir`'s torch backend)."""
         from .backends.torch_backend import torch_engines
         from .models import check_pair, load_transformer
 
-        dtype = torch_dtype(dtype)
+        dtype = torch.float32 if dtype is None else torch_dtype(dtype)
         device = check_device(device)
         small_model = load_transformer(small, dtype, device)
         large_model = load_transformer(large, dtype, device)

@@ -62,8 +62,9 @@ def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineS
             describe(f"engine folder {manifest.folder} holds {manifest.backend} engines", got=f"--backend {backend}", expected=f"{manifest.backend} or torch", fix=f"build {backend} engines: {manifest.rebuild_command.replace('--backend ' + manifest.backend, '--backend ' + backend)}")
         )
     else:
-        if wanted is not None and precision_name(wanted) != precision:  # before any engine loads
-            raise ConfigError(describe(f"{backend} engines compute in the precision they were built in", got=f"dtype {precision_name(wanted)} for {manifest.folder}, built in {precision}", fix=_precision_fix(manifest, precision_name(wanted))))
+        asked = None if wanted is None else precision_name(wanted)
+        if asked is not None and asked != precision:  # before any engine loads
+            raise ConfigError(describe(f"{backend} engines compute in the precision they were built in", got=f"dtype {asked} for {manifest.folder}, built in {precision}", fix=_precision_fix(manifest, asked)))
         engines = {name: load_engine(manifest, name, backend, device) for name in GRAPH_NAMES}
         inner = EngineSet(engines, device, torch_dtype(manifest.data.get("io_dtype", "fp32")), backend, precision)
     checked = {
