@@ -487,9 +487,12 @@ def triton_repo(engine_dir, out, **options):
     batching, bounded queue) and 1/model.py. Runs on NVIDIA's tritonserver container as is, or with
     hs-export serve.
     """
+    from .serve.preflight import repository_needs
     from .serve.repository import write_repository
 
-    repository = write_repository(RepositoryConfig(engine_dir=engine_dir, **options), out, log=_log)
+    config = RepositoryConfig(engine_dir=engine_dir, **options)
+    repository = write_repository(config, out, log=_log)
+    _log(f"the serving host needs: {repository_needs(config).summary()}")
     _log(f"models {', '.join(repository.models)} (max batch {repository.max_batch_size}) for {repository.engine_dir}; NVIDIA's container runs it with: tritonserver --model-repository={repository.path}")
     click.echo(repository.path)
 

@@ -45,6 +45,7 @@ def test_triton_repo_writes_both_models(tiny4_engine_dir, tmp_path):
     assert "error" not in config.replace("# Written", "")  # no in-band error output any more
     assert '{ name: "latents" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }' in (repo / LATENTS.name / "config.pbtxt").read_text()
     assert "from hs_export.serve.triton_model import TritonPythonModel" in (repo / GENERATE.name / "1" / "model.py").read_text()
+    assert "the serving host needs: 2 instance(s) × (hybridstitch " in done.output  # to size --instances on the host that serves it
 
     # Rewriting is fine; a GPU repository is written on a CPU host; batching off has no batcher.
     done = _write(str(tiny4_engine_dir), "--out", str(repo), "--device", "cuda:1", "--no-dynamic-batching", "--copy-engines")

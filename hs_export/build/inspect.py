@@ -74,12 +74,6 @@ def inspect_folder(folder) -> None:
 
 def _run_needs_line(manifest) -> str:
     """What one runtime over this folder holds while it runs the default ``hybrid`` (``--dry-run``'s line)."""
-    from hs_runtime.contract import GRAPH_NAMES
+    from .limits import folder_run_needs, format_run_needs
 
-    from .limits import build_needs, format_run_needs, run_needs
-
-    build, shape = manifest.build, manifest.shape
-    dims = {role: manifest.dims(role) for role in GRAPH_NAMES}
-    configs = {role: manifest.data["models"][role]["config"] for role in GRAPH_NAMES}
-    needs = build_needs(shape, dims, configs, build["precision"], build["backend"])
-    return format_run_needs(run_needs(needs, shape, dims, build["precision"], build["backend"]), build["backend"])
+    return format_run_needs(*folder_run_needs(manifest))

@@ -144,17 +144,30 @@ def run_needs(needs: BuildNeeds, shape: BuildShape, dims: dict[str, ModelDims], 
     return RunNeeds(sum(needs.weights.values()), outputs, cache, shape.mask_ratio)
 
 
+def folder_run_needs(manifest, backend: str | None = None) -> tuple[RunNeeds, str]:
+    """:func:`run_needs` for an engine folder run on ``backend`` (default: its own), and that
+    backend. The torch backend runs the manifest's models in fp32 (``from_dir``'s default)."""
+    backend = backend or manifest.build["backend"]
+    precision = "fp32" if backend == "torch" else manifest.build["precision"]
+    shape = manifest.shape
+    dims = {role: manifest.dims(role) for role in GRAPH_NAMES}
+    configs = {role: manifest.data["models"][role]["config"] for role in GRAPH_NAMES}
+    needs = build_needs(shape, dims, configs, precision, backend)
+    return run_needs(needs, shape, dims, precision, backend), backend
+
+
 def format_run_needs(run: RunNeeds, backend: str) -> str:
     """The one line ``--dry-run`` and ``inspect`` print."""
     outputs = "output buffers" if backend == "tensorrt" else "a capture step's K/V outputs"
     engine = "TensorRT's activation memory" if backend == "tensorrt" else "the activations of one call"
     return (
-        f"run needs (default hybrid at mask ratio {run.ratio:g}, build size): ~{_gib(run.total)} = weights {_gib(run.weights)}"
-        f" + {outputs} {_gib(run.outputs)} + hybrid K/V cache {_gib(run.cache)}, plus {engine}"
+        f"run needs (default hybrid at mask ratio {run.ratio:g}, build size): ~{format_bytes(run.total)} = weights {format_bytes(run.weights)}"
+        f" + {outputs} {format_bytes(run.outputs)} + hybrid K/V cache {format_bytes(run.cache)}, plus {engine}"
     )
 
 
-def _gib(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """Bytes as GiB, or MiB below 0.01 GiB."""
     return f"{n / GiB:.2f} GiB" if n >= 0.01 * GiB else f"{n / 2**20:.2f} MiB"
 
 
@@ -171,11 +184,11 @@ def format_table(needs: BuildNeeds, backend: str, compact: bool = True) -> list[
         t = max(rows, key=lambda r: r.elements)
         name = f"{family}* ×{len(rows)}" if len(rows) > 1 else t.tensor
         flag = "  OVER 2^31-1" if any((r.graph, r.tensor) in over for r in rows) else ""
-        lines.append(f"{graph:6} {name:24} {direction:3} {str(list(t.max_shape)):28} {t.elements:>14,} {_gib(t.bytes):>12}{flag}")
+        lines.append(f"{graph:6} {name:24} {direction:3} {str(list(t.max_shape)):28} {t.elements:>14,} {format_bytes(t.bytes):>12}{flag}")
     for name in GRAPH_NAMES:
-        lines.append(f"{name:6} {'(all I/O at maxima)':24} {'':3} {'':28} {'':>14} {_gib(needs.io_bytes[name]):>12}   weights {_gib(needs.weights[name])}")
+        lines.append(f"{name:6} {'(all I/O at maxima)':24} {'':3} {'':28} {'':>14} {format_bytes(needs.io_bytes[name]):>12}   weights {format_bytes(needs.weights[name])}")
     lines.append(f"largest tensor: {max(t.elements for t in needs.tensors):,} elements (TensorRT limit {TRT_MAX_ELEMENTS:,})")
-    lines.append(f"build needs: host memory ~{_gib(needs.host_bytes)}, disk ~{_gib(needs.disk_bytes)}; the engine folder keeps ~{_gib(needs.folder_bytes)}")
+    lines.append(f"build needs: host memory ~{format_bytes(needs.host_bytes)}, disk ~{format_bytes(needs.disk_bytes)}; the engine folder keeps ~{format_bytes(needs.folder_bytes)}")
     return lines
 
 
@@ -207,7 +220,7 @@ def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool) -> Non
     memory = available_memory()
     if needs.host_bytes > memory:
         raise BuildError(
-            describe("this host lacks the memory the build needs", got=f"{_gib(memory)} available", expected=f"~{_gib(needs.host_bytes)} (hs-export build --dry-run shows why)", fix="build on a larger host, or pass --force to try anyway")
+            describe("this host lacks the memory the build needs", got=f"{format_bytes(memory)} available", expected=f"~{format_bytes(needs.host_bytes)} (hs-export build --dry-run shows why)", fix="build on a larger host, or pass --force to try anyway")
         )
     target = out if out.exists() else out.resolve().parent
     while not target.exists():
@@ -215,5 +228,5 @@ def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool) -> Non
     free = shutil.disk_usage(target).free
     if needs.disk_bytes > free:
         raise BuildError(
-            describe(f"not enough free disk for the build under {target}", got=f"{_gib(free)} free", expected=f"~{_gib(needs.disk_bytes)}", fix="free disk or choose another --out, or pass --force to try anyway")
+            describe(f"not enough free disk for the build under {target}", got=f"{format_bytes(free)} free", expected=f"~{format_bytes(needs.disk_bytes)}", fix="free disk or choose another --out, or pass --force to try anyway")
         )

@@ -2,13 +2,16 @@
 
 Life of a server:
 
-1. The repository is written (``repository.write_repository``) into a temporary folder, or into
+1. What the instances hold at least (``preflight``: every instance's runtime, and the text
+   encoders + VAE of ``hybridstitch``'s) is checked against the device's free memory; a server
+   that cannot fit is refused in one line, naming the instances that would.
+2. The repository is written (``repository.write_repository``) into a temporary folder, or into
    ``--repo``, which is kept.
-2. The ``tritonserver`` binary that the ``nvidia-pytriton`` wheel ships (PyTriton's own binding
+3. The ``tritonserver`` binary that the ``nvidia-pytriton`` wheel ships (PyTriton's own binding
    code is not used) starts on it with the Python backend: ``K`` instances per model, each a
    Python-backend process that loads its runtime and warms it up in ``initialize``, so
    ``/v2/models/NAME/ready`` turns true only when the model can serve.
-3. SIGTERM or SIGINT is forwarded to Triton, which stops taking requests, finishes the ones in
+4. SIGTERM or SIGINT is forwarded to Triton, which stops taking requests, finishes the ones in
    flight (up to ``--exit-timeout-secs``) and exits; the command then exits 0 and leaves no
    ``tritonserver`` behind.
 
@@ -43,6 +46,7 @@ import torch
 from hs_runtime.errors import ConfigError, describe
 
 from .protocol import ServingError
+from .preflight import check_serve_memory, free_memory, repository_needs
 from .repository import Repository, RepositoryConfig, write_repository
 from .triton_model import LOG_LEVEL_ENV
 
@@ -234,6 +238,7 @@ def serve(config: ServeConfig, log=None) -> None:
     config.validate()
     dist = TritonDist.find()
     check_ports_free(config.host, {"--http-port": config.http_port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port})
+    log(check_serve_memory(repository_needs(config.model), free_memory(config.model.device)))
     work = Path(tempfile.mkdtemp(prefix="hybridstitch-serve-"))
     proc = None
     try:

@@ -1,0 +1,134 @@
+"""Memory a server's instances hold, checked before ``hs-export serve`` starts Triton.
+
+Every Triton instance is its own Python-backend process with its own runtime, so nothing is
+shared: ``instances × (hybridstitch + hybridstitch_latents)``. One instance holds at least what
+``hs-export inspect`` calls "run needs" (weights, engine outputs, the default plan's K/V cache),
+and the ``hybridstitch`` model also the text encoders and VAE (fp32, as the runtime loads them).
+That is a lower bound: each engine call's activations, and each process's interpreter and
+libraries, come on top. A server whose lower bound does not fit is refused in one line before
+anything starts, instead of instances dying one by one (or the host's OOM killer choosing) minutes
+into loading.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hs_export.build.limits import available_memory, folder_run_needs, format_bytes
+from hs_runtime.errors import ConfigError, describe
+
+from .protocol import GENERATE
+
+_TEXT_AND_VAE = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+_FP32 = 4  # TextAndVae.from_pretrained's dtype
+
+
+@dataclass(frozen=True)
+class ServeNeeds:
+    """The lower bound of what a server's instances hold, per model and in all."""
+
+    per_instance: dict[str, int]  # served model → bytes one instance of it holds at least
+    instances: int
+    device: str
+    unknown: tuple[str, ...] = ()  # what could not be counted (e.g. a pipeline not on local disk)
+
+    @property
+    def total(self) -> int:
+        return self.instances * sum(self.per_instance.values())
+
+    def summary(self) -> str:
+        models = " + ".join(f"{name} {format_bytes(n)}" for name, n in self.per_instance.items())
+        missing = f"; not counted: {', '.join(self.unknown)}" if self.unknown else ""
+        return f"{self.instances} instance(s) × ({models}) ≥ {format_bytes(self.total)} on {self.device}, plus each call's activations{missing}"
+
+
+def repository_needs(config) -> ServeNeeds:
+    """:func:`serve_needs` of what a :class:`~.repository.RepositoryConfig` serves."""
+    from hs_runtime.manifest import Manifest
+
+    from .repository import served_models
+
+    manifest = Manifest.load(config.engine_dir)
+    served = tuple(spec.name for spec in served_models(manifest, config.pipeline))
+    return serve_needs(manifest, served, config.instances, config.device, config.backend, config.pipeline)
+
+
+def serve_needs(manifest, models: tuple[str, ...], instances: int, device: str, backend: str | None, pipeline: str | None) -> ServeNeeds:
+    """What ``instances`` instances of each of ``models`` hold at least on ``device``."""
+    runtime = folder_run_needs(manifest, backend)[0].total
+    per_instance, unknown = {}, []
+    for name in models:
+        per_instance[name] = runtime
+        if name == GENERATE.name:
+            source = pipeline or manifest.data.get("pipeline")
+            text = text_and_vae_bytes(source) if source else None
+            if text is None:
+                unknown.append(f"text encoders + VAE ({source})")
+            else:
+                per_instance[name] += text
+    return ServeNeeds(per_instance, instances, device, tuple(unknown))
+
+
+def text_and_vae_bytes(source) -> int | None:
+    """The text encoders' and VAE's parameters in fp32, from the headers of a local diffusers
+    folder's ``*.safetensors`` (no weight is read); ``None`` where the folder is not on this host
+    or holds other formats (sizes unknown without loading)."""
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    elements = 0
+    for sub in _TEXT_AND_VAE:
+        if not (folder / sub).is_dir():
+            continue
+        files = sorted((folder / sub).glob("*.safetensors"))
+        if not files:
+            return None
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    count = 1
+                    for size in f.get_slice(key).get_shape():
+                        count *= size
+                    elements += count
+    return elements * _FP32
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes ``device`` can give now: the host's available memory for ``cpu``; for ``cuda:N``,
+    ``torch.cuda.mem_get_info`` (cudaMemGetInfo) asked in a short-lived process, so this one
+    never holds a CUDA context for the server's life. ``None`` if it cannot be asked."""
+    if device == "cpu":
+        return available_memory()
+    index = device.partition(":")[2] or "0"
+    code = f"import torch; print(torch.cuda.mem_get_info({int(index)})[0])"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def check_serve_memory(needs: ServeNeeds, free: int | None) -> str:
+    """Refuses a server whose instances cannot fit; returns the line ``serve`` logs.
+
+    Raises:
+        ConfigError: the lower bound exceeds ``free``, with the most instances that fit.
+    """
+    if free is None:
+        return f"memory: {needs.summary()}; free memory on {needs.device} unknown, not checked"
+    if needs.total > free:
+        per = sum(needs.per_instance.values())
+        fit = free // per if per else needs.instances
+        fix = f"serve with --instances {fit} or fewer" if fit else f"free memory on {needs.device}, or serve on a larger host"
+        raise ConfigError(
+            describe(
+                f"the server would not fit in memory on {needs.device}",
+                got=f"{format_bytes(free)} free", expected=needs.summary(), fix=fix + " (hs-export inspect ENGINE_DIR shows one runtime's needs)",
+            )
+        )
+    return f"memory: {needs.summary()}; {format_bytes(free)} free"
