@@ -29,6 +29,10 @@ _BUILD_DEFAULTS = BuildConfig()
 _QUALITY_DEFAULTS = QualityConfig()
 _TRAIN_DEFAULTS = ShapesTrainConfig()
 _BENCH_DEFAULTS = BenchConfig()
+_TEXT_DTYPE = click.option(
+    "--text-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+    help="Precision of the text encoders and VAE (default fp32); bf16 halves their memory on a GPU (T5-XXL is 19 GB in fp32).",
+)
 
 
 def _one_line_errors(fn):
@@ -154,11 +158,12 @@ def _quiet_libraries() -> None:
 @click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the preset's or the build's, else 7.0).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="torch backend precision (default fp32); an engine folder's own engines refuse any but the one they were built in.")
+@_TEXT_DTYPE
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
 @click.option("--compare", is_flag=True, help="Also write large-only | this plan | mask overlay side by side.")
 @plan_options
 @_one_line_errors
-def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, plan_name, prompts, negative_prompt, steps, seed, seed_count, height, width, guidance_scale, device, dtype, out, compare, **plan_kwargs):
+def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, plan_name, prompts, negative_prompt, steps, seed, seed_count, height, width, guidance_scale, device, dtype, text_dtype, out, compare, **plan_kwargs):
     """Generate an image with any plan.
 
     Runs on an engine folder (ENGINE_DIR) or on PyTorch models (--preset or --small/--large) and
@@ -170,7 +175,7 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
     plan_config = plan_config_from(plan_kwargs, engine_dir)
     if seed_count < 1:
         raise ConfigError(describe("--seeds must be >= 1", got=seed_count))
-    runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype)
+    runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype, text_dtype)
     run_generate(
         runtime, plan_name, plan_config, list(prompts), negative_prompt,
         defaults.steps if steps is None else steps, list(range(seed, seed + seed_count)),
@@ -464,6 +469,7 @@ def repository_options(fn):
         click.option("--device", default=_REPO_DEFAULTS.device, show_default=True, help="cpu (KIND_CPU) or cuda:N (KIND_GPU on GPU N; one server per GPU)."),
         click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: the folder's own backend."),
         click.option("--pipeline", default=None, help="Text encoders + VAE folder (default: the folder's; without one only hybridstitch_latents is served)."),
+        _TEXT_DTYPE,
         click.option("--dynamic-batching/--no-dynamic-batching", default=_REPO_DEFAULTS.dynamic_batching, show_default=True, help="Triton's dynamic batcher (off: one request per execution, no queue bound)."),
         click.option("--max-batch-size", type=int, default=None, help="Requests per execution (default: the prompts one engine call takes)."),
         click.option("--max-queue-delay-ms", type=float, default=_REPO_DEFAULTS.max_queue_delay_ms, show_default=True, help="How long the batcher may hold a request to fill a batch."),

@@ -13,12 +13,12 @@ from hs_runtime.validation import check_device
 from .build.sources import RunDefaults, resolve_models
 
 
-def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype) -> tuple[HybridStitchRuntime, RunDefaults]:
+def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype, text_dtype=None) -> tuple[HybridStitchRuntime, RunDefaults]:
     """A runtime and the settings its models are meant for (size, steps, guidance)."""
     if engine_dir is not None:
         if preset or small_src or large_src:
             raise ConfigError(describe("an engine folder already names its models", fix="drop --preset/--small/--large"))
-        runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device, pipeline_source=pipeline_src, dtype=dtype)
+        runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device, pipeline_source=pipeline_src, dtype=dtype, text_dtype=text_dtype)
         build, plan = runtime.manifest.build, runtime.manifest.data.get("default_plan", {})
         return runtime, RunDefaults(build["height"], build["width"], plan.get("steps", 28), plan.get("guidance_scale", 7.0), build.get("preset"))
     if backend not in (None, "torch"):
@@ -29,7 +29,7 @@ def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend
         )
     selection = resolve_models(preset, small_src, large_src, pipeline_src)
     runtime = HybridStitchRuntime.from_models(
-        selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=selection.max_sequence_length
+        selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=selection.max_sequence_length, text_dtype=text_dtype
     )
     return runtime, selection.defaults
 

@@ -23,17 +23,19 @@ class HybridStitchRuntime:
         pipeline_source: a diffusers SD3 folder with the large model's text encoders and VAE,
             needed only for prompt-to-image.
         max_sequence_length: T5 tokens the engines were built for (text tokens = CLIP length + this).
+        text_dtype: precision of the text encoders and VAE (a name or torch dtype; fp32 default).
     """
 
-    def __init__(self, engines: EngineSet, pipeline_source: str | Path | None = None, max_sequence_length: int = 256, manifest=None):
+    def __init__(self, engines: EngineSet, pipeline_source: str | Path | None = None, max_sequence_length: int = 256, manifest=None, text_dtype=None):
         self.engines = engines
         self.pipeline_source = pipeline_source
         self.max_sequence_length = max_sequence_length
         self.manifest = manifest
+        self.text_dtype = torch.float32 if text_dtype is None else torch_dtype(text_dtype)
         self._text_and_vae = None
 
     @classmethod
-    def from_models(cls, small, large, pipeline_source=None, device="cpu", dtype=None, max_sequence_length: int = 256) -> "HybridStitchRuntime":
+    def from_models(cls, small, large, pipeline_source=None, device="cpu", dtype=None, max_sequence_length: int = 256, text_dtype=None) -> "HybridStitchRuntime":
         """The ``torch`` backend over a small/large pair (folders or hub ids), in ``dtype``
         (a precision name or torch dtype; fp32 by default, as :meth:`from_dir`'s torch backend)."""
         from .backends.torch_backend import torch_engines
@@ -44,10 +46,10 @@ class HybridStitchRuntime:
         small_model = load_transformer(small, dtype, device)
         large_model = load_transformer(large, dtype, device)
         check_pair(small_model.config, large_model.config)
-        return cls(torch_engines(small_model, large_model, device, dtype), pipeline_source, max_sequence_length)
+        return cls(torch_engines(small_model, large_model, device, dtype), pipeline_source, max_sequence_length, text_dtype=text_dtype)
 
     @classmethod
-    def from_dir(cls, folder, backend: str | None = None, device="cpu", pipeline_source=None, dtype=None) -> "HybridStitchRuntime":
+    def from_dir(cls, folder, backend: str | None = None, device="cpu", pipeline_source=None, dtype=None, text_dtype=None) -> "HybridStitchRuntime":
         """Loads an engine folder made by ``hs-export build``; no other flags needed.
 
         Args:
@@ -56,6 +58,9 @@ class HybridStitchRuntime:
             pipeline_source: text encoders + VAE folder; defaults to the manifest's.
             dtype: the torch backend's precision (default fp32); with the folder's engines it
                 must be the one they were built in (they compute in nothing else).
+            text_dtype: the text encoders' and VAE's precision (default fp32); bf16 or fp16
+                halves their memory on a GPU (T5-XXL alone is 19 GB in fp32), as diffusers'
+                ``torch_dtype`` does.
 
         Raises:
             ConfigError: ``dtype`` differs from the precision of the engines asked for.
@@ -66,7 +71,7 @@ class HybridStitchRuntime:
         manifest = Manifest.load(folder)
         engines = engines_from_manifest(manifest, manifest.backend if backend is None else backend, device, dtype)
         pipeline_source = manifest.data.get("pipeline") if pipeline_source is None else pipeline_source
-        return cls(engines, pipeline_source, manifest.build["max_sequence_length"], manifest)
+        return cls(engines, pipeline_source, manifest.build["max_sequence_length"], manifest, text_dtype)
 
     def sampler(self, guidance_scale: float = 7.0, shift: float = 3.0) -> StitchedSampler:
         return StitchedSampler(self.engines, guidance_scale, shift)
@@ -111,7 +116,7 @@ class HybridStitchRuntime:
             if self.pipeline_source is None:
                 raise ModelLoadError(describe("prompt-to-image needs the text encoders and VAE", fix="pass --pipeline DIR (a diffusers SD3 folder)"))
             device = self.engines.device
-            self._text_and_vae = TextAndVae.from_pretrained(self.pipeline_source, device=device)
+            self._text_and_vae = TextAndVae.from_pretrained(self.pipeline_source, device=device, dtype=self.text_dtype)
         return self._text_and_vae
 
     def pipeline(self, guidance_scale: float = 7.0, text_and_vae=None):

@@ -118,6 +118,44 @@ def test_generate_on_engines_with_compare(tiny_engine_dir, tmp_path):
     assert Image.open(tmp_path / "img_compare.png").size == (384, 128)
 
 
+def test_text_encoders_and_vae_in_bf16(tiny_engine_dir, tmp_path):
+    """``--text-dtype bf16`` loads the text encoders and VAE in bf16 (half their memory) and draws
+    the image fp32 draws, up to rounding; the engines are untouched."""
+    import numpy as np
+    from PIL import Image
+
+    images = {}
+    for text_dtype in ("fp32", "bf16"):
+        out = tmp_path / f"{text_dtype}.png"
+        result = CliRunner().invoke(main, ["generate", str(tiny_engine_dir), "--prompt", "a red cat", "--steps", "4", "--text-dtype", text_dtype, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        images[text_dtype] = np.asarray(Image.open(out)).astype(int)
+    runtime = HybridStitchRuntime.from_dir(tiny_engine_dir, text_dtype="bf16")
+    pipe = runtime.text_and_vae().pipe
+    assert {m.dtype for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae)} == {torch.bfloat16}
+    assert runtime.engines.dtype == torch.float32
+    difference = np.abs(images["fp32"] - images["bf16"])
+    assert 0 < difference.mean() < 3 and difference.mean() < images["fp32"].std() / 10
+    with pytest.raises(ConfigError, match="unknown precision"):
+        HybridStitchRuntime.from_dir(tiny_engine_dir, text_dtype="int8")
+
+
+def test_overflowing_text_encoders_are_named_with_the_way_out():
+    """T5 can overflow in fp16: the error names the text encoders and --text-dtype, not the input."""
+    from types import SimpleNamespace
+
+    from hs_runtime.errors import NumericalError
+    from hs_runtime.pipeline import TextAndVae
+
+    inf = torch.full((2, 3, 4), float("inf"), dtype=torch.float16)
+    pipe = SimpleNamespace(
+        text_encoder=SimpleNamespace(dtype=torch.float16, device=torch.device("cpu")),
+        encode_prompt=lambda **_: (inf[:1], inf[1:], torch.zeros(1, 4), torch.zeros(1, 4)),
+    )
+    with pytest.raises(NumericalError, match=r"the prompt embedding from the text encoders holds inf .*overflow in fp16\? load the text encoders in bf16 or fp32 \(--text-dtype\)"):
+        TextAndVae(pipe).encode(["x"], None, True, 8)
+
+
 def test_two_threads_on_one_runtime_fail_loudly(tiny_engine_dir, tiny_conditioning):
     runtime, cond = _runtime_and_inputs(tiny_engine_dir, tiny_conditioning)
     errors = []

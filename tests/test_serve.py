@@ -618,23 +618,23 @@ def test_serve_refuses_bad_setups_in_one_line(tiny4_engine_dir, tmp_path):
     assert done.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in done.output and "Traceback" not in done.output
 
 
-def test_text_and_vae_bytes_are_the_parameters_the_runtime_loads(tiny_paths, tiny_pipe, tmp_path):
-    from hs_export.serve.preflight import text_and_vae_bytes
+def test_text_and_vae_elements_are_the_parameters_the_runtime_loads(tiny_paths, tiny_pipe, tmp_path):
+    from hs_export.serve.preflight import text_and_vae_elements
 
     modules = (tiny_pipe.text_encoder, tiny_pipe.text_encoder_2, tiny_pipe.text_encoder_3, tiny_pipe.vae)
-    assert text_and_vae_bytes(tiny_paths.large) == 4 * sum(p.numel() for m in modules for p in m.parameters())  # fp32, as TextAndVae loads them
-    assert text_and_vae_bytes(tmp_path / "elsewhere") is None  # not on this host: not counted, not guessed
+    assert text_and_vae_elements(tiny_paths.large) == sum(p.numel() for m in modules for p in m.parameters())
+    assert text_and_vae_elements(tmp_path / "elsewhere") is None  # not on this host: not counted, not guessed
 
 
 def test_serve_needs_count_every_instance_of_both_models(tiny4_engine_dir):
     from hs_export.build.limits import folder_run_needs
-    from hs_export.serve.preflight import check_serve_memory, serve_needs, text_and_vae_bytes
+    from hs_export.serve.preflight import check_serve_memory, serve_needs, text_and_vae_elements
     from hs_runtime.manifest import Manifest
 
     manifest = Manifest.load(tiny4_engine_dir)
     needs = serve_needs(manifest, (GENERATE.name, LATENTS.name), 3, "cpu", None, None)
-    runtime = folder_run_needs(manifest)[0].total
-    assert needs.per_instance == {GENERATE.name: runtime + text_and_vae_bytes(manifest.data["pipeline"]), LATENTS.name: runtime}
+    runtime, text = folder_run_needs(manifest)[0].total, 4 * text_and_vae_elements(manifest.data["pipeline"])  # fp32, as TextAndVae loads them
+    assert needs.per_instance == {GENERATE.name: runtime + text, LATENTS.name: runtime}
     assert needs.total == 3 * sum(needs.per_instance.values()) and not needs.unknown
     one = sum(needs.per_instance.values())
     assert "3 instance(s)" in check_serve_memory(needs, 3 * one)
@@ -643,6 +643,10 @@ def test_serve_needs_count_every_instance_of_both_models(tiny4_engine_dir):
     with pytest.raises(HybridStitchError, match="free memory on cpu, or serve on a larger host"):
         check_serve_memory(needs, one - 1)
     assert "not checked" in check_serve_memory(needs, None)
+    halved = serve_needs(manifest, (GENERATE.name, LATENTS.name), 3, "cpu", None, None, text_dtype="bf16")
+    assert halved.per_instance[GENERATE.name] == runtime + text // 2 and "in bf16" in halved.summary()
+    with pytest.raises(HybridStitchError, match=r"or pass --text-dtype bf16 .*then it fits"):
+        check_serve_memory(needs, halved.total)
     no_pipeline = serve_needs(manifest, (GENERATE.name,), 1, "cpu", None, "org/remote-pipeline")
     assert no_pipeline.per_instance[GENERATE.name] == runtime and "org/remote-pipeline" in no_pipeline.unknown[0]
 

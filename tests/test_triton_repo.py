@@ -55,6 +55,15 @@ def test_triton_repo_writes_both_models(tiny4_engine_dir, tmp_path):
     assert 'string_value: "hybridstitch/engines"' in config and (repo / GENERATE.name / "engines" / "manifest.json").is_file()
     assert 'string_value: "hybridstitch/engines"' in (repo / LATENTS.name / "config.pbtxt").read_text()
 
+    # the text encoders' precision travels as a parameter the model reads (as Triton hands it over, in JSON)
+    done = _write(str(tiny4_engine_dir), "--out", str(repo), "--text-dtype", "bf16")
+    assert done.exit_code == 0 and "(text encoders + VAE " in done.output and " in bf16)" in done.output, done.output
+    assert 'parameters { key: "text_dtype" value: { string_value: "bf16" } }' in (repo / GENERATE.name / "config.pbtxt").read_text()
+    from hs_export.serve.triton_model import model_parameters
+
+    params = model_parameters({"name": GENERATE.name, "parameters": {"engine_dir": {"string_value": "e"}, "text_dtype": {"string_value": "bf16"}}}, repo)
+    assert params["text_dtype"] == "bf16" and params["engine_dir"] == repo / "e" and params["backend"] is None
+
 
 def test_triton_repo_refuses_in_one_line(tiny4_engine_dir, tmp_path):
     foreign = tmp_path / "foreign"

@@ -140,12 +140,12 @@ class Instance:
         self.stream = stream
 
     @classmethod
-    def load(cls, name: str, engine_dir, device: str = "cpu", backend: str | None = None, pipeline: str | None = None, with_text: bool = True) -> "Instance":
-        """Loads the runtime (and, ``with_text``, the text encoders + VAE) of one instance."""
+    def load(cls, name: str, engine_dir, device: str = "cpu", backend: str | None = None, pipeline: str | None = None, with_text: bool = True, text_dtype: str | None = None) -> "Instance":
+        """Loads the runtime (and, ``with_text``, the text encoders + VAE in ``text_dtype``) of one instance."""
         device = torch.device(device)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         with torch.cuda.stream(stream) if stream is not None else nullcontext():  # TensorRT engines bind the current stream
-            runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=str(device), pipeline_source=pipeline or None)
+            runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=str(device), pipeline_source=pipeline or None, text_dtype=text_dtype)
             text_and_vae = runtime.text_and_vae() if with_text else None
         m = runtime.manifest
         return cls(name, runtime, text_and_vae, ServingDefaults.from_manifest(m), ServingLimits.from_manifest(m), stream)

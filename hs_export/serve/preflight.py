@@ -3,7 +3,7 @@
 Every Triton instance is its own Python-backend process with its own runtime, so nothing is
 shared: ``instances × (hybridstitch + hybridstitch_latents)``. One instance holds at least what
 ``hs-export inspect`` calls "run needs" (weights, engine outputs, the default plan's K/V cache),
-and the ``hybridstitch`` model also the text encoders and VAE (fp32, as the runtime loads them).
+and the ``hybridstitch`` model also the text encoders and VAE (in ``--text-dtype``, fp32 by default).
 That is a lower bound: each engine call's activations, and each process's interpreter and
 libraries, come on top. A server whose lower bound does not fit is refused in one line before
 anything starts, instead of instances dying one by one (or the host's OOM killer choosing) minutes
@@ -17,13 +17,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hs_export.build.limits import available_memory, folder_run_needs, format_bytes
+from hs_export.build.limits import ELEMENT_BYTES, available_memory, folder_run_needs, format_bytes
 from hs_runtime.errors import ConfigError, describe
 
 from .protocol import GENERATE
 
 _TEXT_AND_VAE = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-_FP32 = 4  # TextAndVae.from_pretrained's dtype
 
 
 @dataclass(frozen=True)
@@ -34,13 +33,16 @@ class ServeNeeds:
     instances: int
     device: str
     unknown: tuple[str, ...] = ()  # what could not be counted (e.g. a pipeline not on local disk)
+    text_bytes: int = 0  # the text encoders + VAE in one instance of hybridstitch
+    text_dtype: str = "fp32"
 
     @property
     def total(self) -> int:
         return self.instances * sum(self.per_instance.values())
 
     def summary(self) -> str:
-        models = " + ".join(f"{name} {format_bytes(n)}" for name, n in self.per_instance.items())
+        text = f" (text encoders + VAE {format_bytes(self.text_bytes)} in {self.text_dtype})" if self.text_bytes else ""
+        models = " + ".join(f"{name} {format_bytes(n)}" + (text if name == GENERATE.name else "") for name, n in self.per_instance.items())
         missing = f"; not counted: {', '.join(self.unknown)}" if self.unknown else ""
         return f"{self.instances} instance(s) × ({models}) ≥ {format_bytes(self.total)} on {self.device}, plus each call's activations{missing}"
 
@@ -53,27 +55,29 @@ def repository_needs(config) -> ServeNeeds:
 
     manifest = Manifest.load(config.engine_dir)
     served = tuple(spec.name for spec in served_models(manifest, config.pipeline))
-    return serve_needs(manifest, served, config.instances, config.device, config.backend, config.pipeline)
+    return serve_needs(manifest, served, config.instances, config.device, config.backend, config.pipeline, config.text_dtype)
 
 
-def serve_needs(manifest, models: tuple[str, ...], instances: int, device: str, backend: str | None, pipeline: str | None) -> ServeNeeds:
-    """What ``instances`` instances of each of ``models`` hold at least on ``device``."""
+def serve_needs(manifest, models: tuple[str, ...], instances: int, device: str, backend: str | None, pipeline: str | None, text_dtype: str | None = None) -> ServeNeeds:
+    """What ``instances`` instances of each of ``models`` hold at least on ``device``; the text
+    encoders and VAE in ``text_dtype`` (fp32 by default, as the runtime loads them)."""
     runtime = folder_run_needs(manifest, backend)[0].total
-    per_instance, unknown = {}, []
+    per_instance, unknown, text = {}, [], 0
     for name in models:
         per_instance[name] = runtime
         if name == GENERATE.name:
             source = pipeline or manifest.data.get("pipeline")
-            text = text_and_vae_bytes(source) if source else None
-            if text is None:
+            elements = text_and_vae_elements(source) if source else None
+            if elements is None:
                 unknown.append(f"text encoders + VAE ({source})")
             else:
+                text = elements * ELEMENT_BYTES[text_dtype or "fp32"]
                 per_instance[name] += text
-    return ServeNeeds(per_instance, instances, device, tuple(unknown))
+    return ServeNeeds(per_instance, instances, device, tuple(unknown), text, text_dtype or "fp32")
 
 
-def text_and_vae_bytes(source) -> int | None:
-    """The text encoders' and VAE's parameters in fp32, from the headers of a local diffusers
+def text_and_vae_elements(source) -> int | None:
+    """The text encoders' and VAE's parameter count, from the headers of a local diffusers
     folder's ``*.safetensors`` (no weight is read); ``None`` where the folder is not on this host
     or holds other formats (sizes unknown without loading)."""
     from safetensors import safe_open
@@ -95,7 +99,7 @@ def text_and_vae_bytes(source) -> int | None:
                     for size in f.get_slice(key).get_shape():
                         count *= size
                     elements += count
-    return elements * _FP32
+    return elements
 
 
 def free_memory(device: str) -> int | None:
@@ -125,6 +129,8 @@ def check_serve_memory(needs: ServeNeeds, free: int | None) -> str:
         per = sum(needs.per_instance.values())
         fit = free // per if per else needs.instances
         fix = f"serve with --instances {fit} or fewer" if fit else f"free memory on {needs.device}, or serve on a larger host"
+        if needs.text_dtype == "fp32" and needs.total - needs.instances * needs.text_bytes // 2 <= free:
+            fix += ", or pass --text-dtype bf16 (the text encoders and VAE in half the memory: then it fits)"
         raise ConfigError(
             describe(
                 f"the server would not fit in memory on {needs.device}",

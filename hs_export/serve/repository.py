@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from hs_runtime import __version__
+from hs_runtime.backends.base import torch_dtype
 from hs_runtime.errors import ConfigError, describe
 
 from .protocol import GENERATE, LATENTS, ModelSpec
@@ -53,6 +54,7 @@ class RepositoryConfig:
             folder's own backend).
         pipeline: text encoders + VAE folder (default: the engine folder's); without one only
             ``hybridstitch_latents`` is written.
+        text_dtype: precision ``hybridstitch`` loads the text encoders + VAE in (default fp32).
         dynamic_batching: off: Triton's default scheduler, one request per execution (and no
             queue bound; meant for comparisons).
         max_batch_size: rows per Triton execution (default: the prompts one engine call takes).
@@ -67,6 +69,7 @@ class RepositoryConfig:
     device: str = "cpu"
     backend: str | None = None
     pipeline: str | None = None
+    text_dtype: str | None = None
     dynamic_batching: bool = True
     max_batch_size: int | None = None
     max_queue_delay_ms: float = 50.0
@@ -85,6 +88,8 @@ class RepositoryConfig:
         if self.max_queue < 0:
             raise ConfigError(describe("--max-queue must be >= 0", got=self.max_queue, fix="0 for no bound"))
         self.device_kind()
+        if self.text_dtype is not None:
+            torch_dtype(self.text_dtype)  # an unknown name is refused here, not in every instance
 
     def device_kind(self) -> tuple[str, int | None]:
         """``("KIND_CPU", None)`` or ``("KIND_GPU", N)`` for ``device``."""
@@ -203,6 +208,6 @@ def model_config(spec: ModelSpec, config: RepositoryConfig, max_batch: int, engi
     if config.dynamic_batching:
         queue = f"\n  default_queue_policy {{ max_queue_size: {config.max_queue} }}" if config.max_queue else ""
         lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {int(round(config.max_queue_delay_ms * 1000))}{queue}\n}}")
-    parameters = {"engine_dir": engine_dir, "backend": config.backend or "", "pipeline": config.pipeline or ""}
+    parameters = {"engine_dir": engine_dir, "backend": config.backend or "", "pipeline": config.pipeline or "", "text_dtype": config.text_dtype or ""}
     lines += [f"parameters {{ key: {_quote(k)} value: {{ string_value: {_quote(v)} }} }}" for k, v in parameters.items()]
     return "\n".join(lines) + "\n"

@@ -92,6 +92,7 @@ def model_parameters(model_config: dict, repository: Path) -> dict[str, str | Pa
         "engine_dir": engine_dir if engine_dir.is_absolute() else repository / engine_dir,
         "backend": params.get("backend") or None,
         "pipeline": params.get("pipeline") or None,
+        "text_dtype": params.get("text_dtype") or None,
     }
 
 
@@ -120,7 +121,7 @@ class TritonPythonModel:
         params = model_parameters(config, model_dir.parent)
         device = f"cuda:{args['model_instance_device_id']}" if args.get("model_instance_kind") == "GPU" else "cpu"
         start = time.perf_counter()
-        instance = Instance.load(args.get("model_instance_name", name), params["engine_dir"], device, params["backend"], params["pipeline"], with_text=name == GENERATE.name)
+        instance = Instance.load(args.get("model_instance_name", name), params["engine_dir"], device, params["backend"], params["pipeline"], with_text=name == GENERATE.name, text_dtype=params["text_dtype"])
         loaded = time.perf_counter() - start
         warm = (warm_up if name == GENERATE.name else warm_up_latents)(instance)
         self.handler = HANDLERS[name](instance, TritonMetrics(pb_utils, name))
