@@ -70,6 +70,7 @@ def test_cli_inspect_and_verify(tiny_engine_dir):
         assert name in result.output
     assert "onnxruntime session: thread pool global" in " ".join(result.output.split())
     assert "run needs (default hybrid at mask ratio 0.02, build size)" in " ".join(result.output.split())
+    assert "prompt → image also loads the text encoders + VAE: 0.1 M parameters, 0.28 MiB in fp32, 0.14 MiB in bf16" in " ".join(result.output.split())
     result = runner.invoke(main, ["verify", str(tiny_engine_dir), "--steps", "4"])
     assert result.exit_code == 0, result.output
     assert "end-to-end hybrid" in result.output and "FAIL" not in result.output

@@ -1,7 +1,6 @@
 """The hybrid stage's cache: the bytes computed from the contract are the bytes the sampler keeps."""
 
 import pytest
-import torch
 
 from hs_runtime.contract import LARGE, SMALL
 from hs_runtime.memory import hybrid_cache, kv_output_bytes

@@ -69,7 +69,20 @@ def inspect_folder(folder) -> None:
     else:
         console.print("files: no size/sha256 records (built before they existed); a --force rebuild adds them")
     console.print(_run_needs_line(manifest))
+    console.print(_text_and_vae_line(manifest))
     console.print(f"rebuild: {manifest.rebuild_command}")
+
+
+def _text_and_vae_line(manifest) -> str:
+    """What prompt → image loads besides: the text encoders and VAE of the manifest's pipeline."""
+    from .limits import ELEMENT_BYTES, format_bytes, text_and_vae_elements
+
+    source = manifest.data.get("pipeline")
+    elements = text_and_vae_elements(source) if source else None
+    if elements is None:
+        return f"prompt → image also loads the text encoders + VAE of {source or '--pipeline DIR'} (not on this host: size unknown)"
+    sizes = ", ".join(f"{format_bytes(elements * ELEMENT_BYTES[p])} in {p}" for p in ("fp32", "bf16"))
+    return f"prompt → image also loads the text encoders + VAE: {elements / 1e6:,.1f} M parameters, {sizes} (--text-dtype)"
 
 
 def _run_needs_line(manifest) -> str:

@@ -26,6 +26,7 @@ TRT_MAX_ELEMENTS = 2**31 - 1  # TensorRT: "tensor volume must not exceed 2^31-1 
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 GiB = 2**30
 HOST_OVERHEAD = 1 * GiB  # interpreter, torch, ONNX Runtime/TensorRT libraries, graph protos
+TEXT_AND_VAE = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")  # a diffusers SD3 folder's subfolders
 TRT_BUILD_FACTOR = 1.0  # TensorRT builder: the serialized plan beside the parsed weights (an estimate: not run here)
 
 
@@ -154,6 +155,32 @@ def folder_run_needs(manifest, backend: str | None = None) -> tuple[RunNeeds, st
     configs = {role: manifest.data["models"][role]["config"] for role in GRAPH_NAMES}
     needs = build_needs(shape, dims, configs, precision, backend)
     return run_needs(needs, shape, dims, precision, backend), backend
+
+
+def text_and_vae_elements(source) -> int | None:
+    """The text encoders' and VAE's parameter count, from the headers of a local diffusers
+    folder's ``*.safetensors`` (no weight is read); ``None`` where the folder is not on this host
+    or holds other formats (sizes unknown without loading)."""
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    elements = 0
+    for sub in TEXT_AND_VAE:
+        if not (folder / sub).is_dir():
+            continue
+        files = sorted((folder / sub).glob("*.safetensors"))
+        if not files:
+            return None
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    count = 1
+                    for size in f.get_slice(key).get_shape():
+                        count *= size
+                    elements += count
+    return elements
 
 
 def format_run_needs(run: RunNeeds, backend: str) -> str:

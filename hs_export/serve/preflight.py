@@ -15,15 +15,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from hs_export.build.limits import ELEMENT_BYTES, available_memory, folder_run_needs, format_bytes
+from hs_export.build.limits import ELEMENT_BYTES, available_memory, folder_run_needs, format_bytes, text_and_vae_elements
 from hs_runtime.errors import ConfigError, describe
 
 from .protocol import GENERATE
-
-_TEXT_AND_VAE = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-
 
 @dataclass(frozen=True)
 class ServeNeeds:
@@ -74,32 +70,6 @@ def serve_needs(manifest, models: tuple[str, ...], instances: int, device: str, 
                 text = elements * ELEMENT_BYTES[text_dtype or "fp32"]
                 per_instance[name] += text
     return ServeNeeds(per_instance, instances, device, tuple(unknown), text, text_dtype or "fp32")
-
-
-def text_and_vae_elements(source) -> int | None:
-    """The text encoders' and VAE's parameter count, from the headers of a local diffusers
-    folder's ``*.safetensors`` (no weight is read); ``None`` where the folder is not on this host
-    or holds other formats (sizes unknown without loading)."""
-    from safetensors import safe_open
-
-    folder = Path(source)
-    if not folder.is_dir():
-        return None
-    elements = 0
-    for sub in _TEXT_AND_VAE:
-        if not (folder / sub).is_dir():
-            continue
-        files = sorted((folder / sub).glob("*.safetensors"))
-        if not files:
-            return None
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    count = 1
-                    for size in f.get_slice(key).get_shape():
-                        count *= size
-                    elements += count
-    return elements
 
 
 def free_memory(device: str) -> int | None:
