@@ -651,6 +651,24 @@ def test_serve_needs_count_every_instance_of_both_models(tiny4_engine_dir):
     assert no_pipeline.per_instance[GENERATE.name] == runtime and "org/remote-pipeline" in no_pipeline.unknown[0]
 
 
+def test_free_gpu_memory_is_asked_in_a_process_of_its_own(monkeypatch):
+    """cudaMemGetInfo in a short-lived process (the serving process holds no CUDA context); a
+    failed probe is "unknown", never a guess."""
+    from hs_export.serve import preflight
+
+    asked = []
+
+    def run(command, **_):
+        asked.append(command[-1])
+        return subprocess.CompletedProcess(command, 0, stdout="7516192768\n", stderr="")
+
+    monkeypatch.setattr(preflight.subprocess, "run", run)
+    assert preflight.free_memory("cuda:1") == 7516192768 and "torch.cuda.mem_get_info(1)" in asked[-1]
+    assert preflight.free_memory("cuda") == 7516192768 and "mem_get_info(0)" in asked[-1]
+    monkeypatch.setattr(preflight.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 1, stdout="", stderr="no CUDA"))
+    assert preflight.free_memory("cuda:0") is None
+
+
 def test_serve_refuses_instances_that_cannot_fit_before_triton_starts(tiny4_engine_dir, monkeypatch):
     pytest.importorskip("pytriton")
     from hs_export.serve import preflight
