@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -624,6 +625,12 @@ def test_text_and_vae_elements_are_the_parameters_the_runtime_loads(tiny_paths, 
     modules = (tiny_pipe.text_encoder, tiny_pipe.text_encoder_2, tiny_pipe.text_encoder_3, tiny_pipe.vae)
     assert text_and_vae_elements(tiny_paths.large) == sum(p.numel() for m in modules for p in m.parameters())
     assert text_and_vae_elements(tmp_path / "elsewhere") is None  # not on this host: not counted, not guessed
+    copy = tmp_path / "pipeline"
+    shutil.copytree(tiny_paths.large, copy)
+    shutil.copy(copy / "text_encoder" / "model.safetensors", copy / "text_encoder" / "model.fp16.safetensors")
+    assert text_and_vae_elements(copy) == text_and_vae_elements(tiny_paths.large)  # a variant beside the plain file does not load
+    (copy / "vae" / "diffusion_pytorch_model.safetensors").rename(copy / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    assert text_and_vae_elements(copy) is None  # only a variant: not what loads without one, so unknown
 
 
 def test_serve_needs_count_every_instance_of_both_models(tiny4_engine_dir):

@@ -159,8 +159,9 @@ def folder_run_needs(manifest, backend: str | None = None) -> tuple[RunNeeds, st
 
 def text_and_vae_elements(source) -> int | None:
     """The text encoders' and VAE's parameter count, from the headers of a local diffusers
-    folder's ``*.safetensors`` (no weight is read); ``None`` where the folder is not on this host
-    or holds other formats (sizes unknown without loading)."""
+    folder's ``*.safetensors`` (no weight is read; variant files such as ``model.fp16.safetensors``
+    beside the plain ones are not what loads, so not counted); ``None`` where the folder is not on
+    this host or a component has no plain safetensors (sizes unknown without loading)."""
     from safetensors import safe_open
 
     folder = Path(source)
@@ -170,7 +171,7 @@ def text_and_vae_elements(source) -> int | None:
     for sub in TEXT_AND_VAE:
         if not (folder / sub).is_dir():
             continue
-        files = sorted((folder / sub).glob("*.safetensors"))
+        files = [f for f in sorted((folder / sub).glob("*.safetensors")) if "." not in f.name.removesuffix(".safetensors")]
         if not files:
             return None
         for path in files:

@@ -21,6 +21,7 @@ from hs_runtime.errors import ConfigError, describe
 
 from .protocol import GENERATE
 
+
 @dataclass(frozen=True)
 class ServeNeeds:
     """The lower bound of what a server's instances hold, per model and in all."""
