@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "tensorrt" in item.keywords and not (has_trt and has_cuda):
-            item.add_marker(pytest.mark.skip(reason="needs TensorRT >= 10 importable and a CUDA device"))
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT >= 10.1 importable and a CUDA device"))
 
 
 @pytest.fixture(scope="session")

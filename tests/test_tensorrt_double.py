@@ -178,6 +178,74 @@ def test_a_shared_stream_can_be_passed_but_not_the_default_one(world, tmp_path):
         make_engine(tmp_path, stream=torch.cuda.current_stream())
 
 
+def _small_engine(tmp_path, device_memory=None):
+    dims = ModelDims.from_config(get_preset("tiny").small)
+    spec, profiles = graph_spec("small", dims), graph_profiles("small", SHAPE, dims)
+    return TrtEngine(trt_double.write_plan(tmp_path / "small.plan", spec, profiles, device_memory=device_memory), "small", dims, torch.device("cuda:0"), profiles)
+
+
+def _assert_spec_outputs(engine, feeds, sizes):
+    shapes = engine.spec.shapes(sizes)
+    want = trt_double.reference_outputs(feeds, {n: shapes[n] for n in engine.spec.output_names})
+    for name, value in engine(feeds).items():
+        torch.testing.assert_close(value, want[name], msg=name)
+
+
+def test_an_engine_alone_allocates_its_activation_memory_at_its_first_call(world, tmp_path):
+    engine = make_engine(tmp_path)
+    assert ("create_execution_context", "USER_MANAGED") in world.calls and engine.context.device_memory is None
+    feeds = feeds_for(SUBSET, seed=4)
+    assert_outputs(engine(feeds), feeds, SUBSET)  # the double scribbled over the block meanwhile
+    assert engine.context.device_memory == (engine._activations.data_ptr(), engine.activation_bytes) and engine.activation_bytes == 4096 * DIMS.num_layers
+    engine(feeds)
+    assert sum(call[0] == "set_device_memory" for call in world.calls) == 1  # kept, not reallocated
+
+
+def test_an_engine_set_shares_one_activation_block(world, tmp_path):
+    """small and large never run in parallel: one block the larger one's size serves both, and
+    alternating calls stay right though each call's activations overwrite the other's."""
+    small, large = _small_engine(tmp_path, device_memory=1000), make_engine(tmp_path)
+    block = tensorrt_backend.share_activation_memory([small, large])
+    assert block.numel() == large.activation_bytes > small.activation_bytes
+    assert small.context.device_memory == large.context.device_memory == (block.data_ptr(), large.activation_bytes)
+    for seed in range(3):
+        feeds = feeds_for(SUBSET, seed=seed)
+        assert_outputs(large(feeds), feeds, SUBSET)
+        _assert_spec_outputs(small, dummy_inputs(small.spec, DENSE, torch.float32, seed), DENSE)
+    with pytest.raises(ConfigError, match="activation memory too small"):
+        large.use_activation_memory(torch.empty(large.activation_bytes - 1, dtype=torch.uint8))
+
+
+def test_engines_from_a_folder_share_their_activation_memory(world, tmp_path, tiny_engine_dir, monkeypatch):
+    from hs_runtime.backends import loading
+    from hs_runtime.manifest import Manifest
+
+    manifest = Manifest.load(tiny_engine_dir)
+    manifest.data["build"]["backend"] = "tensorrt"  # the folder's profiles, served by double plans
+    made = {}
+
+    def load_engine(m, name, backend, device):
+        spec, profiles = graph_spec(name, m.dims(name)), m.graph(name)["profiles"]
+        plan = trt_double.write_plan(tmp_path / f"{name}.plan", spec, profiles, device_memory={"small": 1000, "large": 3000}[name])
+        made[name] = TrtEngine(plan, name, m.dims(name), device, profiles)
+        return made[name]
+
+    monkeypatch.setattr(loading, "load_engine", load_engine)
+    loading.engines_from_manifest(manifest, "tensorrt", "cuda:0")
+    assert made["small"].context.device_memory == made["large"].context.device_memory == (made["large"]._activations.data_ptr(), 3000)
+
+
+def test_tensorrt_older_than_10_1_is_refused_in_one_line(world, tmp_path, monkeypatch):
+    import sys
+
+    from hs_export.build.tensorrt import import_tensorrt
+
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "10.0.1.6")
+    for load in (lambda: make_engine(tmp_path), import_tensorrt):
+        with pytest.raises(BuildError, match=r"TensorRT 10.0.1.6 is too old \| expected >= 10.1 \| pip install -U 'tensorrt>=10.1'"):
+            load()
+
+
 def test_foreign_or_damaged_plans_are_refused_with_the_reason(world, tmp_path):
     bad = tmp_path / "bad.plan"
     bad.write_bytes(b"not a plan")

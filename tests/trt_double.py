@@ -29,6 +29,15 @@ Python method names are the bindings' in ``python/src/infer/pyCore.cpp``):
   releasing memory that has been registered for the tensors before stream synchronization …
   results in undefined behavior" (the double requires every non-empty input to be
   ``record_stream``-ed on the enqueue stream, torch's way of keeping memory until a stream is done).
+* ``ICudaEngine::createExecutionContext(ExecutionContextAllocationStrategy)``: ``kUSER_MANAGED``
+  "The user supplies custom allocation to the execution context", with
+  ``IExecutionContext::setDeviceMemoryV2`` (TensorRT 10.1; Python ``set_device_memory(memory,
+  size)``: "256-byte aligned device memory", size "at least as large as
+  CudaEngine.get_device_memory_size_v2"; "Setting memory to nullptr is acceptable if the reported
+  size is 0"). The double refuses an enqueue of such a context without memory, and scribbles over
+  the block while it "runs" (before reading the inputs, after writing the outputs), as activations
+  would: a block that overlaps an input or output, or that another engine's call overwrote between
+  two of its calls' reads, shows as wrong values.
 * Devices: an engine belongs to the device current when it was deserialized and must be used with
   it current (trtexec sets the device before creating contexts and in every inference thread:
   ``samples/common/sampleInference.cpp``). The double also requires the tensors' device
@@ -77,6 +86,10 @@ DTYPES = {
     "int64": DataType("INT64", torch.int64),
     "int32": DataType("INT32", torch.int32),
 }
+
+
+class ExecutionContextAllocationStrategy:
+    STATIC, ON_PROFILE_CHANGE, USER_MANAGED = "STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED"
 
 
 class TensorIOMode:
@@ -175,20 +188,22 @@ class CudaWorld:
 # ---------------------------------------------------------------- plans
 
 
-def plan_bytes(spec, profiles: list[dict], precision: str = "fp32") -> bytes:
+def plan_bytes(spec, profiles: list[dict], precision: str = "fp32", device_memory: int | None = None) -> bytes:
     """A serialized double plan implementing ``spec`` (a :class:`hs_runtime.contract.GraphSpec`)
     with ``profiles`` (``{input: [min, opt, max]}`` each), I/O in ``precision`` like a strongly
-    typed engine exported in it (``timestep`` fp32, ``token_pos`` int64)."""
+    typed engine exported in it (``timestep`` fp32, ``token_pos`` int64), needing
+    ``device_memory`` bytes of activation memory (default: 4 KiB per layer)."""
     float_type = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
     kind = {"float": float_type, "float32": "float32", "int64": "int64"}
     tensors = lambda ts: [{"name": t.name, "dtype": kind[t.dtype], "axes": list(t.axes)} for t in ts]  # noqa: E731
     static = {"hidden": spec.dims.hidden, "patch_dim": spec.dims.patch_dim, "joint_dim": spec.dims.joint_attention_dim, "pooled_dim": spec.dims.pooled_projection_dim}
-    body = {"graph": spec.name, "inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs), "static": static, "profiles": profiles}
+    memory = 4096 * spec.dims.num_layers if device_memory is None else device_memory
+    body = {"graph": spec.name, "inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs), "static": static, "profiles": profiles, "device_memory": memory}
     return MAGIC + json.dumps(body).encode()
 
 
-def write_plan(path: Path, spec, profiles: list[dict], precision: str = "fp32") -> Path:
-    Path(path).write_bytes(plan_bytes(spec, profiles, precision))
+def write_plan(path: Path, spec, profiles: list[dict], precision: str = "fp32", device_memory: int | None = None) -> Path:
+    Path(path).write_bytes(plan_bytes(spec, profiles, precision, device_memory))
     return Path(path)
 
 
@@ -218,7 +233,7 @@ def reference_outputs(inputs: dict[str, torch.Tensor], outputs: dict[str, tuple[
 class _CudaArray:
     """``__cuda_array_interface__`` (v3) over a raw device pointer, for ``torch.as_tensor``."""
 
-    TYPESTR = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<i2", torch.int64: "<i8", torch.int32: "<i4"}
+    TYPESTR = {torch.uint8: "|u1", torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<i2", torch.int64: "<i8", torch.int32: "<i4"}
 
     def __init__(self, address: int, shape, dtype: torch.dtype):
         self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": self.TYPESTR[dtype], "data": (address, False), "version": 3, "strides": None}
@@ -281,15 +296,23 @@ class ICudaEngine:
     def get_tensor_profile_shape(self, name: str, profile_index: int):
         return [tuple(s) for s in self.body["profiles"][profile_index][name]]
 
-    def create_execution_context(self):
+    @property
+    def device_memory_size_v2(self) -> int:
+        return int(self.body.get("device_memory", 0))
+
+    def create_execution_context(self, strategy=None):
+        strategy = ExecutionContextAllocationStrategy.STATIC if strategy is None else strategy
         if self.world.current_device != self.device:
             raise PreconditionViolation(f"create_execution_context with device {self.world.current_device} current, but the engine was deserialized on device {self.device} (contexts belong to the engine's device)")
-        return IExecutionContext(self)
+        self.world.calls.append(("create_execution_context", strategy))
+        return IExecutionContext(self, strategy)
 
 
 class IExecutionContext:
-    def __init__(self, engine: ICudaEngine):
+    def __init__(self, engine: ICudaEngine, strategy=None):
         self.engine, self.world = engine, engine.world
+        self.strategy = strategy
+        self.device_memory: tuple[int, int] | None = None  # (address, size) given by set_device_memory
         self.profile = 0  # "The newly created execution context will be assigned optimization profile 0."
         self.profile_stream: int | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -337,6 +360,22 @@ class IExecutionContext:
         table = self._symbols()
         return tuple(table.get(axis, -1) for axis in self.engine.tensors[name]["axes"])
 
+    def set_device_memory(self, memory: int, size: int) -> None:
+        need = self.engine.device_memory_size_v2
+        if size < need:
+            raise PreconditionViolation(f"set_device_memory: {size} bytes, but the engine needs device_memory_size_v2 = {need}")
+        if need and not memory:
+            raise PreconditionViolation("set_device_memory: null memory for an engine that needs activation memory")
+        if memory % ALIGNMENT:
+            raise PreconditionViolation(f"set_device_memory: address {memory:#x} not {ALIGNMENT}-byte aligned")
+        self.world.calls.append(("set_device_memory", int(memory), int(size)))
+        self.device_memory = (int(memory), int(size))
+
+    def _scribble(self, device) -> None:
+        """What activations do to their block while an engine runs."""
+        if self.device_memory is not None and self.engine.device_memory_size_v2:
+            _memory(self.device_memory[0], (self.engine.device_memory_size_v2,), torch.uint8, device).fill_(0xA5)
+
     def set_tensor_address(self, name: str, memory: int) -> bool:
         if name not in self.engine.tensors:
             return False
@@ -349,6 +388,8 @@ class IExecutionContext:
             raise PreconditionViolation(f"execute_async_v3 with device {world.current_device} current, but the engine belongs to device {engine.device}")
         if world.memory_device != engine.device:
             raise PreconditionViolation(f"execute_async_v3: the engine lives on device {engine.device}, its tensors on device {world.memory_device}")
+        if self.strategy == ExecutionContextAllocationStrategy.USER_MANAGED and self.device_memory is None:
+            raise PreconditionViolation("execute_async_v3 of a USER_MANAGED context before set_device_memory (it has no activation memory)")
         if stream_handle in DEFAULT_HANDLES:
             raise PreconditionViolation(f"execute_async_v3 on the default stream (handle {stream_handle}): use a non-default stream")
         if self.profile_stream is not None and self.profile_stream != stream_handle:
@@ -375,11 +416,13 @@ class IExecutionContext:
         # On real CUDA the "kernels" run on the enqueue stream, so stream ordering is exercised too.
         on_stream = torch.cuda.stream(torch.cuda.ExternalStream(stream_handle)) if world.real else contextlib.nullcontext()
         with on_stream:
+            self._scribble(device)
             inputs = {name: _memory(self.addresses[name], shapes[name], dtypes[name], device).clone() for name in engine.inputs}
             values = reference_outputs(inputs, {name: shapes[name] for name in engine.outputs})
             for name in engine.outputs:
                 if math.prod(shapes[name]):
                     _memory(self.addresses[name], shapes[name], dtypes[name], device).copy_(values[name].to(dtypes[name]))
+            self._scribble(device)
         world.recorded.clear()
         return True
 
@@ -394,6 +437,7 @@ def tensorrt_module(world: CudaWorld) -> types.ModuleType:
     module.__version__ = "10.99.0-double"
     module.ILogger, module.Runtime, module.TensorIOMode = ILogger, Runtime, TensorIOMode
     module.ICudaEngine, module.IExecutionContext = ICudaEngine, IExecutionContext
+    module.ExecutionContextAllocationStrategy = ExecutionContextAllocationStrategy
     for name, dtype in DTYPES.items():
         setattr(module, name, dtype)
     return module

@@ -187,7 +187,7 @@ def text_and_vae_elements(source) -> int | None:
 def format_run_needs(run: RunNeeds, backend: str) -> str:
     """The one line ``--dry-run`` and ``inspect`` print."""
     outputs = "output buffers" if backend == "tensorrt" else "a capture step's K/V outputs"
-    engine = "TensorRT's activation memory" if backend == "tensorrt" else "the activations of one call"
+    engine = "TensorRT's activation memory (one block for both engines, the larger one's)" if backend == "tensorrt" else "the activations of one call"
     return (
         f"run needs (default hybrid at mask ratio {run.ratio:g}, build size): ~{format_bytes(run.total)} = weights {format_bytes(run.weights)}"
         f" + {outputs} {format_bytes(run.outputs)} + hybrid K/V cache {format_bytes(run.cache)}, plus {engine}"

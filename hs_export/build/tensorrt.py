@@ -11,7 +11,7 @@ same call builds on 10.x and 11.x. Polygraphy ≥ 0.48 passes ``strongly_typed``
 ``network_from_onnx_path`` (``polygraphy/backend/trt/loader.py`` ``CreateNetwork``).
 
 The builder settings and cache keys are pure functions (tested everywhere); the build runs where
-TensorRT ≥ 10 imports.
+TensorRT ≥ 10.1 imports.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from hs_runtime.backends.base import PRECISIONS
+from hs_runtime.backends.tensorrt_backend import check_tensorrt_version
 from hs_runtime.errors import BuildError, ConfigError, describe, first_line
 
 # ONNX TensorProto element types (onnx/onnx.proto): what each precision's float inputs must be.
@@ -35,8 +36,9 @@ def import_tensorrt(onnx_dir: Path | None = None):
     except ImportError as exc:
         kept = f"; the ONNX files were kept in {onnx_dir}" if onnx_dir else ""
         raise BuildError(
-            describe("TensorRT is not installed on this host", fix=f"pip install 'hybridstitch[tensorrt]' on an NVIDIA host (TensorRT >= 10), then rerun the same build{kept}")
+            describe("TensorRT is not installed on this host", fix=f"pip install 'hybridstitch[tensorrt]' on an NVIDIA host (TensorRT >= 10.1), then rerun the same build{kept}")
         ) from exc
+    check_tensorrt_version(tensorrt)  # the runtime needs 10.1: refuse before building plans it cannot run
     return tensorrt
 
 

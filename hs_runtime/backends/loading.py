@@ -66,6 +66,10 @@ def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineS
         if asked is not None and asked != precision:  # before any engine loads
             raise ConfigError(describe(f"{backend} engines compute in the precision they were built in", got=f"dtype {asked} for {manifest.folder}, built in {precision}", fix=_precision_fix(manifest, asked)))
         engines = {name: load_engine(manifest, name, backend, device) for name in GRAPH_NAMES}
+        if backend == "tensorrt":
+            from .tensorrt_backend import share_activation_memory
+
+            share_activation_memory(engines.values())  # they run one at a time: one block, the larger
         inner = EngineSet(engines, device, torch_dtype(manifest.data.get("io_dtype", "fp32")), backend, precision)
     checked = {
         name: ProfileCheckedEngine(inner[name], manifest.graph(name)["profiles"], manifest.rebuild_command) for name in GRAPH_NAMES

@@ -1,4 +1,4 @@
-"""``tensorrt`` backend (TensorRT ≥ 10 name-based API), imported only when an engine is loaded.
+"""``tensorrt`` backend (TensorRT ≥ 10.1 name-based API), imported only when an engine is loaded.
 
 One :class:`TrtEngine` per plan, with one execution context, its own CUDA stream and its own
 output buffers. What TensorRT requires, and where it says so (``include/NvInferRuntime.h`` of
@@ -23,6 +23,15 @@ TensorRT 11.1, github.com/NVIDIA/TensorRT; the Python names are those of
   caller's current stream before and is waited for after, and every input is
   ``record_stream``-ed on it so the caching allocator cannot hand its memory to another stream
   while TensorRT reads it.
+* Activation memory: each context is made with ``ExecutionContextAllocationStrategy::kUSER_MANAGED``
+  and given its block with ``setDeviceMemoryV2(memory, size)`` (TensorRT >= 10.1; Python
+  ``set_device_memory``: "256-byte aligned device memory", size "at least as large as
+  CudaEngine.get_device_memory_size_v2"). The memory "is in use from the invocation of enqueueV3()
+  until network execution is complete … using it in another execution context running in parallel
+  … will result in undefined behavior". The engines of one set never run in parallel (every call
+  waits for the caller's stream, which waits for the call before), so they share one block the
+  size of the larger one (:func:`share_activation_memory`), as TensorRT's ``demo/Diffusion`` does
+  for its engines; an engine used alone allocates its own at its first call.
 * An engine and its contexts belong to the device that was current when they were made, and
   calls must run with it current (trtexec: ``cudaSetDevice`` before context creation and in every
   inference thread, ``samples/common/sampleInference.cpp``). So deserialisation, context creation
@@ -36,6 +45,7 @@ keep). GPU memory therefore stays flat however many shapes a server sees.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -55,11 +65,28 @@ DEFAULT_STREAM_HANDLES = (0, 1, 2)
 REBUILD_HINT = "rebuild with more --token-buckets or --dynamic-shape"
 
 
+# setDeviceMemoryV2 / getDeviceMemorySizeV2 (user-managed activation memory) came in TensorRT 10.1.
+MIN_TENSORRT = (10, 1)
+
+
+def check_tensorrt_version(trt) -> None:
+    """Refuses a TensorRT older than :data:`MIN_TENSORRT` in one line, before any call it lacks.
+
+    Raises:
+        BuildError: naming the version found and the upgrade.
+    """
+    found = tuple(int(part) for part in re.findall(r"\d+", trt.__version__)[:2])
+    if found < MIN_TENSORRT:
+        wanted = ".".join(map(str, MIN_TENSORRT))
+        raise BuildError(describe(f"TensorRT {trt.__version__} is too old", expected=f">= {wanted}", fix=f"pip install -U 'tensorrt>={wanted}' (or 'hybridstitch[tensorrt]')"))
+
+
 def _import_trt():
     try:
         import tensorrt
     except ImportError as exc:
-        raise BuildError(describe("TensorRT is not installed on this host", fix="pip install 'hybridstitch[tensorrt]' (TensorRT >= 10, NVIDIA GPU), or run with --backend torch")) from exc
+        raise BuildError(describe("TensorRT is not installed on this host", fix="pip install 'hybridstitch[tensorrt]' (TensorRT >= 10.1, NVIDIA GPU), or run with --backend torch")) from exc
+    check_tensorrt_version(tensorrt)
     return tensorrt
 
 
@@ -170,7 +197,7 @@ class TrtEngine:
                     )
                 )
             self._check_io(plan_path, fix)
-            self.context = self.engine.create_execution_context()
+            self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if self.context is None:
                 reason = self.logger.errors[-1] if self.logger.errors else "create_execution_context returned None"
                 raise EngineLoadError(describe(f"TensorRT cannot create an execution context for {graph} engine {plan_path}", got=reason, fix="free GPU memory or load fewer engines per GPU"))
@@ -179,6 +206,8 @@ class TrtEngine:
             elif stream.cuda_stream in DEFAULT_STREAM_HANDLES:
                 raise ConfigError(describe("TensorRT engines run on a non-default CUDA stream", got=f"stream handle {stream.cuda_stream}", fix="pass torch.cuda.Stream(device), or no stream (the engine makes its own)"))
             self.stream = stream
+            self.activation_bytes = int(self.engine.device_memory_size_v2)  # the maximum over all profiles
+            self._activations: torch.Tensor | None = None
             self.dtypes = {name: torch_dtype_of(trt, self.engine.get_tensor_dtype(name)) for name in (*self.spec.input_names, *self.spec.output_names)}
             with torch.cuda.stream(self.stream):  # persistent memory, owned by this stream
                 # setTensorAddress needs a non-null, 256-byte-aligned address even for zero-element tensors.
@@ -199,6 +228,23 @@ class TrtEngine:
 
     def _address(self, tensor: torch.Tensor) -> int:
         return tensor.data_ptr() if tensor.numel() else self._dummy.data_ptr()
+
+    def use_activation_memory(self, block: torch.Tensor) -> None:
+        """Gives the context ``block`` (bytes on this engine's device, at least
+        :attr:`activation_bytes`) as its activation memory, kept alive by this engine.
+
+        Raises:
+            ConfigError: ``block`` is too small, on another device, or misaligned.
+        """
+        if block.device != _memory_device(self.device) or block.numel() * block.element_size() < self.activation_bytes:
+            raise ConfigError(describe(f"{self.spec.name}: activation memory too small or on another device", got=f"{block.numel() * block.element_size()} bytes on {block.device}", expected=f">= {self.activation_bytes} bytes on {self.device}"))
+        if block.numel() and block.data_ptr() % ADDRESS_ALIGNMENT:
+            raise ConfigError(describe(f"{self.spec.name}: activation memory must be {ADDRESS_ALIGNMENT}-byte aligned", got=hex(block.data_ptr())))
+        with torch.cuda.device(self.device):
+            self.context.set_device_memory(self._address(block), block.numel() * block.element_size())
+        if block.numel():
+            block.record_stream(self.stream)  # freed with the engine only after this stream's work
+        self._activations = block
 
     def _bind_input(self, name: str, feed: torch.Tensor, stream) -> torch.Tensor:
         """``feed`` on this device in the engine's type, contiguous and aligned (copies made on
@@ -250,6 +296,8 @@ class TrtEngine:
 
     def _enqueue(self, feeds: Mapping[str, torch.Tensor], profile: int, stream) -> dict[str, torch.Tensor]:
         handle = stream.cuda_stream
+        if self._activations is None:  # used alone: a block of its own
+            self.use_activation_memory(torch.empty(self.activation_bytes, dtype=torch.uint8, device=_memory_device(self.device)))
         if profile != self._profile:
             try:  # before any setInputShape; on the enqueue stream, so no other synchronisation
                 self.context.set_optimization_profile_async(profile, handle)
@@ -267,3 +315,19 @@ class TrtEngine:
             raise BuildError(describe(f"TensorRT execution of {self.spec.name} failed", got=reason, expected=f"shapes inside profile {profile}"))
         del bound
         return results
+
+
+def share_activation_memory(engines: Iterable[TrtEngine]) -> torch.Tensor | None:
+    """One activation block for engines on one device that never run in parallel (an engine set:
+    see the module's notes), the size of the largest need, instead of one block each."""
+    engines = list(engines)
+    if not engines:
+        return None
+    device = engines[0].device
+    if any(e.device != device for e in engines):
+        raise ConfigError(describe("engines sharing activation memory must be on one device", got=sorted({str(e.device) for e in engines})))
+    with torch.cuda.device(device):
+        block = torch.empty(max(e.activation_bytes for e in engines), dtype=torch.uint8, device=_memory_device(device))
+    for engine in engines:
+        engine.use_activation_memory(block)
+    return block
