@@ -145,3 +145,17 @@ def test_tensorrt_engine_on_a_second_device(tiny_trt_folder):
     n_img = shape.latent_height // 2 * (shape.latent_width // 2)
     _check_call(engine, module, call_sizes(shape.batch, 20, n_img - 20, shape.text_tokens), "cuda:1", seed=5, rtol=1e-3 if precision == "fp32" else 3e-2)
     assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engine_set_shares_one_activation_block(tiny_trt_folder):
+    """The small and large engines of a folder get one block, the larger one's need
+    (getDeviceMemorySizeV2); ``test_tensorrt_build_verify_and_buckets`` runs a hybrid denoise on it."""
+    from hs_runtime.backends.loading import engines_from_manifest
+    from hs_runtime.manifest import Manifest
+
+    folder, _ = tiny_trt_folder
+    engines = engines_from_manifest(Manifest.load(folder), "tensorrt", "cuda")
+    small, large = (engines[name].engine for name in ("small", "large"))  # behind the profile checks
+    assert small._activations is large._activations
+    assert small._activations.numel() == max(small.activation_bytes, large.activation_bytes)
