@@ -520,7 +520,8 @@ def serve(engine_dir, host, http_port, grpc_port, metrics_port, repo, exit_timeo
     Writes the model repository (as triton-repo does) and runs the tritonserver binary of the
     nvidia-pytriton wheel on it: hybridstitch (prompt → image) and hybridstitch_latents
     (embeddings + noise → latents) behind Triton's dynamic batcher; KServe v2 over HTTP and gRPC,
-    Prometheus metrics. Stops, after finishing in-flight requests, on SIGTERM or Ctrl+C.
+    Prometheus metrics. Refuses, before Triton starts, instances that cannot fit in the device's
+    free memory. Stops, after finishing in-flight requests, on SIGTERM or Ctrl+C.
     """
     from .serve.server import serve as run_serve
 
