@@ -351,6 +351,7 @@ def bench(engine_dir, preset, backend, backends_list, versus, device, dtype, pla
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: torch for models, the built backend for an engine folder.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="torch backend precision (default fp32); an engine folder's own engines refuse any but the one they were built in.")
+@_TEXT_DTYPE
 @click.option("--prompts", "prompts_source", default="8", show_default=True, help="N built-in prompts, or a text file with one prompt per line.")
 @click.option("--seeds", type=int, default=_QUALITY_DEFAULTS.seeds, show_default=True, help="Seeds 0 … K−1 per prompt.")
 @click.option("--plans", default=",".join(_QUALITY_DEFAULTS.plans), show_default=True, help="Named plans; large is always added as the reference.")
@@ -371,7 +372,7 @@ def bench(engine_dir, preset, backend, backends_list, versus, device, dtype, pla
 @click.option("--grid", "grid_path", type=click.Path(path_type=Path), default=None, help="PNG: rows = plans, columns = prompts, mask on hybrid rows.")
 @plan_options
 @_one_line_errors
-def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype, prompts_source, seeds, plans, sweeps, steps, guidance_scale, height, width, batch, warmup, repeat, timing, adherence, clip_model, json_path, markdown_path, plot_path, grid_path, **plan_kwargs):
+def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype, text_dtype, prompts_source, seeds, plans, sweeps, steps, guidance_scale, height, width, batch, warmup, repeat, timing, adherence, clip_model, json_path, markdown_path, plot_path, grid_path, **plan_kwargs):
     """Measure what the speed costs: every plan against the large model's image.
 
     Every plan renders the same prompts × seeds; each image is compared with the large plan's
@@ -406,7 +407,7 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
     if not timing and engine_dir is not None and backend is None:
         backend = "torch"  # nothing is timed: render with the PyTorch graphs of the folder's models, any batch
         _log("--no-timing: rendering on the torch backend (the models the engine folder names)")
-    runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype)
+    runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype, text_dtype)
     config.adherence_for(defaults.preset)  # refuses --adherence on a pair without the shapes grammar
     prompts = load_prompts(prompts_source, defaults.preset)
     console = Console(stderr=True)

@@ -285,7 +285,7 @@ def test_quality_reports_paired_deltas_adherence_and_clip_score(tmp_path, tiny_c
     result = _quality(args, tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["timing"] is None and report["paired"]["matched_at"] == "ideal_speedup_sd35"
+    assert report["timing"] is None and report["paired"]["matched_at"] == "ideal_speedup_sd35" and report["text_dtype"] == "fp32"
     assert report["paired"]["bootstrap"]["resamples"] == 2000
     plans = {p["name"]: p for p in report["plans"]}
     assert all(p["speedup_vs_large"] is None for p in plans.values())

@@ -115,7 +115,7 @@ def append_markdown(report: dict, path: Path, title: str) -> Path:
     )
     section = (
         f"\n### {title} — {report['date'][:10]}\n\n"
-        f"Device: {report['device']}, {report['backend']} {report['dtype']}. {report['steps']} steps, guidance {report['guidance_scale']:g}, "
+        f"Device: {report['device']}, {report['backend']} {report['dtype']}, text encoders + VAE {report.get('text_dtype', 'fp32')}. {report['steps']} steps, guidance {report['guidance_scale']:g}, "
         f"{report['width']}×{report['height']} px ({report['image_tokens']} image + {report['text_tokens']} text tokens), "
         f"{len(report['prompts'])} prompt(s) × {len(report['seeds'])} seed(s); distances to the `large` plan's image of the same prompt and seed "
         f"(mean ± std over images); {timed}. Versions: {versions_line(report['versions'])}.\n\n"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hs_runtime.backends.base import precision_name
 from hs_runtime.contract import LARGE, SMALL, ModelDims
 from hs_runtime.errors import ConfigError, describe
 from hs_runtime.flops import ideal_speedup, plan_flops
@@ -240,6 +241,7 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
         "device": torch.cuda.get_device_name(engines.device) if engines.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "backend": engines.backend,
         "dtype": str(engines.dtype).replace("torch.", ""),
+        "text_dtype": precision_name(runtime.text_dtype),  # the text encoders and VAE (--text-dtype)
         "preset": defaults.preset,
         "steps": steps,
         "guidance_scale": guidance,
