@@ -257,6 +257,22 @@ def test_foreign_or_damaged_plans_are_refused_with_the_reason(world, tmp_path):
         TrtEngine(other, "large", DIMS, torch.device("cuda:0"), PROFILES)
 
 
+def test_plans_are_memory_mapped_not_read_into_a_private_copy(world, tmp_path, monkeypatch):
+    """Triton instances loading one plan share its file-backed pages instead of each holding a copy."""
+    import mmap
+
+    given = []
+    original = trt_double.Runtime.deserialize_cuda_engine
+    monkeypatch.setattr(trt_double.Runtime, "deserialize_cuda_engine", lambda self, data: given.append(type(data)) or original(self, data))
+    make_engine(tmp_path)
+    assert given == [mmap.mmap]
+    empty = tmp_path / "empty.plan"
+    empty.write_bytes(b"")
+    for path, reason in ((empty, "cannot mmap an empty file"), (tmp_path / "missing.plan", "No such file")):
+        with pytest.raises(EngineLoadError, match=f"cannot read large engine {path} \\| .*{reason}"):
+            TrtEngine(path, "large", DIMS, torch.device("cuda:0"), PROFILES)
+
+
 def test_shapes_outside_every_profile_are_refused_before_tensorrt(world, tmp_path):
     engine = make_engine(tmp_path)
     with pytest.raises(ShapeError, match="outside the built profiles"):

@@ -32,6 +32,8 @@ TensorRT 11.1, github.com/NVIDIA/TensorRT; the Python names are those of
   waits for the caller's stream, which waits for the call before), so they share one block the
   size of the larger one (:func:`share_activation_memory`), as TensorRT's ``demo/Diffusion`` does
   for its engines; an engine used alone allocates its own at its first call.
+* Plans are memory-mapped for ``deserialize_cuda_engine`` (which takes any buffer), not read into
+  a private ``bytes`` per process (:func:`_mapped`).
 * An engine and its contexts belong to the device that was current when they were made, and
   calls must run with it current (trtexec: ``cudaSetDevice`` before context creation and in every
   inference thread, ``samples/common/sampleInference.cpp``). So deserialisation, context creation
@@ -44,7 +46,9 @@ keep). GPU memory therefore stays flat however many shapes a server sees.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import re
 import sys
 from pathlib import Path
@@ -88,6 +92,30 @@ def _import_trt():
         raise BuildError(describe("TensorRT is not installed on this host", fix="pip install 'hybridstitch[tensorrt]' (TensorRT >= 10.1, NVIDIA GPU), or run with --backend torch")) from exc
     check_tensorrt_version(tensorrt)
     return tensorrt
+
+
+@contextlib.contextmanager
+def _mapped(plan_path, graph: str, fix: str):
+    """The plan file memory-mapped read-only for ``deserialize_cuda_engine`` (a ``py::buffer``
+    in TensorRT's bindings, ``python/src/infer/pyCore.cpp``): file-backed pages that every process
+    loading the same plan shares (Triton instances), where reading it into a ``bytes`` would hold a
+    private copy of the plan (~16 GB for SD3.5-large in bf16) per process while it loads. The
+    engine does not keep the buffer (TensorRT's samples free theirs after deserializing).
+
+    Raises:
+        EngineLoadError: the file cannot be read, or is empty.
+    """
+    try:
+        file = open(plan_path, "rb")
+    except OSError as exc:
+        raise EngineLoadError(describe(f"cannot read {graph} engine {plan_path}", got=first_line(exc), fix=fix)) from exc
+    with file:
+        try:
+            data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:  # ValueError: "cannot mmap an empty file"
+            raise EngineLoadError(describe(f"cannot read {graph} engine {plan_path}", got=first_line(exc), fix=fix)) from exc
+        with data:
+            yield data
 
 
 def _memory_device(device: torch.device) -> torch.device:
@@ -179,12 +207,8 @@ class TrtEngine:
             self.device = torch.device("cuda", torch.cuda.current_device())
         trt = _import_trt()
         fix = fix or "rebuild on this host with hs-export build --backend tensorrt --force"
-        try:
-            data = Path(plan_path).read_bytes()
-        except OSError as exc:
-            raise EngineLoadError(describe(f"cannot read {graph} engine {plan_path}", got=first_line(exc), fix=fix)) from exc
         memory = _memory_device(self.device)
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(self.device), _mapped(plan_path, graph, fix) as data:
             self.logger = recording_logger(trt)  # kept alive as long as the runtime and engine
             self.runtime = trt.Runtime(self.logger)
             self.engine = self.runtime.deserialize_cuda_engine(data)
