@@ -471,6 +471,8 @@ def repository_options(fn):
         click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: the folder's own backend."),
         click.option("--pipeline", default=None, help="Text encoders + VAE folder (default: the folder's; without one only hybridstitch_latents is served)."),
         _TEXT_DTYPE,
+        click.option("--models", default=None, callback=lambda _c, _p, v: None if v is None else tuple(m.strip() for m in v.split(",") if m.strip()),
+                     help="Serve only these: hybridstitch and/or hybridstitch_latents, comma-separated (default: both where text encoders are known). Each model's instances hold their own engines."),
         click.option("--dynamic-batching/--no-dynamic-batching", default=_REPO_DEFAULTS.dynamic_batching, show_default=True, help="Triton's dynamic batcher (off: one request per execution, no queue bound)."),
         click.option("--max-batch-size", type=int, default=None, help="Requests per execution (default: the prompts one engine call takes)."),
         click.option("--max-queue-delay-ms", type=float, default=_REPO_DEFAULTS.max_queue_delay_ms, show_default=True, help="How long the batcher may hold a request to fill a batch."),

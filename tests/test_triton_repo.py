@@ -65,6 +65,26 @@ def test_triton_repo_writes_both_models(tiny4_engine_dir, tmp_path):
     assert params["text_dtype"] == "bf16" and params["engine_dir"] == repo / "e" and params["backend"] is None
 
 
+def test_serving_one_model_only(tiny4_engine_dir, tmp_path):
+    """--models writes (and counts the memory of) the models asked for; prompt → image is refused
+    without text encoders, with the way out."""
+    from types import SimpleNamespace
+
+    from hs_export.serve.repository import served_models
+    from hs_runtime.errors import ConfigError
+
+    repo = tmp_path / "repo"
+    done = _write(str(tiny4_engine_dir), "--out", str(repo), "--models", GENERATE.name, "--instances", "2")
+    assert done.exit_code == 0, done.output
+    assert [p.name for p in repo.iterdir()] == [GENERATE.name] and "2 instance(s) × (hybridstitch " in done.output and LATENTS.name not in done.output
+    done = _write(str(tiny4_engine_dir), "--out", str(repo), "--models", f" {LATENTS.name} ")  # rewritten: the other model's folder goes
+    assert done.exit_code == 0 and [p.name for p in repo.iterdir()] == [LATENTS.name], done.output
+    no_text = SimpleNamespace(data={}, folder="engines/x")
+    assert served_models(no_text, None) == (LATENTS,)
+    with pytest.raises(ConfigError, match=f"{GENERATE.name} needs the text encoders and VAE .* pass --pipeline DIR, or --models {LATENTS.name}"):
+        served_models(no_text, None, (GENERATE.name,))
+
+
 def test_triton_repo_refuses_in_one_line(tiny4_engine_dir, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -74,6 +94,8 @@ def test_triton_repo_refuses_in_one_line(tiny4_engine_dir, tmp_path):
         ((str(tiny4_engine_dir), "--out", str(tmp_path / "r"), "--max-queue", "2"), "--max-queue is below the batch size | got 2 < 4"),
         ((str(tiny4_engine_dir), "--out", str(tmp_path / "r"), "--device", "tpu"), "unknown device | got 'tpu'"),
         ((str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")), "engine folder not found"),
+        ((str(tiny4_engine_dir), "--out", str(tmp_path / "r"), "--models", "hybridstitch,latents"), "--models names each served model once | got hybridstitch,latents"),
+        ((str(tiny4_engine_dir), "--out", str(tmp_path / "r"), "--models", ","), "--models names each served model once | got nothing"),
     ]
     for args, message in cases:
         done = _write(*args)

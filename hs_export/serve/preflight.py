@@ -51,7 +51,7 @@ def repository_needs(config) -> ServeNeeds:
     from .repository import served_models
 
     manifest = Manifest.load(config.engine_dir)
-    served = tuple(spec.name for spec in served_models(manifest, config.pipeline))
+    served = tuple(spec.name for spec in served_models(manifest, config.pipeline, config.models))
     return serve_needs(manifest, served, config.instances, config.device, config.backend, config.pipeline, config.text_dtype)
 
 

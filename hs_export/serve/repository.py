@@ -55,6 +55,9 @@ class RepositoryConfig:
         pipeline: text encoders + VAE folder (default: the engine folder's); without one only
             ``hybridstitch_latents`` is written.
         text_dtype: precision ``hybridstitch`` loads the text encoders + VAE in (default fp32).
+        models: which of ``hybridstitch`` and ``hybridstitch_latents`` to serve (default: both,
+            or the latents model alone when no text encoders are known). Each model's instances
+            hold their own engines, so serving one halves the memory.
         dynamic_batching: off: Triton's default scheduler, one request per execution (and no
             queue bound; meant for comparisons).
         max_batch_size: rows per Triton execution (default: the prompts one engine call takes).
@@ -70,6 +73,7 @@ class RepositoryConfig:
     backend: str | None = None
     pipeline: str | None = None
     text_dtype: str | None = None
+    models: tuple[str, ...] | None = None
     dynamic_batching: bool = True
     max_batch_size: int | None = None
     max_queue_delay_ms: float = 50.0
@@ -88,6 +92,11 @@ class RepositoryConfig:
         if self.max_queue < 0:
             raise ConfigError(describe("--max-queue must be >= 0", got=self.max_queue, fix="0 for no bound"))
         self.device_kind()
+        if self.models is not None:
+            known = (GENERATE.name, LATENTS.name)
+            odd = [m for m in self.models if m not in known]
+            if odd or not self.models or len(set(self.models)) != len(self.models):
+                raise ConfigError(describe("--models names each served model once", got=",".join(self.models) or "nothing", expected=" and/or ".join(known)))
         if self.text_dtype is not None:
             torch_dtype(self.text_dtype)  # an unknown name is refused here, not in every instance
 
@@ -112,10 +121,19 @@ class Repository:
     engine_dir: Path
 
 
-def served_models(manifest, pipeline: str | None) -> tuple[ModelSpec, ...]:
-    """Both models when text encoders + VAE are known (``--pipeline`` or the manifest's), else
-    ``hybridstitch_latents`` alone."""
-    return (GENERATE, LATENTS) if (pipeline or manifest.data.get("pipeline")) else (LATENTS,)
+def served_models(manifest, pipeline: str | None, models: tuple[str, ...] | None = None) -> tuple[ModelSpec, ...]:
+    """``models`` (names), or by default both models when text encoders + VAE are known
+    (``--pipeline`` or the manifest's), else ``hybridstitch_latents`` alone.
+
+    Raises:
+        ConfigError: ``hybridstitch`` asked for without text encoders + VAE.
+    """
+    has_text = bool(pipeline or manifest.data.get("pipeline"))
+    if models is None:
+        return (GENERATE, LATENTS) if has_text else (LATENTS,)
+    if GENERATE.name in models and not has_text:
+        raise ConfigError(describe(f"{GENERATE.name} needs the text encoders and VAE", got=f"no --pipeline, and none in {manifest.folder}'s manifest", fix=f"pass --pipeline DIR, or --models {LATENTS.name}"))
+    return tuple(spec for spec in (GENERATE, LATENTS) if spec.name in models)
 
 
 def default_max_batch_size(manifest) -> int:
@@ -141,8 +159,8 @@ def write_repository(config: RepositoryConfig, out: str | Path, log=lambda _: No
     config.validate()
     manifest = Manifest.load(config.engine_dir)
     engine_dir = Path(config.engine_dir).resolve()
-    specs = served_models(manifest, config.pipeline)
-    if GENERATE not in specs:
+    specs = served_models(manifest, config.pipeline, config.models)
+    if GENERATE not in specs and config.models is None:
         log(f"no text encoders/VAE known for {engine_dir} (pass --pipeline DIR): writing {LATENTS.name} only")
     max_batch = config.max_batch_size or default_max_batch_size(manifest)
     if config.dynamic_batching and 0 < config.max_queue < max_batch:
