@@ -102,6 +102,9 @@ def check_serve_memory(needs: ServeNeeds, free: int | None) -> str:
         fix = f"serve with --instances {fit} or fewer" if fit else f"free memory on {needs.device}, or serve on a larger host"
         if needs.text_dtype == "fp32" and needs.total - needs.instances * needs.text_bytes // 2 <= free:
             fix += ", or pass --text-dtype bf16 (the text encoders and VAE in half the memory: then it fits)"
+        alone = [name for name, n in needs.per_instance.items() if needs.instances * n <= free]
+        if len(needs.per_instance) > 1 and alone:
+            fix += f", or serve one model (--models {alone[0]} fits)"
         raise ConfigError(
             describe(
                 f"the server would not fit in memory on {needs.device}",
