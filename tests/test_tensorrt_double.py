@@ -405,10 +405,16 @@ def test_build_plan_asks_polygraphy_for_a_strongly_typed_network(world, tmp_path
 
     from hs_export.build.tensorrt import build_plan
 
+    class HostMemory(bytearray):
+        """Like TensorRT's IHostMemory: a buffer; a bytes() copy of a plan as large as the weights fails here."""
+
+        def __bytes__(self):
+            raise AssertionError("the plan was copied into bytes")
+
     seen = {}
     monkeypatch.setattr(poly, "network_from_onnx_path", lambda path, **kw: seen.setdefault("network", (path, kw)))
     monkeypatch.setattr(poly, "CreateConfig", lambda **kw: seen.setdefault("config", kw))
-    monkeypatch.setattr(poly, "engine_bytes_from_network", lambda network, config, save_timing_cache: seen.setdefault("save", save_timing_cache) and b"plan")
+    monkeypatch.setattr(poly, "engine_bytes_from_network", lambda network, config, save_timing_cache: seen.setdefault("save", save_timing_cache) and HostMemory(b"plan"))
     onnx_path = _onnx_file(tmp_path / "large.onnx", TensorProto.FLOAT16, TensorProto.FLOAT)
     profiles = [{"patches": [[2, 1, 64], [2, 20, 64], [2, 64, 64]]}]
     cache = tmp_path / "cache" / "t.cache"

@@ -179,5 +179,10 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, profiles: list[
         except Exception as exc:
             raise BuildError(describe(f"TensorRT build of {onnx_path.name} failed", got=first_line(exc))) from exc
     plan_path.parent.mkdir(parents=True, exist_ok=True)
-    plan_path.write_bytes(bytes(data))
+    # The plan is an IHostMemory (Polygraphy's EngineBytesFromNetwork returns what
+    # build_serialized_network made), which exports the buffer protocol (pyFoundationalTypes.cpp):
+    # written as it is, with no bytes() copy of a plan as large as the weights beside it.
+    with open(plan_path, "wb") as f:
+        f.write(data)
+    del data
     return plan_path
