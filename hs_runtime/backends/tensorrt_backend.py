@@ -31,7 +31,9 @@ TensorRT 11.1, github.com/NVIDIA/TensorRT; the Python names are those of
   … will result in undefined behavior". The engines of one set never run in parallel (every call
   waits for the caller's stream, which waits for the call before), so they share one block the
   size of the larger one (:func:`share_activation_memory`), as TensorRT's ``demo/Diffusion`` does
-  for its engines; an engine used alone allocates its own at its first call.
+  for its engines (the call itself as Polygraphy's ``TrtRunner``, ``backend/trt/runner.py``:
+  ``context.set_device_memory(ptr, nbytes)``); an engine used alone allocates its own at its first
+  call.
 * Plans are memory-mapped for ``deserialize_cuda_engine`` (which takes any buffer), not read into
   a private ``bytes`` per process (:func:`_mapped`).
 * An engine and its contexts belong to the device that was current when they were made, and
