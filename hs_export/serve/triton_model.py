@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from hs_runtime.backends.base import precision_name
 from hs_runtime.errors import describe, first_line
 
 from .handlers import CANCELLED, HANDLERS, INTERNAL, INVALID_ARG, LOGGER, METRIC_STAGES, Instance, Response, ServeStats, warm_up, warm_up_latents
@@ -127,7 +128,8 @@ class TritonPythonModel:
         self.handler = HANDLERS[name](instance, TritonMetrics(pb_utils, name))
         self._codes = {INVALID_ARG: pb_utils.TritonError.INVALID_ARG, CANCELLED: pb_utils.TritonError.CANCELLED, INTERNAL: pb_utils.TritonError.INTERNAL}
         self._outputs = [o["name"] for o in config.get("output", [])]
-        LOGGER.info("%s: engines loaded in %.1f s, warmed up in %.1f s (%s on %s)", instance.name, loaded, warm, instance.runtime.engines.backend, instance.runtime.engines.device)
+        text = f", text encoders + VAE in {precision_name(instance.runtime.text_dtype)}" if instance.text_and_vae is not None else ""
+        LOGGER.info("%s: engines loaded in %.1f s, warmed up in %.1f s (%s on %s%s)", instance.name, loaded, warm, instance.runtime.engines.backend, instance.runtime.engines.device, text)
 
     def execute(self, requests: list) -> list:
         pb = self._pb
