@@ -635,15 +635,18 @@ def test_text_and_vae_elements_are_the_parameters_the_runtime_loads(tiny_paths, 
 
 def test_serve_needs_count_every_instance_of_both_models(tiny4_engine_dir):
     from hs_export.build.limits import folder_run_needs
-    from hs_export.serve.preflight import check_serve_memory, serve_needs, text_and_vae_elements
+    from hs_export.serve.preflight import CPU_PROCESS_BYTES, check_serve_memory, serve_needs, text_and_vae_elements
     from hs_runtime.manifest import Manifest
 
     manifest = Manifest.load(tiny4_engine_dir)
     needs = serve_needs(manifest, (GENERATE.name, LATENTS.name), 3, "cpu", None, None)
     runtime, text = folder_run_needs(manifest)[0].total, 4 * text_and_vae_elements(manifest.data["pipeline"])  # fp32, as TextAndVae loads them
     assert needs.per_instance == {GENERATE.name: runtime + text, LATENTS.name: runtime}
-    assert needs.total == 3 * sum(needs.per_instance.values()) and not needs.unknown
-    one = sum(needs.per_instance.values())
+    assert needs.per_process == {name: n + CPU_PROCESS_BYTES for name, n in needs.per_instance.items()}  # each instance is a process
+    one = sum(needs.per_process.values())
+    assert needs.total == 3 * one and not needs.unknown and "6 process(es) × 0.44 GiB of libraries" in needs.summary()
+    gpu = serve_needs(manifest, (GENERATE.name, LATENTS.name), 3, "cuda:0", None, None)
+    assert gpu.total == 3 * sum(needs.per_instance.values())  # device memory: the processes' libraries are on the host
     assert "3 instance(s)" in check_serve_memory(needs, 3 * one)
     with pytest.raises(HybridStitchError, match=rf"would not fit in memory on cpu .*serve with --instances 2 or fewer.*or serve one model \(--models {GENERATE.name} fits\)"):
         check_serve_memory(needs, 3 * one - 1)

@@ -4,8 +4,9 @@ Every Triton instance is its own Python-backend process with its own runtime, so
 shared: ``instances × (hybridstitch + hybridstitch_latents)``. One instance holds at least what
 ``hs-export inspect`` calls "run needs" (weights, engine outputs, the default plan's K/V cache),
 and the ``hybridstitch`` model also the text encoders and VAE (in ``--text-dtype``, fp32 by default).
-That is a lower bound: each engine call's activations, and each process's interpreter and
-libraries, come on top. A server whose lower bound does not fit is refused in one line before
+On a CPU each instance process also holds its interpreter and libraries (:data:`CPU_PROCESS_BYTES`);
+on a GPU its CUDA context is not counted. That is a lower bound: each engine call's activations
+come on top. A server whose lower bound does not fit is refused in one line before
 anything starts, instead of instances dying one by one (or the host's OOM killer choosing) minutes
 into loading.
 """
@@ -21,6 +22,11 @@ from hs_runtime.errors import ConfigError, describe
 
 from .protocol import GENERATE
 
+#: Resident memory of one instance process on a CPU before its models: Python with torch, ONNX
+#: Runtime, diffusers and transformers imported. Measured 2026-12-07: 477 MiB resident (475 MiB
+#: private) for an instance of the tiny preset, whose models and text encoders are ~2 MiB.
+CPU_PROCESS_BYTES = 450 * 2**20
+
 
 @dataclass(frozen=True)
 class ServeNeeds:
@@ -32,16 +38,23 @@ class ServeNeeds:
     unknown: tuple[str, ...] = ()  # what could not be counted (e.g. a pipeline not on local disk)
     text_bytes: int = 0  # the text encoders + VAE in one instance of hybridstitch
     text_dtype: str = "fp32"
+    process_bytes: int = 0  # each instance process's interpreter and libraries (CPU only)
+
+    @property
+    def per_process(self) -> dict[str, int]:
+        """Bytes one instance process of each model holds at least."""
+        return {name: n + self.process_bytes for name, n in self.per_instance.items()}
 
     @property
     def total(self) -> int:
-        return self.instances * sum(self.per_instance.values())
+        return self.instances * sum(self.per_process.values())
 
     def summary(self) -> str:
         text = f" (text encoders + VAE {format_bytes(self.text_bytes)} in {self.text_dtype})" if self.text_bytes else ""
         models = " + ".join(f"{name} {format_bytes(n)}" + (text if name == GENERATE.name else "") for name, n in self.per_instance.items())
         missing = f"; not counted: {', '.join(self.unknown)}" if self.unknown else ""
-        return f"{self.instances} instance(s) × ({models}) ≥ {format_bytes(self.total)} on {self.device}, plus each call's activations{missing}"
+        processes = f" + {self.instances * len(self.per_instance)} process(es) × {format_bytes(self.process_bytes)} of libraries" if self.process_bytes else ""
+        return f"{self.instances} instance(s) × ({models}){processes} ≥ {format_bytes(self.total)} on {self.device}, plus each call's activations{missing}"
 
 
 def repository_needs(config) -> ServeNeeds:
@@ -70,7 +83,8 @@ def serve_needs(manifest, models: tuple[str, ...], instances: int, device: str, 
             else:
                 text = elements * ELEMENT_BYTES[text_dtype or "fp32"]
                 per_instance[name] += text
-    return ServeNeeds(per_instance, instances, device, tuple(unknown), text, text_dtype or "fp32")
+    process = CPU_PROCESS_BYTES if device == "cpu" else 0
+    return ServeNeeds(per_instance, instances, device, tuple(unknown), text, text_dtype or "fp32", process)
 
 
 def free_memory(device: str) -> int | None:
@@ -97,12 +111,12 @@ def check_serve_memory(needs: ServeNeeds, free: int | None) -> str:
     if free is None:
         return f"memory: {needs.summary()}; free memory on {needs.device} unknown, not checked"
     if needs.total > free:
-        per = sum(needs.per_instance.values())
+        per = sum(needs.per_process.values())
         fit = free // per if per else needs.instances
         fix = f"serve with --instances {fit} or fewer" if fit else f"free memory on {needs.device}, or serve on a larger host"
         if needs.text_dtype == "fp32" and needs.total - needs.instances * needs.text_bytes // 2 <= free:
             fix += ", or pass --text-dtype bf16 (the text encoders and VAE in half the memory: then it fits)"
-        alone = [name for name, n in needs.per_instance.items() if needs.instances * n <= free]
+        alone = [name for name, n in needs.per_process.items() if needs.instances * n <= free]
         if len(needs.per_instance) > 1 and alone:
             fix += f", or serve one model (--models {alone[0]} fits)"
         raise ConfigError(
