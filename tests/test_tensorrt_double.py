@@ -214,6 +214,8 @@ def test_an_engine_set_shares_one_activation_block(world, tmp_path):
         _assert_spec_outputs(small, dummy_inputs(small.spec, DENSE, torch.float32, seed), DENSE)
     with pytest.raises(ConfigError, match="activation memory too small"):
         large.use_activation_memory(torch.empty(large.activation_bytes - 1, dtype=torch.uint8))
+    with pytest.raises(ConfigError, match="engines sharing activation memory must be on one device"):
+        tensorrt_backend.share_activation_memory([large, make_engine(tmp_path, device="cuda:1")])
 
 
 def test_engines_from_a_folder_share_their_activation_memory(world, tmp_path, tiny_engine_dir, monkeypatch):
