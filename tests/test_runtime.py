@@ -77,6 +77,23 @@ def test_precision_of_a_folder_run(tiny_engine_dir, tiny_conditioning):
         HybridStitchRuntime.from_dir(tiny_engine_dir, backend="torch", dtype="fp8")
 
 
+def test_a_cuda_provider_that_fails_to_start_is_refused_not_run_on_the_cpu(tiny_engine_dir, monkeypatch):
+    """ONNX Runtime falls back to its CPU provider when CUDA's fails to load (a missing library),
+    logging only; the engine refuses to load instead of running on the wrong device."""
+    import onnxruntime as ort
+
+    from hs_runtime.backends.onnxruntime_backend import OrtEngine
+    from hs_runtime.errors import EngineLoadError
+    from hs_runtime.manifest import Manifest
+
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, options, providers: real(path, options, providers=["CPUExecutionProvider"]))
+    manifest = Manifest.load(tiny_engine_dir)
+    with pytest.raises(EngineLoadError, match=r"could not start its CUDA execution provider .*\['CPUExecutionProvider'\].*or run with --device cpu"):
+        OrtEngine(manifest.engine_path("small"), "small", manifest.dims("small"), torch.device("cuda:0"))
+
+
 def test_unknown_backend_is_named_as_such(tiny_engine_dir):
     with pytest.raises(ConfigError, match=r"^unknown backend \| got 'onnx' \| expected torch \| onnxruntime \| tensorrt$"):
         HybridStitchRuntime.from_dir(tiny_engine_dir, backend="onnx")  # not "build onnx engines"

@@ -129,6 +129,16 @@ class OrtEngine:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except load_errors() as exc:
             raise EngineLoadError(describe(f"ONNX Runtime cannot load {graph} engine {path}", got=first_line(exc), fix=fix)) from exc
+        # A CUDA provider that fails to start (a missing cuDNN or CUDA library) leaves the session
+        # on the CPU with only an error in ONNX Runtime's log; get_providers() tells (ONNX Runtime
+        # maintainers, microsoft/onnxruntime#23059; disable_fallback() does not stop it, #23647).
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise EngineLoadError(
+                describe(
+                    f"ONNX Runtime could not start its CUDA execution provider for {graph} engine {path}", got=f"session providers {self.session.get_providers()} (its reason is in the log above)",
+                    fix="install the CUDA and cuDNN versions your onnxruntime-gpu needs (onnxruntime.ai: CUDA execution provider requirements), or run with --device cpu",
+                )
+            )
 
     def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         wanted = list(outputs) if outputs is not None else list(self.spec.output_names)
