@@ -42,6 +42,7 @@ class HybridStitchRuntime:
         from .models import check_pair, load_transformer
 
         dtype = torch.float32 if dtype is None else torch_dtype(dtype)
+        text_dtype = None if text_dtype is None else torch_dtype(text_dtype)  # refused before any model loads
         device = check_device(device)
         small_model = load_transformer(small, dtype, device)
         large_model = load_transformer(large, dtype, device)
@@ -68,6 +69,7 @@ class HybridStitchRuntime:
         from .backends.loading import engines_from_manifest
         from .manifest import Manifest
 
+        text_dtype = None if text_dtype is None else torch_dtype(text_dtype)  # refused before any engine loads
         manifest = Manifest.load(folder)
         engines = engines_from_manifest(manifest, manifest.backend if backend is None else backend, device, dtype)
         pipeline_source = manifest.data.get("pipeline") if pipeline_source is None else pipeline_source

@@ -2,8 +2,8 @@
 
 Life of a server:
 
-1. What the instances hold at least (``preflight``: every instance's runtime, and the text
-   encoders + VAE of ``hybridstitch``'s) is checked against the device's free memory; a server
+1. What the instances hold at least (``preflight``: every instance's runtime, the text encoders
+   + VAE of ``hybridstitch``'s, on a CPU each process's libraries) is checked against the device's free memory; a server
    that cannot fit is refused in one line, naming the instances that would.
 2. The repository is written (``repository.write_repository``) into a temporary folder, or into
    ``--repo``, which is kept.
