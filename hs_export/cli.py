@@ -516,8 +516,9 @@ def triton_repo(engine_dir, out, **options):
 @click.option("--repo", type=click.Path(path_type=Path), default=None, help="Write the model repository here and keep it (default: a temporary folder).")
 @click.option("--exit-timeout-secs", "exit_timeout_s", type=int, default=_SERVE_DEFAULTS.exit_timeout_s, show_default=True, help="How long in-flight requests may finish after SIGTERM or Ctrl+C.")
 @click.option("-v", "--verbose", is_flag=True, help="Triton's verbose log, and one line per batch from the models.")
+@click.option("--dry-run", is_flag=True, help="Make every check serve makes before it starts (options, ports, memory for the instances on this host) and stop.")
 @_one_line_errors
-def serve(engine_dir, host, http_port, grpc_port, metrics_port, repo, exit_timeout_s, verbose, **options):
+def serve(engine_dir, host, http_port, grpc_port, metrics_port, repo, exit_timeout_s, verbose, dry_run, **options):
     """Serve an engine folder on Triton Inference Server.
 
     Writes the model repository (as triton-repo does) and runs the tritonserver binary of the
@@ -526,10 +527,15 @@ def serve(engine_dir, host, http_port, grpc_port, metrics_port, repo, exit_timeo
     Prometheus metrics. Refuses, before Triton starts, instances that cannot fit in the device's
     free memory. Stops, after finishing in-flight requests, on SIGTERM or Ctrl+C.
     """
+    from .serve.server import preflight
     from .serve.server import serve as run_serve
 
     model = RepositoryConfig(engine_dir=engine_dir, **options)
     config = ServeConfig(model, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, repo=repo, exit_timeout_s=exit_timeout_s, verbose=verbose)
+    if dry_run:
+        _, memory = preflight(config)
+        click.echo(f"{memory}\nready to serve: hs-export serve without --dry-run starts tritonserver on {host}")
+        return
     run_serve(config, log=_log)
 
 

@@ -691,6 +691,17 @@ def test_serve_refuses_instances_that_cannot_fit_before_triton_starts(tiny4_engi
     assert "4 instance(s) × (hybridstitch" in done.output and "Traceback" not in done.output and not started
 
 
+def test_serve_dry_run_checks_and_starts_nothing(tiny4_engine_dir, monkeypatch):
+    pytest.importorskip("pytriton")
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
+    done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--dry-run", "--instances", "2", "--models", GENERATE.name])
+    assert done.exit_code == 0 and "memory: 2 instance(s) × (hybridstitch " in done.output and "ready to serve" in done.output, done.output
+    done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--dry-run", "--instances", "100000"])
+    assert done.exit_code == 1 and "the server would not fit in memory on cpu" in done.output
+    assert not started
+
+
 def test_sigterm_drains_in_flight_requests(server):
     """Last: stops the module's server. Requests in flight when SIGTERM arrives complete; the
     process exits 0; no tritonserver (or anything else of its session) is left."""

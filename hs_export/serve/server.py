@@ -226,6 +226,19 @@ class _Output:
 _LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (?:Internal: )?(.*?)(?:\\n|\"?$)")
 
 
+def preflight(config: ServeConfig) -> tuple["TritonDist", str]:
+    """Every check :func:`serve` makes before it starts anything: options, the ``tritonserver``
+    binary, free ports, and the memory the instances need; returns the binary and the memory line.
+
+    Raises:
+        ConfigError, ServingError, ManifestError: what :func:`serve` would refuse.
+    """
+    config.validate()
+    dist = TritonDist.find()
+    check_ports_free(config.host, {"--http-port": config.http_port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port})
+    return dist, check_serve_memory(repository_needs(config.model), free_memory(config.model.device))
+
+
 def serve(config: ServeConfig, log=None) -> None:
     """Writes the repository, runs ``tritonserver`` on it until SIGTERM/SIGINT, and returns once
     Triton has drained and exited 0.
@@ -235,10 +248,8 @@ def serve(config: ServeConfig, log=None) -> None:
             folder (before anything starts), or Triton failing to start or stop cleanly.
     """
     log = log or LOGGER.info
-    config.validate()
-    dist = TritonDist.find()
-    check_ports_free(config.host, {"--http-port": config.http_port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port})
-    log(check_serve_memory(repository_needs(config.model), free_memory(config.model.device)))
+    dist, memory = preflight(config)
+    log(memory)
     work = Path(tempfile.mkdtemp(prefix="hybridstitch-serve-"))
     proc = None
     try:
