@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from hs_runtime.backends.onnxruntime_backend import THREAD_POOLS
-from hs_runtime.errors import ConfigError, HybridStitchError, describe, first_line
+from hs_runtime.errors import ConfigError, HybridStitchError, describe, first_line, out_of_memory
 from hs_runtime.plans import MASK_SIGNALS, PLAN_NAMES, MaskConfig, PlanConfig
 from hs_runtime.presets import PRESET_NAMES
 
@@ -47,6 +47,11 @@ def _one_line_errors(fn):
         except OSError as exc:  # a full disk, a read-only folder: what users meet, in one line too
             where = f"I/O error on {exc.filename}" if exc.filename else "I/O error"
             raise click.ClickException(describe(where, got=exc.strerror or first_line(exc), fix="free some space or choose another path")) from None
+        except (MemoryError, RuntimeError) as exc:  # out of memory outside an engine call (text encoders, VAE, cache)
+            oom = out_of_memory(exc, "the run")
+            if oom is None:
+                raise
+            raise click.ClickException(str(oom)) from None
 
     return wrapper
 

@@ -52,6 +52,31 @@ class NumericalError(HybridStitchError, ArithmeticError):
     """A graph produced NaN or inf (fp16 overflow, non-finite weights or inputs)."""
 
 
+class OutOfMemoryError(HybridStitchError, MemoryError):
+    """A run needed more device or host memory than was free (an engine call, the text encoders
+    or the VAE); the library's own message says how much."""
+
+
+#: What a run's memory can be cut with, for the out-of-memory message.
+OUT_OF_MEMORY_FIX = "fewer prompts per call, a smaller image, fewer served --instances or --models, or --text-dtype bf16; hs-export inspect DIR shows what one run holds"
+
+# ONNX Runtime's allocators ("Failed to allocate memory for requested buffer of size N", its BFC
+# arena on CUDA) and its CUDA provider ("CUDA failure 2: out of memory") raise plain runtime errors.
+_OUT_OF_MEMORY_TEXT = ("failed to allocate memory", "out of memory")
+
+
+def out_of_memory(exc: BaseException, where: str) -> "OutOfMemoryError | None":
+    """``exc`` as an :class:`OutOfMemoryError` naming ``where``, if it is one: Python's
+    ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA), or an ONNX Runtime allocation failure;
+    ``None`` for anything else."""
+    if isinstance(exc, OutOfMemoryError):
+        return exc
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(t in text for t in _OUT_OF_MEMORY_TEXT):
+        return OutOfMemoryError(describe(f"{where} ran out of memory", got=first_line(exc), fix=OUT_OF_MEMORY_FIX))
+    return None
+
+
 class CancelledError(HybridStitchError):
     """A denoise stopped between steps because its caller's ``should_stop`` said so (e.g. every
     client of a served batch went away)."""

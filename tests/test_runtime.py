@@ -94,6 +94,35 @@ def test_a_cuda_provider_that_fails_to_start_is_refused_not_run_on_the_cpu(tiny_
         OrtEngine(manifest.engine_path("small"), "small", manifest.dims("small"), torch.device("cuda:0"))
 
 
+def test_out_of_memory_is_one_line_with_the_way_out(tiny_engine_dir, tiny_conditioning, tmp_path, monkeypatch):
+    """CUDA's, the host's or ONNX Runtime's allocation failure in an engine call becomes
+    OutOfMemoryError naming the engine; outside one (text encoders, VAE) the CLI says it in one line."""
+    from hs_runtime.errors import OutOfMemoryError, out_of_memory
+    from hs_runtime.pipeline import TextAndVae
+
+    ort_oom = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Status Message: Failed to allocate memory for requested buffer of size 1073741824")
+    for exc in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError(), ort_oom):
+        assert isinstance(out_of_memory(exc, "x"), OutOfMemoryError)
+    assert out_of_memory(ValueError("a bad value"), "x") is None
+
+    runtime = HybridStitchRuntime.from_dir(tiny_engine_dir)
+    large = runtime.engines["large"].engine
+
+    def exhausted(*_args, **_kwargs):
+        raise ort_oom
+
+    monkeypatch.setattr(type(large), "__call__", exhausted)  # the `large` plan calls this engine alone
+    latents = initial_latents(tiny_conditioning.prompts, 128, 128, 0)
+    with pytest.raises(OutOfMemoryError, match=r"the large engine \(cpu\) ran out of memory \| got .*Failed to allocate memory.* \| fewer prompts per call"):
+        runtime.denoise(make_plan("large", 2), latents, tiny_conditioning)
+    monkeypatch.undo()
+
+    monkeypatch.setattr(TextAndVae, "decode", lambda self, latents: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")))
+    result = CliRunner().invoke(main, ["generate", str(tiny_engine_dir), "--prompt", "a red cat", "--steps", "2", "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "Error: the run ran out of memory | got CUDA out of memory. Tried to allocate 512.00 MiB | fewer prompts" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_unknown_backend_is_named_as_such(tiny_engine_dir):
     with pytest.raises(ConfigError, match=r"^unknown backend \| got 'onnx' \| expected torch \| onnxruntime \| tensorrt$"):
         HybridStitchRuntime.from_dir(tiny_engine_dir, backend="onnx")  # not "build onnx engines"

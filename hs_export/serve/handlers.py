@@ -9,7 +9,9 @@ into a thin skin over these handlers. Every request gets its own outcome:
 - ``CANCELLED``: its client went away: before it was served (it never reaches an engine), or
   while it was (an engine call whose requests are all cancelled stops at the next step);
 - ``INTERNAL``: a server bug in the engine call it took part in: a one-line message, the
-  traceback in the server log; requests in other engine calls are unaffected.
+  traceback in the server log; requests in other engine calls are unaffected. Also a request
+  that runs out of memory even alone (an engine call out of memory is retried request by
+  request first, as any toolkit error is).
 
 No Triton import here: handlers take any mapping of input name → array, so they are tested
 without a server.
@@ -26,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from hs_runtime.errors import CancelledError, HybridStitchError, describe, first_line
+from hs_runtime.errors import CancelledError, HybridStitchError, OutOfMemoryError, describe, first_line
 from hs_runtime.runtime import HybridStitchRuntime
 from hs_runtime.sampler import STAGES, Conditioning
 
@@ -242,8 +244,8 @@ class _Handler:
                 for m in members:
                     if responses[m.request] is None:
                         self._serve([m], outputs, responses, is_cancelled)
-            else:
-                responses[members[0].request] = Response.failed(str(exc))
+            else:  # out of memory even alone: the server's sizing, not the request's values
+                responses[members[0].request] = Response.failed(str(exc), INTERNAL if isinstance(exc, OutOfMemoryError) else INVALID_ARG)
             return
         except Exception as exc:  # a bug: the traceback goes to the server log, one line to the client
             LOGGER.exception("%s: engine call for %d request(s) failed", self.instance.name, len(requests))

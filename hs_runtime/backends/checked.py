@@ -6,6 +6,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from ..errors import out_of_memory
 from ..profiles import select_profile
 
 
@@ -36,4 +37,10 @@ class ProfileCheckedEngine:
             select_profile(self.profiles, dict(zip(names, key)), self.spec.name, self.rebuild_hint)
             if len(self._accepted) < _REMEMBERED:
                 self._accepted.add(key)
-        return self.engine(feeds, outputs)
+        try:
+            return self.engine(feeds, outputs)
+        except Exception as exc:  # an allocation failure is the caller's sizing, said in one line; the rest as raised
+            oom = out_of_memory(exc, f"the {self.spec.name} engine ({getattr(self.engine, 'device', 'its device')})")
+            if oom is None:
+                raise
+            raise oom from exc
