@@ -9,6 +9,7 @@ refuses, in one line, a tensor past a backend's limit and a host that cannot hol
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from hs_runtime.backends.base import PRECISIONS
 from hs_runtime.contract import GRAPH_NAMES, LARGE, SMALL, ModelDims, graph_spec
 from hs_runtime.errors import BuildError, describe
 from hs_runtime.memory import hybrid_cache, kv_output_bytes
@@ -23,7 +25,7 @@ from hs_runtime.plans import MaskConfig, PlanConfig, make_plan
 from hs_runtime.profiles import BuildShape, profile_sizes
 
 TRT_MAX_ELEMENTS = 2**31 - 1  # TensorRT: "tensor volume must not exceed 2^31-1 elements" (see DESIGN §6)
-ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+ELEMENT_BYTES = {name: dtype.itemsize for name, dtype in PRECISIONS.items()}  # {"fp32": 4, "fp16": 2, "bf16": 2}
 GiB = 2**30
 HOST_OVERHEAD = 1 * GiB  # interpreter, torch, ONNX Runtime/TensorRT libraries, graph protos
 TEXT_AND_VAE = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")  # a diffusers SD3 folder's subfolders
@@ -176,11 +178,7 @@ def text_and_vae_elements(source) -> int | None:
             return None
         for path in files:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    count = 1
-                    for size in f.get_slice(key).get_shape():
-                        count *= size
-                    elements += count
+                elements += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     return elements
 
 

@@ -184,5 +184,4 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, profiles: list[
     # written as it is, with no bytes() copy of a plan as large as the weights beside it.
     with open(plan_path, "wb") as f:
         f.write(data)
-    del data
     return plan_path

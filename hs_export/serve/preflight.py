@@ -71,6 +71,7 @@ def repository_needs(config) -> ServeNeeds:
 def serve_needs(manifest, models: tuple[str, ...], instances: int, device: str, backend: str | None, pipeline: str | None, text_dtype: str | None = None) -> ServeNeeds:
     """What ``instances`` instances of each of ``models`` hold at least on ``device``; the text
     encoders and VAE in ``text_dtype`` (fp32 by default, as the runtime loads them)."""
+    text_dtype = text_dtype or "fp32"
     runtime = folder_run_needs(manifest, backend)[0].total
     per_instance, unknown, text = {}, [], 0
     for name in models:
@@ -81,10 +82,10 @@ def serve_needs(manifest, models: tuple[str, ...], instances: int, device: str, 
             if elements is None:
                 unknown.append(f"text encoders + VAE ({source})")
             else:
-                text = elements * ELEMENT_BYTES[text_dtype or "fp32"]
+                text = elements * ELEMENT_BYTES[text_dtype]
                 per_instance[name] += text
     process = CPU_PROCESS_BYTES if device == "cpu" else 0
-    return ServeNeeds(per_instance, instances, device, tuple(unknown), text, text_dtype or "fp32", process)
+    return ServeNeeds(per_instance, instances, device, tuple(unknown), text, text_dtype, process)
 
 
 def free_memory(device: str) -> int | None:

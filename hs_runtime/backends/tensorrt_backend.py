@@ -108,16 +108,12 @@ def _mapped(plan_path, graph: str, fix: str):
         EngineLoadError: the file cannot be read, or is empty.
     """
     try:
-        file = open(plan_path, "rb")
-    except OSError as exc:
-        raise EngineLoadError(describe(f"cannot read {graph} engine {plan_path}", got=first_line(exc), fix=fix)) from exc
-    with file:
-        try:
+        with open(plan_path, "rb") as file:  # the mapping outlives the file object (mmap keeps its own descriptor)
             data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:  # ValueError: "cannot mmap an empty file"
-            raise EngineLoadError(describe(f"cannot read {graph} engine {plan_path}", got=first_line(exc), fix=fix)) from exc
-        with data:
-            yield data
+    except (OSError, ValueError) as exc:  # ValueError: "cannot mmap an empty file"
+        raise EngineLoadError(describe(f"cannot read {graph} engine {plan_path}", got=first_line(exc), fix=fix)) from exc
+    with data:
+        yield data
 
 
 def _memory_device(device: torch.device) -> torch.device:
@@ -262,12 +258,12 @@ class TrtEngine:
         Raises:
             ConfigError: ``block`` is too small, on another device, or misaligned.
         """
-        if block.device != _memory_device(self.device) or block.numel() * block.element_size() < self.activation_bytes:
-            raise ConfigError(describe(f"{self.spec.name}: activation memory too small or on another device", got=f"{block.numel() * block.element_size()} bytes on {block.device}", expected=f">= {self.activation_bytes} bytes on {self.device}"))
+        if block.device != _memory_device(self.device) or block.nbytes < self.activation_bytes:
+            raise ConfigError(describe(f"{self.spec.name}: activation memory too small or on another device", got=f"{block.nbytes} bytes on {block.device}", expected=f">= {self.activation_bytes} bytes on {self.device}"))
         if block.numel() and block.data_ptr() % ADDRESS_ALIGNMENT:
             raise ConfigError(describe(f"{self.spec.name}: activation memory must be {ADDRESS_ALIGNMENT}-byte aligned", got=hex(block.data_ptr())))
         with torch.cuda.device(self.device):
-            self.context.set_device_memory(self._address(block), block.numel() * block.element_size())
+            self.context.set_device_memory(self._address(block), block.nbytes)
         if block.numel():
             block.record_stream(self.stream)  # freed with the engine only after this stream's work
         self._activations = block
