@@ -178,10 +178,10 @@ def test_a_shared_stream_can_be_passed_but_not_the_default_one(world, tmp_path):
         make_engine(tmp_path, stream=torch.cuda.current_stream())
 
 
-def _small_engine(tmp_path, device_memory=None):
+def _small_engine(tmp_path, device_memory=None, stream=None):
     dims = ModelDims.from_config(get_preset("tiny").small)
     spec, profiles = graph_spec("small", dims), graph_profiles("small", SHAPE, dims)
-    return TrtEngine(trt_double.write_plan(tmp_path / "small.plan", spec, profiles, device_memory=device_memory), "small", dims, torch.device("cuda:0"), profiles)
+    return TrtEngine(trt_double.write_plan(tmp_path / "small.plan", spec, profiles, device_memory=device_memory), "small", dims, torch.device("cuda:0"), profiles, stream=stream)
 
 
 def _assert_spec_outputs(engine, feeds, sizes):
@@ -204,7 +204,8 @@ def test_an_engine_alone_allocates_its_activation_memory_at_its_first_call(world
 def test_an_engine_set_shares_one_activation_block(world, tmp_path):
     """small and large never run in parallel: one block the larger one's size serves both, and
     alternating calls stay right though each call's activations overwrite the other's."""
-    small, large = _small_engine(tmp_path, device_memory=1000), make_engine(tmp_path)
+    stream = torch.cuda.Stream(torch.device("cuda:0"))
+    small, large = _small_engine(tmp_path, device_memory=1000, stream=stream), make_engine(tmp_path, stream=stream)
     block = tensorrt_backend.share_activation_memory([small, large])
     assert block.numel() == large.activation_bytes > small.activation_bytes
     assert small.context.device_memory == large.context.device_memory == (block.data_ptr(), large.activation_bytes)
@@ -218,6 +219,61 @@ def test_an_engine_set_shares_one_activation_block(world, tmp_path):
         tensorrt_backend.share_activation_memory([large, make_engine(tmp_path, device="cuda:1")])
 
 
+def test_callers_on_different_streams_are_ordered_for_the_shared_block_and_the_outputs(world, tmp_path):
+    """A host may call from one stream, then another (``EngineSet.exclusive`` only stops calls at
+    the same time): the shared block must not be used by two enqueues unordered, nor an engine's
+    outputs overwritten while the stream of the call before may still read them."""
+    stream = torch.cuda.Stream(torch.device("cuda:0"))
+    small = _small_engine(tmp_path, device_memory=1000, stream=stream)
+    large = make_engine(tmp_path, stream=stream)
+    tensorrt_backend.share_activation_memory([small, large])
+    a, b = torch.cuda.Stream(torch.device("cuda:0")), torch.cuda.Stream(torch.device("cuda:0"))
+    for seed, (first, second) in enumerate([(a, b), (b, a), (a, a)]):
+        with torch.cuda.stream(first):
+            feeds = feeds_for(SUBSET, seed=seed)
+            assert_outputs(large(feeds), feeds, SUBSET)
+        with torch.cuda.stream(second):
+            _assert_spec_outputs(small, dummy_inputs(small.spec, DENSE, torch.float32, seed), DENSE)
+            large(feeds)  # overwrites the outputs the first stream received
+
+
+def test_the_double_catches_unordered_reuse(world, tmp_path):
+    """Engines on their own streams sharing a block, called from two streams: nothing orders the
+    second enqueue after the first; and outputs rewritten without waiting for their reader."""
+    small, large = _small_engine(tmp_path, device_memory=1000), make_engine(tmp_path)
+    tensorrt_backend.share_activation_memory([small, large], check_streams=False)
+    a, b = torch.cuda.Stream(torch.device("cuda:0")), torch.cuda.Stream(torch.device("cuda:0"))
+    with torch.cuda.stream(a):
+        large(feeds_for(SUBSET))
+    with torch.cuda.stream(b), pytest.raises(trt_double.PreconditionViolation, match="activation memory: in use by an enqueue"):
+        small(dummy_inputs(small.spec, DENSE, torch.float32, 0))
+    alone = make_engine(tmp_path)
+    with torch.cuda.stream(a):
+        alone(feeds_for(SUBSET))
+    alone._last_caller = None  # the backend's memory of the previous caller, removed
+    with torch.cuda.stream(b), pytest.raises(trt_double.PreconditionViolation, match="may still read them"):
+        alone(feeds_for(SUBSET))
+
+
+def test_a_refused_address_or_enqueue_names_this_calls_reason(world, tmp_path, monkeypatch):
+    engine = make_engine(tmp_path)
+    engine.logger.log(trt_double.ILogger.ERROR, "an old error from an earlier, refused call")
+    monkeypatch.setattr(type(engine.context), "execute_async_v3", lambda self, stream: False)
+    with pytest.raises(BuildError, match=r"execution of large failed \| got execute_async_v3 returned False"):
+        engine(feeds_for(DENSE))
+    monkeypatch.setattr(type(engine.context), "set_tensor_address", lambda self, name, memory: False)
+    with pytest.raises(BuildError, match="TensorRT refused the address of patches"):
+        engine(feeds_for(DENSE))
+
+
+def test_engines_sharing_a_block_must_share_a_stream(world, tmp_path):
+    small, large = _small_engine(tmp_path, device_memory=1000), make_engine(tmp_path)
+    with pytest.raises(ConfigError, match="one CUDA stream"):
+        tensorrt_backend.share_activation_memory([small, large])
+    with pytest.raises(ConfigError, match="stream on cuda:1"):
+        make_engine(tmp_path, stream=torch.cuda.Stream(torch.device("cuda:1")))
+
+
 def test_engines_from_a_folder_share_their_activation_memory(world, tmp_path, tiny_engine_dir, monkeypatch):
     from hs_runtime.backends import loading
     from hs_runtime.manifest import Manifest
@@ -226,15 +282,16 @@ def test_engines_from_a_folder_share_their_activation_memory(world, tmp_path, ti
     manifest.data["build"]["backend"] = "tensorrt"  # the folder's profiles, served by double plans
     made = {}
 
-    def load_engine(m, name, backend, device):
+    def load_engine(m, name, backend, device, stream=None):
         spec, profiles = graph_spec(name, m.dims(name)), m.graph(name)["profiles"]
         plan = trt_double.write_plan(tmp_path / f"{name}.plan", spec, profiles, device_memory={"small": 1000, "large": 3000}[name])
-        made[name] = TrtEngine(plan, name, m.dims(name), device, profiles)
+        made[name] = TrtEngine(plan, name, m.dims(name), device, profiles, stream=stream)
         return made[name]
 
     monkeypatch.setattr(loading, "load_engine", load_engine)
     loading.engines_from_manifest(manifest, "tensorrt", "cuda:0")
     assert made["small"].context.device_memory == made["large"].context.device_memory == (made["large"]._activations.data_ptr(), 3000)
+    assert made["small"].stream is made["large"].stream  # one stream: the block's users run in order
 
 
 def test_tensorrt_older_than_10_1_is_refused_in_one_line(world, tmp_path, monkeypatch):

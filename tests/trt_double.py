@@ -37,7 +37,12 @@ Python method names are the bindings' in ``python/src/infer/pyCore.cpp``):
   size is 0"). The double refuses an enqueue of such a context without memory, and scribbles over
   the block while it "runs" (before reading the inputs, after writing the outputs), as activations
   would: a block that overlaps an input or output, or that another engine's call overwrote between
-  two of its calls' reads, shows as wrong values.
+  two of its calls' reads, shows as wrong values. The memory "is in use from the invocation of
+  enqueueV3() until network execution is complete … using it in another execution context running
+  in parallel … will result in undefined behavior": the double refuses an enqueue whose block (or
+  output memory) an earlier enqueue used unless stream order puts the earlier one first (same
+  stream, or ``wait_stream`` edges after it), and an enqueue that overwrites outputs a stream that
+  waited for them may still be reading (the caller's stream) without waiting for that stream.
 * Devices: an engine belongs to the device current when it was deserialized and must be used with
   it current (trtexec sets the device before creating contexts and in every inference thread:
   ``samples/common/sampleInference.cpp``). The double also requires the tensors' device
@@ -125,6 +130,7 @@ class FakeStream:
 
     def wait_stream(self, other: "FakeStream") -> None:
         self.world.waits.append((self.cuda_stream, other.cuda_stream))
+        self.world.edges.append((self.cuda_stream, other.cuda_stream, next(self.world.clock)))
 
     def __repr__(self):
         return f"FakeStream(cuda:{self.device_index}, handle={self.cuda_stream:#x})"
@@ -144,6 +150,30 @@ class CudaWorld:
         self.waits: list[tuple[int, int]] = []
         self.recorded: dict[int, set[int]] = {}
         self.calls: list[tuple] = []
+        # Stream order (fake CUDA only): every wait edge and enqueue gets a tick of one clock.
+        self.clock = itertools.count()
+        self.edges: list[tuple[int, int, int]] = []  # (waiting stream, waited-for stream, tick)
+        self.last_use: dict[int, tuple[int, int]] = {}  # address -> (stream, tick) of its last enqueue
+
+    def ordered(self, stream_a: int, tick_a: int, stream_b: int, tick_b: int) -> bool:
+        """Whether work enqueued on ``stream_a`` by ``tick_a`` completes before work enqueued on
+        ``stream_b`` at ``tick_b``: the same stream, or a chain of ``wait_stream`` edges between."""
+        if stream_a == stream_b:
+            return tick_a <= tick_b
+        return any(self.ordered(stream_a, tick_a, waited, tick) for waiting, waited, tick in self.edges if waiting == stream_b and tick_a <= tick < tick_b)
+
+    def check_reuse(self, address: int, what: str, stream: int, tick: int, readers: bool) -> None:
+        """An enqueue on ``stream`` at ``tick`` writes the memory at ``address``: the enqueue that
+        used it last must be ordered before, and (``readers``: outputs) so must every stream that
+        waited for that enqueue, which may be reading them."""
+        if address in self.last_use:
+            before, then = self.last_use[address]
+            if not self.ordered(before, then, stream, tick):
+                raise PreconditionViolation(f"{what}: in use by an enqueue on stream {before:#x} that is not ordered before this one on {stream:#x} (no wait_stream between)")
+            for waiting, waited, when in self.edges if readers else ():
+                if waited == before and when > then and waiting != stream and not self.ordered(waiting, when, stream, tick):
+                    raise PreconditionViolation(f"{what}: overwritten while stream {waiting:#x}, which waited for the previous call's outputs, may still read them (wait for it first)")
+        self.last_use[address] = (stream, tick)
 
     @property
     def current_device(self) -> int:
@@ -410,6 +440,13 @@ class IExecutionContext:
         for name in engine.inputs:
             if math.prod(shapes[name]) and stream_handle not in world.recorded.get(self.addresses[name], ()):
                 raise PreconditionViolation(f"input {name}: memory not record_stream-ed on the enqueue stream (it may be freed and reused while TensorRT reads it)")
+        if not world.real:  # real CUDA orders streams itself
+            tick = next(world.clock)
+            if self.device_memory is not None and engine.device_memory_size_v2:
+                world.check_reuse(self.device_memory[0], "activation memory", stream_handle, tick, readers=False)
+            for name in engine.outputs:
+                if math.prod(shapes[name]):
+                    world.check_reuse(self.addresses[name], f"output {name}", stream_handle, tick, readers=True)
         world.calls.append(("execute_async_v3", stream_handle, self.profile))
         dtypes = {name: DTYPES[t["dtype"]].torch for name, t in engine.tensors.items()}
         device = engine.device if world.real else None

@@ -13,8 +13,9 @@ from .base import EngineSet, precision_name, torch_dtype
 from .checked import ProfileCheckedEngine
 
 
-def load_engine(manifest, name: str, backend: str, device: torch.device):
+def load_engine(manifest, name: str, backend: str, device: torch.device, stream=None):
     """One engine of the folder (``onnxruntime`` or ``tensorrt``), without the profile checks.
+    ``stream``: the CUDA stream a TensorRT engine runs on (default: one of its own).
 
     Raises:
         EngineLoadError: the engine library refused the file (its reason and the rebuild command).
@@ -28,7 +29,7 @@ def load_engine(manifest, name: str, backend: str, device: torch.device):
     from .tensorrt_backend import TrtEngine
 
     built_with = f"TensorRT {manifest.data['versions'].get('tensorrt')}"
-    return TrtEngine(manifest.engine_path(name), name, dims, device, manifest.graph(name)["profiles"], built_with, fix=fix)
+    return TrtEngine(manifest.engine_path(name), name, dims, device, manifest.graph(name)["profiles"], built_with, stream=stream, fix=fix)
 
 
 def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineSet:
@@ -65,11 +66,14 @@ def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineS
         asked = None if wanted is None else precision_name(wanted)
         if asked is not None and asked != precision:  # before any engine loads
             raise ConfigError(describe(f"{backend} engines compute in the precision they were built in", got=f"dtype {asked} for {manifest.folder}, built in {precision}", fix=_precision_fix(manifest, asked)))
-        engines = {name: load_engine(manifest, name, backend, device) for name in GRAPH_NAMES}
+        # TensorRT: one stream for the set, so its engines' calls never overlap and can share one
+        # activation block (the larger need) whatever streams their callers use.
+        stream = torch.cuda.Stream(device) if backend == "tensorrt" else None
+        engines = {name: load_engine(manifest, name, backend, device, stream) for name in GRAPH_NAMES}
         if backend == "tensorrt":
             from .tensorrt_backend import share_activation_memory
 
-            share_activation_memory(engines.values())  # they run one at a time: one block, the larger
+            share_activation_memory(engines.values())
         inner = EngineSet(engines, device, torch_dtype(manifest.data.get("io_dtype", "fp32")), backend, precision)
     checked = {
         name: ProfileCheckedEngine(inner[name], manifest.graph(name)["profiles"], manifest.rebuild_command) for name in GRAPH_NAMES

@@ -22,14 +22,15 @@ TensorRT 11.1, github.com/NVIDIA/TensorRT; the Python names are those of
   results in undefined behavior". So each engine runs on a private stream that waits for the
   caller's current stream before and is waited for after, and every input is
   ``record_stream``-ed on it so the caching allocator cannot hand its memory to another stream
-  while TensorRT reads it.
+  while TensorRT reads it. A call also waits for the stream of the call before when the caller
+  has changed streams since: that stream may still be reading the outputs this call overwrites.
 * Activation memory: each context is made with ``ExecutionContextAllocationStrategy::kUSER_MANAGED``
   and given its block with ``setDeviceMemoryV2(memory, size)`` (TensorRT >= 10.1; Python
   ``set_device_memory``: "256-byte aligned device memory", size "at least as large as
   CudaEngine.get_device_memory_size_v2"). The memory "is in use from the invocation of enqueueV3()
   until network execution is complete … using it in another execution context running in parallel
-  … will result in undefined behavior". The engines of one set never run in parallel (every call
-  waits for the caller's stream, which waits for the call before), so they share one block the
+  … will result in undefined behavior". The engines of one set run on one stream, so their
+  calls never overlap whatever streams their callers use, and they share one block the
   size of the larger one (:func:`share_activation_memory`), as TensorRT's ``demo/Diffusion`` does
   for its engines (the call itself as Polygraphy's ``TrtRunner``, ``backend/trt/runner.py``:
   ``context.set_device_memory(ptr, nbytes)``); an engine used alone allocates its own at its first
@@ -191,7 +192,7 @@ class TrtEngine:
         EngineLoadError: the plan cannot be read or deserialized here, or does not implement
             ``graph``; names the file, TensorRT's reason and ``fix``.
         ManifestError: ``device`` is not a CUDA device.
-        ConfigError: ``stream`` is a default stream.
+        ConfigError: ``stream`` is a default stream or on another device.
     """
 
     def __init__(self, plan_path: Path, graph: str, dims: ModelDims, device: torch.device, profiles: list[dict], built_with: str | None = None, stream=None, fix: str | None = None):
@@ -227,7 +228,10 @@ class TrtEngine:
                 stream = torch.cuda.Stream(self.device)
             elif stream.cuda_stream in DEFAULT_STREAM_HANDLES:
                 raise ConfigError(describe("TensorRT engines run on a non-default CUDA stream", got=f"stream handle {stream.cuda_stream}", fix="pass torch.cuda.Stream(device), or no stream (the engine makes its own)"))
+            elif stream.device != self.device:
+                raise ConfigError(describe(f"{graph}: the engine runs on {self.device}", got=f"a stream on {stream.device}", fix=f"pass torch.cuda.Stream({str(self.device)!r})"))
             self.stream = stream
+            self._last_caller = None  # the stream that received the previous call's outputs
             self.activation_bytes = int(self.engine.device_memory_size_v2)  # the maximum over all profiles
             self._activations: torch.Tensor | None = None
             self.dtypes = {name: torch_dtype_of(trt, self.engine.get_tensor_dtype(name)) for name in (*self.spec.input_names, *self.spec.output_names)}
@@ -277,7 +281,7 @@ class TrtEngine:
         if not self.context.set_input_shape(name, tuple(tensor.shape)):
             allowed = " or ".join(f"{p[name][0]}..{p[name][2]}" for p in self.profiles if name in p)
             raise ShapeError(describe(f"{self.spec.name}: TensorRT refused the shape of {name} in profile {self._profile}", got=list(tensor.shape), expected=allowed, fix=REBUILD_HINT))
-        self.context.set_tensor_address(name, self._address(tensor))
+        self._set_address(name, tensor)
         if tensor.numel():
             tensor.record_stream(stream)  # the allocator keeps it until this stream's work is done
         return tensor
@@ -291,8 +295,18 @@ class TrtEngine:
         if numel > buffer.numel():
             raise ManifestError(describe(f"{self.spec.name}: output {name} outgrows the largest shape of the manifest's profiles", got=shape, expected=f"<= {buffer.numel()} elements", fix="rebuild the engine folder (the plan and manifest disagree)"))
         view = buffer[:numel].view(shape)
-        self.context.set_tensor_address(name, self._address(view))
+        self._set_address(name, view)
         return view
+
+    def _set_address(self, name: str, tensor: torch.Tensor) -> None:
+        # setTensorAddress: "\return True on success, false if error occurred" (NvInferRuntime.h);
+        # ignored, the context would keep the previous call's address and use that memory.
+        if not self.context.set_tensor_address(name, self._address(tensor)):
+            raise BuildError(describe(f"{self.spec.name}: TensorRT refused the address of {name}", got=f"{self._reason('set_tensor_address returned False')} ({hex(self._address(tensor))})", expected=f"a {ADDRESS_ALIGNMENT}-byte aligned device address on {self.device}"))
+
+    def _reason(self, default: str) -> str:
+        """TensorRT's last error since this call began (the log is cleared at each call's start)."""
+        return self.logger.errors[-1] if self.logger.errors else default
 
     def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Runs the engine on ``feeds`` (any device and float type: converted here).
@@ -309,15 +323,19 @@ class TrtEngine:
             caller = torch.cuda.current_stream(self.device)
             stream = self.stream
             stream.wait_stream(caller)  # the feeds were made on the caller's stream
+            if self._last_caller is not None and self._last_caller.cuda_stream != caller.cuda_stream:
+                stream.wait_stream(self._last_caller)  # it may still read the outputs this call overwrites
             try:
                 with torch.cuda.stream(stream):
                     results = self._enqueue(feeds, profile, stream)
             finally:
                 caller.wait_stream(stream)  # the caller's next work sees the outputs
+                self._last_caller = caller
         return {name: results[name] for name in self.spec.output_names if name in wanted}
 
     def _enqueue(self, feeds: Mapping[str, torch.Tensor], profile: int, stream) -> dict[str, torch.Tensor]:
         handle = stream.cuda_stream
+        self.logger.errors.clear()  # so a failure names this call's reason, not an older one
         if self._activations is None:  # used alone: a block of its own
             self.use_activation_memory(torch.empty(self.activation_bytes, dtype=torch.uint8, device=_memory_device(self.device)))
         if profile != self._profile:
@@ -333,21 +351,28 @@ class TrtEngine:
             raise ShapeError(describe(f"{self.spec.name}: TensorRT input shapes not fully specified", got=list(missing), fix="feed every input of the contract"))
         results = {name: self._bind_output(name) for name in self.spec.output_names}  # all need an address
         if not self.context.execute_async_v3(handle):
-            reason = self.logger.errors[-1] if self.logger.errors else "execute_async_v3 returned False"
-            raise BuildError(describe(f"TensorRT execution of {self.spec.name} failed", got=reason, expected=f"shapes inside profile {profile}"))
+            raise BuildError(describe(f"TensorRT execution of {self.spec.name} failed", got=self._reason("execute_async_v3 returned False"), expected=f"shapes inside profile {profile}"))
         del bound
         return results
 
 
-def share_activation_memory(engines: Iterable[TrtEngine]) -> torch.Tensor | None:
-    """One activation block for engines on one device that never run in parallel (an engine set:
-    see the module's notes), the size of the largest need, instead of one block each."""
+def share_activation_memory(engines: Iterable[TrtEngine], check_streams: bool = True) -> torch.Tensor | None:
+    """One activation block for the engines of a set, the size of the largest need, instead of one
+    block each. They must run on one stream (made with the same ``stream=``): stream order is what
+    keeps two enqueues from using the block at once, whatever streams the callers use.
+
+    Raises:
+        ConfigError: engines on several devices or streams (``check_streams=False`` lets a test
+            show what the rule prevents).
+    """
     engines = list(engines)
     if not engines:
         return None
     device = engines[0].device
     if any(e.device != device for e in engines):
         raise ConfigError(describe("engines sharing activation memory must be on one device", got=sorted({str(e.device) for e in engines})))
+    if check_streams and len({e.stream.cuda_stream for e in engines}) > 1:
+        raise ConfigError(describe("engines sharing activation memory must run on one CUDA stream", got=f"{len({e.stream.cuda_stream for e in engines})} streams", fix="make them with the same stream=torch.cuda.Stream(device)"))
     with torch.cuda.device(device):
         block = torch.empty(max(e.activation_bytes for e in engines), dtype=torch.uint8, device=_memory_device(device))
     for engine in engines:
