@@ -507,19 +507,19 @@ def triton_repo(engine_dir, out, **options):
     config = RepositoryConfig(engine_dir=engine_dir, **options)
     repository = write_repository(config, out, log=_log)
     _log(f"the serving host needs: {repository_needs(config).summary()}")
-    _log(f"models {', '.join(repository.models)} (max batch {repository.max_batch_size}) for {repository.engine_dir}; NVIDIA's container runs it with: tritonserver --model-repository={repository.path}")
+    _log(f"models {', '.join(repository.models)} (max batch {repository.max_batch_size}) for {repository.engine_dir}; NVIDIA's container runs it with: tritonserver --model-repository={repository.path} --disable-auto-complete-config")
     click.echo(repository.path)
 
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @repository_options
-@click.option("--host", default=_SERVE_DEFAULTS.host, show_default=True, help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--host", default=_SERVE_DEFAULTS.host, show_default=True, help="Address to listen on (0.0.0.0 or :: for every interface; a name is resolved to its address).")
 @click.option("--http-port", type=int, default=_SERVE_DEFAULTS.http_port, show_default=True)
 @click.option("--grpc-port", type=int, default=_SERVE_DEFAULTS.grpc_port, show_default=True)
 @click.option("--metrics-port", type=int, default=_SERVE_DEFAULTS.metrics_port, show_default=True)
 @click.option("--repo", type=click.Path(path_type=Path), default=None, help="Write the model repository here and keep it (default: a temporary folder).")
-@click.option("--exit-timeout-secs", "exit_timeout_s", type=int, default=_SERVE_DEFAULTS.exit_timeout_s, show_default=True, help="How long in-flight requests may finish after SIGTERM or Ctrl+C.")
+@click.option("--exit-timeout-secs", "exit_timeout_s", type=int, default=_SERVE_DEFAULTS.exit_timeout_s, show_default=True, help="How long in-flight requests (and open HTTP connections: Triton waits for them) may take to finish after SIGTERM or Ctrl+C (>= 1).")
 @click.option("-v", "--verbose", is_flag=True, help="Triton's verbose log, and one line per batch from the models.")
 @click.option("--dry-run", is_flag=True, help="Make every check serve makes before it starts (options, ports, memory for the instances on this host) and stop.")
 @_one_line_errors

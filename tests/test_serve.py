@@ -302,6 +302,9 @@ def test_latents_handler_matches_the_runtime(instance, tiny4_runtime, tiny_condi
 # ----------------------------------------------------------------------------- a real server (helpers shared with test_triton_repo.py)
 
 
+EXIT_TIMEOUT_S = 20  # the module's server: long enough for the drain test's requests on a loaded host
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     try:
@@ -446,7 +449,7 @@ def generate_cli_image(engine_dir: Path, prompt: str, seed: int, out: Path) -> n
 
 @pytest.fixture(scope="module")
 def server(tiny4_engine_dir, preset_root, tmp_path_factory):
-    s = start_server(tiny4_engine_dir, tmp_path_factory.mktemp("serve") / "serve.log", preset_root, "--instances", "2")
+    s = start_server(tiny4_engine_dir, tmp_path_factory.mktemp("serve") / "serve.log", preset_root, "--instances", "2", "--exit-timeout-secs", str(EXIT_TIMEOUT_S))
     yield s
     left = s.stop()
     assert not left, f"processes left behind: {left}"
@@ -620,6 +623,23 @@ def test_serve_refuses_bad_setups_in_one_line(tiny4_engine_dir, tmp_path):
         port = taken.getsockname()[1]
         done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--http-port", str(port)])
     assert done.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in done.output and "Traceback" not in done.output
+    done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--exit-timeout-secs", "0"])
+    assert done.exit_code == 1 and "--exit-timeout-secs must be >= 1 | got 0" in done.output
+    done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--host", "no-such-host.invalid"])
+    assert done.exit_code == 1 and "--host 'no-such-host.invalid' does not resolve to an address" in done.output
+
+
+def test_triton_gets_ip_addresses_in_the_forms_it_binds(tmp_path):
+    """Triton's HTTP and metrics endpoints bind IP literals only (``localhost`` binds
+    255.255.255.255), IPv6 as ``ipv6:[…]``; gRPC takes ``[…]`` and appends the port."""
+    from hs_export.serve.server import ServeConfig, TritonDist, listen_address
+
+    assert ServeConfig(host="localhost").address == "127.0.0.1" and listen_address("::1") == "::1"
+    dist = TritonDist(Path("tritonserver"), tmp_path, tmp_path, tmp_path)
+    flags = lambda address: {f.split("=")[0]: f.split("=", 1)[1] for f in dist.command(tmp_path, tmp_path, address, 1, 2, 3) if f.split("=")[0].endswith("-address")}  # noqa: E731
+    assert flags("127.0.0.1") == {"--http-address": "127.0.0.1", "--grpc-address": "127.0.0.1", "--metrics-address": "127.0.0.1"}
+    assert flags("::") == {"--http-address": "ipv6:[::]", "--grpc-address": "[::]", "--metrics-address": "ipv6:[::]"}
+    assert "--disable-auto-complete-config" in dist.command(tmp_path, tmp_path, "::1", 1, 2, 3)
 
 
 def test_text_and_vae_elements_are_the_parameters_the_runtime_loads(tiny_paths, tiny_pipe, tmp_path):
@@ -707,7 +727,9 @@ def test_serve_dry_run_checks_and_starts_nothing(tiny4_engine_dir, monkeypatch):
 
 def test_sigterm_drains_in_flight_requests(server):
     """Last: stops the module's server. Requests in flight when SIGTERM arrives complete; the
-    process exits 0; no tritonserver (or anything else of its session) is left."""
+    process exits 0; no tritonserver (or anything else of its session) is left. An idle
+    keep-alive HTTP connection, open throughout, holds Triton's stop until its exit timeout, after
+    which Triton exits 1: ``serve`` says so and still exits 0."""
     from hs_export.serve.client import HybridStitchClient
 
     def slow(i):
@@ -715,6 +737,9 @@ def test_sigterm_drains_in_flight_requests(server):
             remote.generate(PROMPTS[i], seed=i, steps=600, plan="large")  # ~2.5 s on tiny engines
             return time.monotonic()
 
+    idle = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10)
+    idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\nConnection: keep-alive\r\n\r\n")
+    assert idle.recv(100).startswith(b"HTTP/1.1 200")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(slow, i) for i in range(4)]
         time.sleep(1.0)
@@ -725,10 +750,13 @@ def test_sigterm_drains_in_flight_requests(server):
         server.proc.send_signal(signal.SIGTERM)
         finished = [f.result(timeout=120) for f in futures]
     assert max(finished) > signalled
-    assert server.proc.wait(timeout=60) == 0, server.log_tail()
+    try:
+        assert server.proc.wait(timeout=60) == 0, server.log_tail()
+    finally:
+        idle.close()
     assert server.stop() == []
     log = server.log_tail(20000)
-    assert "SIGTERM: draining in-flight requests" in log and "stopped: tritonserver drained and exited" in log
+    assert "SIGTERM: draining in-flight requests" in log and f"stopped at --exit-timeout-secs {EXIT_TIMEOUT_S}: Triton waits for every open HTTP connection" in log
 
 
 def test_a_folder_built_before_refreshes_serves_the_plan_it_recorded():

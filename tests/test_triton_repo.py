@@ -52,8 +52,8 @@ def test_triton_repo_writes_both_models(tiny4_engine_dir, tmp_path):
     assert done.exit_code == 0, done.output
     config = (repo / GENERATE.name / "config.pbtxt").read_text()
     assert "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 1 ] } ]" in config and "dynamic_batching" not in config
-    assert 'string_value: "hybridstitch/engines"' in config and (repo / GENERATE.name / "engines" / "manifest.json").is_file()
-    assert 'string_value: "hybridstitch/engines"' in (repo / LATENTS.name / "config.pbtxt").read_text()
+    assert 'string_value: "hybridstitch/1/engines"' in config and (repo / GENERATE.name / "1" / "engines" / "manifest.json").is_file()
+    assert 'string_value: "hybridstitch/1/engines"' in (repo / LATENTS.name / "config.pbtxt").read_text()
 
     # the text encoders' precision travels as a parameter the model reads (as Triton hands it over, in JSON)
     done = _write(str(tiny4_engine_dir), "--out", str(repo), "--text-dtype", "bf16")

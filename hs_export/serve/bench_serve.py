@@ -136,6 +136,8 @@ def run_bench_serve(config: ServeBenchConfig, log=print) -> dict:
     with HybridStitchClient(config.url, config.timeout_s) as client:
         model_config = client.model_config(GENERATE.name)
         client.generate(config.prompt, seed=10**6, plan=config.plan, steps=config.steps, height=config.height, width=config.width)  # warm-up
+    if scrape_counts(config.metrics()) is None:
+        log(f"mean batch unknown: no Triton metrics for {GENERATE.name} at {config.metrics()} (pass --metrics-url where the server's metrics port is not 8002)")
     dynamic = "dynamic_batching" in model_config
     batcher = model_config.get("dynamic_batching") or {}
     instances = sum(int(g.get("count", 1)) for g in model_config.get("instance_group", [])) or None

@@ -118,8 +118,8 @@ class HybridStitchClient:
     # ------------------------------------------------------------------ server state
 
     def ready(self, model: str = GENERATE.name) -> bool:
-        """Whether ``model`` is loaded and warmed up (its ready endpoint; the server's own
-        ``/v2/health/ready`` is true before any model is bound)."""
+        """Whether ``model`` is loaded and warmed up (its own ready endpoint: the server's
+        ``/v2/health/ready`` speaks for all models, and for none on a server without them)."""
         try:
             return bool(self._client.is_model_ready(model))
         except Exception:  # not reachable yet: not ready

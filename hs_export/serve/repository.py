@@ -7,7 +7,7 @@ What it writes, for each served model (``hybridstitch``; ``hybridstitch_latents`
                                      (engine folder, backend, pipeline) read by the model
     REPO/hybridstitch/1/model.py     one import: ``hs_export.serve.triton_model.TritonPythonModel``
 
-The engine folder is referenced by its absolute path, or copied to ``REPO/<first model>/engines``
+The engine folder is referenced by its absolute path, or copied to ``REPO/<first model>/1/engines``
 (``copy_engines``) and referenced relative to the repository, so the folder can move (e.g. into a
 container). Nothing here starts Triton or loads an engine: a repository may be written on a CPU
 host for a GPU container.
@@ -169,7 +169,7 @@ def write_repository(config: RepositoryConfig, out: str | Path, log=lambda _: No
     _clear(out)
     engines_param = str(engine_dir)
     if config.copy_engines:
-        target = out / specs[0].name / "engines"
+        target = out / specs[0].name / "1" / "engines"  # in the version folder: Triton reads any other subfolder as a version and warns
         shutil.copytree(engine_dir, target)
         engines_param = target.relative_to(out).as_posix()
         log(f"copied {engine_dir} to {target}")

@@ -13,7 +13,10 @@ Life of a server:
    ``/v2/models/NAME/ready`` turns true only when the model can serve.
 4. SIGTERM or SIGINT is forwarded to Triton, which stops taking requests, finishes the ones in
    flight (up to ``--exit-timeout-secs``) and exits; the command then exits 0 and leaves no
-   ``tritonserver`` behind.
+   ``tritonserver`` behind. Triton 2.51 first closes its HTTP endpoint and waits for every open
+   HTTP connection, idle keep-alive ones included (``http_server.cc``), then unloads the models;
+   when that takes the whole timeout it exits 1 ("Exit timeout expired"), which a requested stop
+   reports as a warning, not an error.
 
 What runs is what NVIDIA's ``tritonserver`` container runs on the same repository. Scale-out is
 Triton's own (one server per GPU, servers behind a load balancer or KServe); nothing here
@@ -25,6 +28,8 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import functools
+import ipaddress
 import logging
 import os
 import re
@@ -39,6 +44,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -61,7 +67,9 @@ class ServeConfig:
     Attributes:
         model: what the repository serves and how Triton schedules it.
         repo: write the repository here and keep it (default: a temporary folder, removed at exit).
-        exit_timeout_s: how long Triton waits for in-flight requests after SIGTERM/SIGINT.
+        host: the address to listen on; a name is resolved to one (:attr:`address`).
+        exit_timeout_s: how long Triton waits for in-flight requests after SIGTERM/SIGINT (>= 1:
+            with 0 Triton never finishes unloading the models and exits 1).
         ready_timeout_s: how long the models may take to load and warm up.
         verbose: Triton's verbose log, and one log line per batch from the models.
     """
@@ -84,12 +92,42 @@ class ServeConfig:
                 raise ConfigError(describe(f"{flag} out of range", got=port, expected="1..65535"))
         if len(set(ports.values())) != 3:
             raise ConfigError(describe("HTTP, gRPC and metrics ports must differ", got=ports))
-        if self.exit_timeout_s < 0:
-            raise ConfigError(describe("--exit-timeout-secs must be >= 0", got=self.exit_timeout_s))
+        if self.exit_timeout_s < 1:
+            raise ConfigError(describe("--exit-timeout-secs must be >= 1", got=self.exit_timeout_s, fix="Triton needs time to unload the models; with 0 it exits with an error"))
+        self.address  # an unresolvable --host is refused here
         kind, gpu = self.model.device_kind()
         if kind == "KIND_GPU" and (not torch.cuda.is_available() or gpu >= torch.cuda.device_count()):
             found = torch.cuda.device_count() if torch.cuda.is_available() else 0
             raise ConfigError(describe(f"--device {self.model.device}: no such CUDA device here", got=f"{found} CUDA device(s)", fix="serve on a GPU host, or pass --device cpu"))
+
+    @cached_property
+    def address(self) -> str:
+        """The IP address :attr:`host` names (see :func:`listen_address`)."""
+        return listen_address(self.host)
+
+
+def listen_address(host: str) -> str:
+    """The IP address Triton listens on for ``host``. Triton's HTTP and metrics endpoints bind IP
+    literals only (libevhtp: ``localhost`` binds 255.255.255.255 and nothing answers), so a name
+    is resolved here, IPv4 first.
+
+    Raises:
+        ConfigError: a name that does not resolve.
+    """
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(describe(f"--host {host!r} does not resolve to an address", got=getattr(exc, "strerror", None) or str(exc), expected="an IP address (127.0.0.1, 0.0.0.0, ::1, ::) or a host name")) from None
+    return sorted({info[4][0] for info in found}, key=lambda a: ":" in a)[0]
+
+
+def url_host(address: str) -> str:
+    """``address`` as a URL's host part (IPv6 in brackets)."""
+    return f"[{address}]" if ":" in address else address
 
 
 # ----------------------------------------------------------------------------- the binary
@@ -148,23 +186,33 @@ class TritonDist:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env
 
-    def command(self, repo: Path, backends: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, exit_timeout_s: int = 30, gpu_metrics: bool = False, verbose: bool = False) -> list[str]:
-        """``tritonserver --model-repository REPO`` with addresses, ports and the drain timeout."""
+    def command(self, repo: Path, backends: Path, address: str, http_port: int, grpc_port: int, metrics_port: int, exit_timeout_s: int = 30, gpu_metrics: bool = False, verbose: bool = False) -> list[str]:
+        """``tritonserver --model-repository REPO`` with addresses, ports and the drain timeout.
+
+        ``address`` is an IP address. IPv6 takes libevhtp's ``ipv6:[…]`` for HTTP and metrics
+        (Triton's ``docs/protocol/README.md``, "IPv6") and ``[…]`` for gRPC (Triton appends
+        ``:port``). Auto-complete is off: the written config is complete, and with it on the
+        Python backend starts one more stub per model only to import ``model.py``.
+        """
+        v6 = ipaddress.ip_address(address).version == 6
+        web, grpc = (f"ipv6:[{address}]", f"[{address}]") if v6 else (address, address)
         return [
-            str(self.binary), f"--model-repository={repo}", f"--backend-directory={backends}",
-            f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}", f"--grpc-port={grpc_port}",
-            f"--metrics-address={host}", f"--metrics-port={metrics_port}", "--allow-metrics=true", f"--allow-gpu-metrics={str(gpu_metrics).lower()}",
+            str(self.binary), f"--model-repository={repo}", f"--backend-directory={backends}", "--disable-auto-complete-config",
+            f"--http-address={web}", f"--http-port={http_port}", f"--grpc-address={grpc}", f"--grpc-port={grpc_port}",
+            f"--metrics-address={web}", f"--metrics-port={metrics_port}", "--allow-metrics=true", f"--allow-gpu-metrics={str(gpu_metrics).lower()}",
             f"--exit-timeout-secs={exit_timeout_s}", f"--log-verbose={1 if verbose else 0}",
         ]
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(prctl, parent: int) -> None:
     """In the child before exec: its own process group (a terminal's Ctrl+C reaches only the
     parent, which forwards it once), and SIGTERM when the parent dies, so no tritonserver
-    outlives ``serve`` even on SIGKILL."""
+    outlives ``serve`` even on SIGKILL. ``prctl`` is libc's, loaded in the parent (finding libc
+    runs ``ldconfig``: no subprocess between fork and exec)."""
     os.setpgid(0, 0)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl: no signal would come
+        os._exit(1)
 
 
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
@@ -184,7 +232,7 @@ def local_address(host: str, port: int) -> str:
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{url_host(host)}:{port}"
 
 
 def model_ready(address: str, model: str, timeout_s: float = 2.0) -> bool:
@@ -221,6 +269,12 @@ class _Output:
         errors = [line for line in lines if "error" in line.lower()]
         return (errors or lines or ["no output"])[-1].strip()
 
+    def says(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+
+#: What Triton logs when a stop outlasts ``--exit-timeout-secs`` (``core/src/server.cc``); it then exits 1.
+EXIT_TIMEOUT = "Exit timeout expired"
 
 #: Triton's line for a model that failed to load; the message ends at the first escaped newline.
 _LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (?:Internal: )?(.*?)(?:\\n|\"?$)")
@@ -235,7 +289,7 @@ def preflight(config: ServeConfig) -> tuple["TritonDist", str]:
     """
     config.validate()
     dist = TritonDist.find()
-    check_ports_free(config.host, {"--http-port": config.http_port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port})
+    check_ports_free(config.address, {"--http-port": config.http_port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port})
     return dist, check_serve_memory(repository_needs(config.model), free_memory(config.model.device))
 
 
@@ -258,11 +312,14 @@ def serve(config: ServeConfig, log=None) -> None:
         env = dist.environment()
         env[LOG_LEVEL_ENV] = "DEBUG" if config.verbose else "INFO"
         command = dist.command(
-            repository.path.resolve(), dist.backend_directory(work), config.host, config.http_port, config.grpc_port, config.metrics_port,
+            repository.path.resolve(), dist.backend_directory(work), config.address, config.http_port, config.grpc_port, config.metrics_port,
             config.exit_timeout_s, gpu_metrics=config.model.device.startswith("cuda"), verbose=config.verbose,
         )
-        log(f"starting {dist.binary.name} on {config.host} (HTTP {config.http_port}, gRPC {config.grpc_port}, metrics {config.metrics_port}); models load and warm up before they report ready")
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        named = "" if config.address == config.host else f" ({config.host})"
+        log(f"starting {dist.binary.name} on {config.address}{named} (HTTP {config.http_port}, gRPC {config.grpc_port}, metrics {config.metrics_port}); models load and warm up before they report ready")
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        die_with_parent = functools.partial(_die_with_parent, libc.prctl, os.getpid())
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         output = _Output(proc.stdout, sys.stdout)
         stopping = threading.Event()
 
@@ -281,6 +338,12 @@ def serve(config: ServeConfig, log=None) -> None:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         output.thread.join(timeout=5)
+        if proc.returncode != 0 and stopping.is_set() and output.says(EXIT_TIMEOUT):
+            log(
+                f"stopped at --exit-timeout-secs {config.exit_timeout_s}: Triton waits for every open HTTP connection (clients that keep "
+                "theirs alive) and in-flight request, and when the time ran out stopped the models without finalize (requests still running were cut)"
+            )
+            return
         if proc.returncode != 0:
             raise ServingError(describe("tritonserver stopped with an error", got=f"exit code {proc.returncode}: {output.reason()}", fix="see its log above"))
         log("stopped: tritonserver drained and exited")
@@ -291,7 +354,7 @@ def serve(config: ServeConfig, log=None) -> None:
 
 
 def _wait_ready(config: ServeConfig, repository: Repository, proc, output: _Output, stopping: threading.Event, log) -> None:
-    address = local_address(config.host, config.http_port)
+    address = local_address(config.address, config.http_port)
     deadline = time.monotonic() + config.ready_timeout_s
     pending = list(repository.models)
     while pending and not stopping.is_set():
@@ -307,8 +370,8 @@ def _wait_ready(config: ServeConfig, repository: Repository, proc, output: _Outp
         m = config.model
         batching = f"dynamic batching on (max batch {repository.max_batch_size}, queue delay {m.max_queue_delay_ms:g} ms, queue {m.max_queue or 'unbounded'})" if m.dynamic_batching else f"dynamic batching off (max batch {repository.max_batch_size})"
         log(
-            f"ready: {', '.join(repository.models)} on http://{config.host}:{config.http_port} and grpc://{config.host}:{config.grpc_port}, "
-            f"metrics http://{config.host}:{config.metrics_port}/metrics; {m.instances} instance(s) per model on {m.device}, {batching}"
+            f"ready: {', '.join(repository.models)} on http://{url_host(config.address)}:{config.http_port} and grpc://{url_host(config.address)}:{config.grpc_port}, "
+            f"metrics http://{url_host(config.address)}:{config.metrics_port}/metrics; {m.instances} instance(s) per model on {m.device}, {batching}"
         )
 
 
