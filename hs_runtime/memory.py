@@ -53,9 +53,9 @@ def hybrid_cache(plan: Plan, dims: Mapping[str, ModelDims], image_tokens: int, t
     m = image_tokens - k
 
     def image_kv(d: ModelDims, tokens: int) -> int:
-        return 2 * batch * d.kv_entries * tokens * d.hidden * element_bytes
+        return kv_output_bytes(d, batch, tokens, 0, element_bytes)
 
-    large_text = 2 * batch * large.text_entries * text_tokens * large.hidden * element_bytes if plan.reuse_text_kv else 0
+    large_text = kv_output_bytes(large, batch, 0, text_tokens, element_bytes) if plan.reuse_text_kv else 0
     small_image = image_kv(small, k) if plan.small_outside_mask else 0
     queries = (image_kv(large, k) + (image_kv(small, m) if plan.small_outside_mask else 0)) if plan.mask.reselect_every else 0
     offset = prompts * image_tokens * large.patch_dim * FP32_BYTES if plan.carry_offset else 0
