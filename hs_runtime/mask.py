@@ -37,6 +37,11 @@ class TokenMask:
             return self
         return TokenMask(*(torch.cat([t, t]) for t in (self.complex_idx, self.context_idx, self.scores)))
 
+    def counts(self) -> torch.Tensor:
+        """``[P]`` complex tokens per prompt (a row padded with repeats counts each token once:
+        prompts of one result denoised in separate calls with an adaptive mask)."""
+        return self.as_grid(1, self.scores.shape[1]).sum(dim=(1, 2))
+
     def as_grid(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """``[P, h, w]`` bool map of complex tokens (for overlays)."""
         p, n = self.scores.shape
@@ -87,8 +92,8 @@ def adaptive_token_count(scores: torch.Tensor, config: MaskConfig) -> int:
 
 
 def select_tokens(scores: torch.Tensor, ratio: float, count: int | None = None) -> TokenMask:
-    """Top ``count`` (default ``ceil(ratio · N)``) tokens by score (ties to the lower index) and
-    their complement."""
+    """Top ``count`` (default ``ceil(ratio · N)``) tokens by score (exact ties as ``torch.topk``
+    breaks them) and their complement."""
     n = scores.shape[1]
     k = complex_token_count(ratio, n) if count is None else count
     complex_idx = torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values

@@ -5,8 +5,9 @@ Only this module imports diffusers/transformers on the runtime side, and only wh
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from .errors import ConfigError, ModelLoadError, ShapeError, describe, first_lin
 from .numerics import check_finite
 from .sampler import Conditioning, DenoiseResult, StitchedSampler
 from .plans import Plan
-from .validation import check_folder_path, check_seed
+from .validation import check_folder_path, check_int, check_seed
 
 
 class TextAndVae:
@@ -82,7 +83,7 @@ def check_image_size(height: int, width: int, vae_scale_factor: int = 8, patch_s
     """Pixels must map to whole latent patches: a positive multiple of ``vae_scale · patch`` (16)."""
     multiple = vae_scale_factor * patch_size
     for name, value in (("height", height), ("width", width)):
-        if value is not None and (value <= 0 or value % multiple):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0 or value % multiple):
             raise ShapeError(describe(f"{name} must be a positive multiple of {multiple}", got=value))
 
 
@@ -94,10 +95,15 @@ def initial_latents(prompts: int, height: int, width: int, seed: int | Sequence[
             prompt ``i`` then gets the noise ``torch.Generator("cpu").manual_seed(seed[i])`` draws
             for ``[1, C, H/8, W/8]``, so its noise never depends on the other prompts of the batch.
     """
+    prompts = check_int("prompts", prompts)
+    if height is None or width is None:
+        raise ShapeError(describe("initial latents need a height and a width", got=(height, width)))
     check_image_size(height, width, vae_scale_factor)
     shape = (prompts, channels, height // vae_scale_factor, width // vae_scale_factor)
     if isinstance(seed, (int, np.integer)):
         return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(check_seed(seed)), dtype=torch.float32)
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, Iterable):
+        raise ConfigError(describe("seed must be an integer, or one integer per prompt", got=repr(seed)))
     seeds = [check_seed(s) for s in seed]
     if len(seeds) != prompts:
         raise ConfigError(describe("one seed per prompt", got=f"{len(seeds)} seed(s) for {prompts} prompt(s)", fix="pass one int, or a list as long as the prompts"))
@@ -124,7 +130,14 @@ class HybridStitchPipeline:
             raise ConfigError(describe("no prompts given", fix="pass at least one prompt"))
         if negative_prompts is not None and isinstance(negative_prompts, str):
             negative_prompts = [negative_prompts] * len(prompts)
-        conditioning = self.text_and_vae.encode(prompts, negative_prompts, self.sampler.cfg, self.max_sequence_length)
+        for what, texts in (("prompts", prompts), ("negative prompts", negative_prompts or [])):
+            odd = [t for t in texts if not isinstance(t, str)]
+            if odd:
+                raise ConfigError(describe(f"{what} must be strings", got=repr(odd[0])))
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ConfigError(describe("one negative prompt per prompt", got=f"{len(negative_prompts)} for {len(prompts)} prompt(s)", fix="pass one string, or a list as long as the prompts"))
+        # Noise first: seeds and sizes are refused before the text encoders run (no RNG there).
         latents = initial_latents(len(prompts), height, width, seed, self.text_and_vae.vae_scale_factor)
+        conditioning = self.text_and_vae.encode(prompts, negative_prompts, self.sampler.cfg, self.max_sequence_length)
         result: DenoiseResult = self.sampler.denoise(plan, latents, conditioning, profile=profile, should_stop=should_stop)
         return self.text_and_vae.decode(result.latents), result

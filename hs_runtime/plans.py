@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError, describe
+from .validation import check_int, check_number
 
 ACTIONS = ("large", "capture", "hybrid", "small")
 PLAN_NAMES = ("large", "small", "tstitch", "srdiff", "hybrid")
@@ -56,6 +57,8 @@ class MaskConfig:
     reselect_every: int = 0
 
     def __post_init__(self):
+        for name in ("ratio", "energy", "min_ratio"):
+            check_number(f"mask {name}", getattr(self, name))
         if not 0.0 < self.ratio <= 1.0:
             raise ConfigError(describe("mask ratio out of range", got=self.ratio, expected="a value in (0, 1]"))
         if not 0.0 <= self.energy <= 1.0:
@@ -69,8 +72,7 @@ class MaskConfig:
             )
         if self.signal not in MASK_SIGNALS:
             raise ConfigError(describe("unknown mask signal", got=repr(self.signal), expected=" | ".join(MASK_SIGNALS)))
-        if self.reselect_every < 0:
-            raise ConfigError(describe("mask reselect_every must be >= 0", got=self.reselect_every, expected="0 (off) or every k hybrid steps"))
+        check_int("mask reselect_every", self.reselect_every, minimum=0)
         if self.reselect_every and self.signal != "detail":
             raise ConfigError(
                 describe(
@@ -123,17 +125,15 @@ class PlanConfig:
 
     def __post_init__(self):
         for name in ("large_fraction", "hybrid_end", "small_fraction", "srdiff_large_fraction"):
-            value = getattr(self, name)
+            value = check_number(name, getattr(self, name))
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(describe(f"{name} out of range", got=value, expected="a value in [0, 1]"))
         if self.hybrid_end < self.large_fraction:
             raise ConfigError(
                 describe("hybrid_end before large_fraction", got=(self.large_fraction, self.hybrid_end), expected="large_fraction <= hybrid_end")
             )
-        if self.refresh_every < 0:
-            raise ConfigError(describe("refresh_every must be >= 0", got=self.refresh_every))
-        if self.refreshes < 0:
-            raise ConfigError(describe("refreshes must be >= 0", got=self.refreshes))
+        check_int("refresh_every", self.refresh_every, minimum=0)
+        check_int("refreshes", self.refreshes, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -202,8 +202,7 @@ def _refresh_steps(length: int, every: int, count: int) -> list[int]:
 def make_plan(name: str, steps: int, config: PlanConfig | None = None) -> Plan:
     """Builds one of :data:`PLAN_NAMES` for ``steps`` denoising steps."""
     config = config or PlanConfig()
-    if steps < 1:
-        raise ConfigError(describe("steps must be >= 1", got=steps))
+    check_int("steps", steps)
     if name == "large":
         return Plan(name, ("large",) * steps, config.mask)
     if name == "small":

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from .backends.base import EngineSet, torch_dtype
-from .contract import SMALL
+from .backends.checked import ProfileCheckedEngine
+from .contract import GRAPH_NAMES, SMALL
 from .errors import ShapeError, describe
 from .mask import TokenMask
 from .plans import Plan
@@ -47,7 +48,9 @@ class HybridStitchRuntime:
         small_model = load_transformer(small, dtype, device)
         large_model = load_transformer(large, dtype, device)
         check_pair(small_model.config, large_model.config)
-        return cls(torch_engines(small_model, large_model, device, dtype), pipeline_source, max_sequence_length, text_dtype=text_dtype)
+        engines = torch_engines(small_model, large_model, device, dtype)
+        checked = {name: ProfileCheckedEngine(engines[name], None) for name in GRAPH_NAMES}  # the contract's sizes, in one line
+        return cls(EngineSet(checked, engines.device, engines.dtype, engines.backend, engines.precision), pipeline_source, max_sequence_length, text_dtype=text_dtype)
 
     @classmethod
     def from_dir(cls, folder, backend: str | None = None, device="cpu", pipeline_source=None, dtype=None, text_dtype=None) -> "HybridStitchRuntime":
@@ -140,8 +143,10 @@ class PromptBatchingSampler:
     Fewer prompts than the range's minimum are padded by repeating the last prompt's conditioning
     and latents (the padded results are dropped); more than its maximum are split into chunks. Each
     prompt's result depends only on its own conditioning and latents (up to floating-point
-    rounding), so batching never changes what a prompt gets. Each chunk holds the engines'
-    single-request guard (:meth:`EngineSet.exclusive`) while it runs.
+    rounding), so batching never changes what a prompt gets — except with an adaptive mask
+    (``MaskConfig.energy > 0``), whose token count is the largest any prompt of an engine call
+    asks for. The whole request holds the engines' single-request guard
+    (:meth:`EngineSet.exclusive`), so another thread cannot take the engines between its chunks.
 
     Args:
         sampler: the sampler that runs one engine call's worth of prompts.
@@ -164,12 +169,13 @@ class PromptBatchingSampler:
             return self.sampler.denoise(plan, latents, conditioning, profile, should_stop)
         low, high = self.prompt_range
         parts = []
-        for start in range(0, n, high):
-            rows = list(range(start, min(start + high, n)))
-            real = len(rows)
-            rows += [rows[-1]] * (low - real)
-            result = self.sampler.denoise(plan, _take(latents, rows), _take_conditioning(conditioning, rows), profile, should_stop)
-            parts.append((result, real))
+        with self.sampler.engines.exclusive():  # reentrant: each chunk's denoise takes it again
+            for start in range(0, n, high):
+                rows = list(range(start, min(start + high, n)))
+                real = len(rows)
+                rows += [rows[-1]] * (low - real)
+                result = self.sampler.denoise(plan, _take(latents, rows), _take_conditioning(conditioning, rows), profile, should_stop)
+                parts.append((result, real))
         return _concat_results(parts)
 
 
@@ -187,13 +193,30 @@ def _take_conditioning(conditioning: Conditioning, rows: list[int]) -> Condition
     )
 
 
+def _join_index_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Token-index rows of chunks → one ``[P, K]`` tensor. An adaptive mask picks its count per
+    engine call, so chunks can differ in width: a narrower row is padded with repeats of its last
+    index (the same set of tokens; :meth:`TokenMask.counts` counts each once)."""
+    width = max(part.shape[1] for part in parts)
+    padded = []
+    for part in parts:
+        missing = width - part.shape[1]
+        if missing and part.shape[1]:
+            part = torch.cat([part, part[:, -1:].expand(-1, missing)], dim=1)
+        elif missing:  # no token at all (a mask of every token has no context): nothing to repeat
+            raise ShapeError(describe("the prompts' masks cannot be joined", got=f"an empty index row beside {width}-wide ones", fix="run these prompts in one engine call, or with a fixed mask (energy 0)"))
+        padded.append(part)
+    return torch.cat(padded)
+
+
 def _concat_results(parts: list[tuple[DenoiseResult, int]]) -> DenoiseResult:
     """Chunk results → one result over the real prompts (padding dropped); stage times summed."""
     latents = torch.cat([r.latents[:real] for r, real in parts])
     masks = []
     for k in range(len(parts[0][0].masks)):  # every chunk ran the same plan: same mask count
         chunks = [(r.masks[k], real) for r, real in parts]
-        masks.append(TokenMask(*(torch.cat([getattr(m, f)[:real] for m, real in chunks]) for f in ("complex_idx", "context_idx", "scores"))))
+        index_rows = ([getattr(m, f)[:real] for m, real in chunks] for f in ("complex_idx", "context_idx"))
+        masks.append(TokenMask(*(_join_index_rows(rows) for rows in index_rows), torch.cat([m.scores[:real] for m, real in chunks])))
     times = StageTimes()
     for r, _ in parts:
         for stage, seconds in r.times.seconds.items():

@@ -50,10 +50,23 @@ class Conditioning:
         return self.prompt_embeds.shape[0]
 
     def batch(self, cfg: bool, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[uncond; cond]`` (or cond only) embeddings as engines take them."""
-        if cfg and self.negative_prompt_embeds is None:
-            raise ShapeError(describe("guidance_scale > 1 needs negative prompt embeddings", fix="pass negative_* or guidance_scale=1"))
+        """``[uncond; cond]`` (or cond only) embeddings as engines take them.
+
+        Raises:
+            ShapeError: embeddings of the wrong rank or prompt count, negatives missing (with
+                guidance) or shaped unlike the positives.
+        """
         embeds, pooled = self.prompt_embeds, self.pooled_prompt_embeds
+        if embeds.dim() != 3 or pooled.dim() != 2 or pooled.shape[0] != embeds.shape[0]:
+            raise ShapeError(describe("prompt embeddings must be [P, T, D] and pooled ones [P, D]", got=(tuple(embeds.shape), tuple(pooled.shape))))
+        if cfg:
+            negatives = {"negative_prompt_embeds": (self.negative_prompt_embeds, embeds), "negative_pooled_prompt_embeds": (self.negative_pooled_prompt_embeds, pooled)}
+            missing = [name for name, (negative, _) in negatives.items() if negative is None]
+            if missing:
+                raise ShapeError(describe("guidance_scale > 1 needs negative prompt embeddings", got=f"no {' or '.join(missing)}", fix="pass both negative_* or guidance_scale=1"))
+            for name, (negative, positive) in negatives.items():
+                if negative.shape != positive.shape:
+                    raise ShapeError(describe(f"{name} must be shaped as the prompt's", got=tuple(negative.shape), expected=tuple(positive.shape), fix="encode the negative prompts as the prompts (same text length)"))
         if cfg:
             embeds = torch.cat([self.negative_prompt_embeds, embeds])
             pooled = torch.cat([self.negative_pooled_prompt_embeds, pooled])
@@ -196,7 +209,7 @@ class StitchedSampler:
     def __init__(self, engines: EngineSet, guidance_scale: float = 7.0, shift: float = DEFAULT_SHIFT, check_finite: bool = True):
         self.engines = engines
         self.guidance_scale = check_number("guidance scale", guidance_scale, minimum=0.0)
-        self.shift = shift
+        self.shift = check_number("shift", shift, minimum=1e-6)  # > 0: the flow-matching time shift
         self.check_finite = check_finite
         self._finite = FiniteMonitor.disabled()
         self.small_dims = engines[SMALL].dims
@@ -244,6 +257,8 @@ class StitchedSampler:
 
     def _denoise(self, plan, latents, conditioning, profile, should_stop=None, profile_calls=False) -> DenoiseResult:
         device, dtype, cfg = self.engines.device, self.engines.dtype, self.cfg
+        if latents.dim() != 4:
+            raise ShapeError(describe("latents must be [P, C, H, W]", got=tuple(latents.shape)))
         if latents.shape[0] != conditioning.prompts:
             raise ShapeError(describe("latents and prompt embeddings disagree on prompt count", got=(latents.shape[0], conditioning.prompts)))
         sigmas, timesteps = flow_match_sigmas(plan.steps, self.shift)

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import threading
 
@@ -9,8 +10,8 @@ from click.testing import CliRunner
 from hs_export.cli import main
 from hs_runtime import HybridStitchRuntime
 from hs_runtime.errors import ConcurrencyError, ConfigError, ManifestError, ShapeError
-from hs_runtime.pipeline import initial_latents
-from hs_runtime.plans import PLAN_NAMES, PlanConfig, make_plan
+from hs_runtime.pipeline import HybridStitchPipeline, initial_latents
+from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan
 from hs_runtime.sampler import Conditioning
 
 STEPS = 6
@@ -92,6 +93,41 @@ def test_a_cuda_provider_that_fails_to_start_is_refused_not_run_on_the_cpu(tiny_
     manifest = Manifest.load(tiny_engine_dir)
     with pytest.raises(EngineLoadError, match=r"could not start its CUDA execution provider .*\['CPUExecutionProvider'\].*or run with --device cpu"):
         OrtEngine(manifest.engine_path("small"), "small", manifest.dims("small"), torch.device("cuda:0"))
+
+
+def test_onnxruntime_on_cuda_waits_for_torchs_stream_before_it_reads_the_inputs(tiny_engine_dir, monkeypatch):
+    """Bound CUDA inputs are read on ONNX Runtime's own stream, which does not wait for torch's
+    (microsoft/onnxruntime#26609): the engine synchronises torch's stream before the run. The
+    binding and run are recorded here on the CPU (no CUDA on these machines)."""
+    from hs_runtime.backends.onnxruntime_backend import OrtEngine
+
+    engine = HybridStitchRuntime.from_dir(tiny_engine_dir).engines["small"].engine
+    events = []
+
+    class Binding:
+        def bind_input(self, name, *args):
+            events.append("bind")
+
+        bind_output = bind_input
+
+    class Session:
+        def io_binding(self):
+            return Binding()
+
+        def run_with_iobinding(self, binding):
+            events.append("run")
+
+    class Stream:
+        def synchronize(self):
+            events.append("synchronize")
+
+    monkeypatch.setattr(engine, "session", Session())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    from hs_export.build.export import dummy_inputs
+    from hs_runtime.contract import call_sizes
+
+    OrtEngine._run_bound(engine, dummy_inputs(engine.spec, call_sizes(2, 64, 0, 85), torch.float32, 0), ["velocity_tokens"])
+    assert events[-2:] == ["synchronize", "run"] and events.count("synchronize") == 1
 
 
 def test_out_of_memory_is_one_line_with_the_way_out(tiny_engine_dir, tiny_conditioning, tmp_path, monkeypatch):
@@ -211,6 +247,100 @@ def test_two_threads_on_one_runtime_fail_loudly(tiny_engine_dir, tiny_conditioni
         thread.join()
     assert len(errors) == 1 and isinstance(errors[0], ConcurrencyError)
     runtime.denoise(make_plan("small", 1), initial_latents(1, 128, 128, 0), cond)  # free again
+
+
+def test_a_split_request_keeps_the_engines_between_its_calls(tiny_engine_dir, tiny_conditioning, monkeypatch):
+    """A request the runtime splits into engine calls (2 prompts on a 1-prompt build) holds the
+    single-request guard from its first call to its last: another thread trying between two calls
+    is refused, instead of taking the engines and failing the first request midway."""
+    runtime = HybridStitchRuntime.from_dir(tiny_engine_dir)
+    batching = runtime.batching_sampler()
+    inner, refused = batching.sampler.denoise, []
+
+    def denoise_then_intrude(*args, **kwargs):
+        result = inner(*args, **kwargs)
+        errors = []
+        thread = threading.Thread(target=lambda: _catch(errors, runtime, _conditioning(tiny_conditioning)))
+        thread.start()
+        thread.join()
+        refused.extend(errors)
+        return result
+
+    monkeypatch.setattr(batching.sampler, "denoise", denoise_then_intrude)
+    result = batching.denoise(make_plan("small", 1), initial_latents(2, 128, 128, [0, 1]), _conditioning(tiny_conditioning, prompts=2))
+    assert result.latents.shape[0] == 2
+    assert len(refused) == 2 and all(isinstance(e, ConcurrencyError) for e in refused)
+    runtime.denoise(make_plan("small", 1), initial_latents(1, 128, 128, 0), _conditioning(tiny_conditioning))  # free again
+
+
+def test_adaptive_masks_of_split_requests_join_with_each_prompts_own_count(tiny_engine_dir, tiny_conditioning):
+    """An adaptive mask picks its token count per engine call, so the calls of a split request
+    differ in width (the join raised a raw torch error after every call had run): rows are padded
+    with repeats, and ``counts()`` gives each prompt the count it got alone."""
+    runtime = HybridStitchRuntime.from_dir(tiny_engine_dir)
+    plan = make_plan("hybrid", STEPS, PlanConfig(mask=MaskConfig(ratio=1.0, energy=0.5, min_ratio=0.02)))
+    latents = initial_latents(2, 128, 128, [0, 1])
+    latents[1] *= 0.05  # little detail: a smaller mask than prompt 0's
+    cond = _conditioning(tiny_conditioning, prompts=2)
+    joined = runtime.denoise(plan, latents, cond).masks[0]
+    alone = [runtime.denoise(plan, latents[i : i + 1], _take_prompt(cond, i)).masks[0] for i in range(2)]
+    widths = [m.complex_idx.shape[1] for m in alone]
+    assert widths[0] != widths[1], "the prompts' masks must differ for this test"
+    assert joined.complex_idx.shape[1] == max(widths) and joined.counts().tolist() == widths
+    for i in range(2):
+        assert torch.equal(joined.as_grid(8, 8)[i], alone[i].as_grid(8, 8)[0])
+
+
+class _NoTextEncoders:
+    vae_scale_factor = 8
+
+    def encode(self, *args):
+        raise AssertionError("the text encoders ran before the inputs were checked")
+
+
+def _take_prompt(cond, i):
+    return Conditioning(*(t[i : i + 1] for t in (cond.prompt_embeds, cond.pooled_prompt_embeds, cond.negative_prompt_embeds, cond.negative_pooled_prompt_embeds)))
+
+
+def test_bad_inputs_to_the_api_are_refused_in_one_line(tiny_engine_dir, tiny_conditioning, tiny_paths):
+    """Inputs the API took through to a raw torch/Python error: negatives missing or shaped unlike
+    the prompts', latents of the wrong rank, a non-positive shift, non-integer counts and seeds;
+    and ``from_models`` engines check the contract's sizes as engine folders do."""
+    runtime = HybridStitchRuntime.from_dir(tiny_engine_dir)
+    cond, latents, plan = _conditioning(tiny_conditioning), initial_latents(1, 128, 128, 0), make_plan("large", 1)
+    no_pooled = Conditioning(cond.prompt_embeds, cond.pooled_prompt_embeds, cond.negative_prompt_embeds, None)
+    with pytest.raises(ShapeError, match="guidance_scale > 1 needs negative prompt embeddings | got no negative_pooled_prompt_embeds"):
+        runtime.denoise(plan, latents, no_pooled)
+    short = Conditioning(cond.prompt_embeds, cond.pooled_prompt_embeds, cond.negative_prompt_embeds[:, :-1], cond.negative_pooled_prompt_embeds)
+    with pytest.raises(ShapeError, match="negative_prompt_embeds must be shaped as the prompt's"):
+        runtime.denoise(plan, latents, short)
+    with pytest.raises(ShapeError, match=r"latents must be \[P, C, H, W\]"):
+        runtime.sampler().denoise(plan, latents[0], cond)
+    with pytest.raises(ConfigError, match="shift must be >= 1e-06 | got 0"):
+        runtime.sampler(shift=0)
+    for make, message in [
+        (lambda: make_plan("hybrid", 2.5), "steps must be an integer | got 2.5"),
+        (lambda: PlanConfig(refreshes=1.5), "refreshes must be an integer"),
+        (lambda: MaskConfig(reselect_every=1.5), "mask reselect_every must be an integer"),
+        (lambda: PlanConfig(large_fraction="0.2"), "large_fraction must be a finite number"),
+        (lambda: initial_latents(1, 128, 128, None), "seed must be an integer, or one integer per prompt | got None"),
+        (lambda: initial_latents(1, 128, 128, 1.5), "seed must be an integer, or one integer per prompt"),
+        (lambda: initial_latents(-1, 128, 128, 0), "prompts must be >= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            make()
+    pipe = HybridStitchPipeline(runtime.batching_sampler(), _NoTextEncoders())  # checked before any text is encoded
+    for call, message in [
+        (lambda: pipe(["a", "b"], plan, 128, 128, negative_prompts=["x"]), "one negative prompt per prompt | got 1 for 2 prompt(s)"),
+        (lambda: pipe([3], plan, 128, 128), "prompts must be strings | got 3"),
+        (lambda: pipe(["a"], plan, 128, 128, seed=[1, 2]), "one seed per prompt | got 2 seed(s) for 1 prompt(s)"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            call()
+    models = HybridStitchRuntime.from_models(tiny_paths.small, tiny_paths.large)
+    wide = Conditioning(torch.zeros(1, 85, 48), cond.pooled_prompt_embeds, torch.zeros(1, 85, 48), cond.negative_pooled_prompt_embeds)
+    with pytest.raises(ShapeError, match=r"encoder_hidden_states axis 'joint_dim'"):
+        models.denoise(plan, latents, wide)
 
 
 def _catch(errors, runtime, cond):

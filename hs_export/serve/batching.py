@@ -11,7 +11,7 @@ order, into calls of at most the engines' prompt count.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
@@ -40,7 +40,7 @@ class RunSettings:
 
     def make_plan(self, base: PlanConfig) -> Plan:
         """The :class:`Plan` these settings name, on top of the engine folder's plan config."""
-        config = PlanConfig(**{f.name: getattr(base, f.name) for f in fields(PlanConfig) if f.name != "mask"}, mask=MaskConfig(self.mask_ratio, base.mask.signal, base.mask.dilate))
+        config = replace(base, mask=replace(base.mask, ratio=self.mask_ratio))  # the folder's mask settings, the request's ratio
         return make_plan(self.plan, self.steps, config)
 
 

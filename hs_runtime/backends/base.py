@@ -67,11 +67,11 @@ class EngineSet:
         self.dtype = dtype
         self.backend = backend
         self.precision = precision
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a request split into chunks holds it throughout
 
     @contextmanager
     def exclusive(self):
-        """Held for one whole denoise; raises :class:`ConcurrencyError` if already held."""
+        """Held for one whole request; raises :class:`ConcurrencyError` if another thread holds it."""
         if not self._lock.acquire(blocking=False):
             raise ConcurrencyError(describe("this runtime is already running a request in another thread", fix="create one runtime per thread (engines cannot be shared)"))
         try:

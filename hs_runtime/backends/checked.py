@@ -14,14 +14,15 @@ _REMEMBERED = 256  # accepted shape sets kept per engine (a denoise uses a handf
 
 
 class ProfileCheckedEngine:
-    """Wraps an engine; refuses feeds outside the contract or the profiles the folder was built for.
+    """Wraps an engine; refuses feeds outside the contract or the profiles the folder was built for
+    (``profiles=None``: the contract only, for models that have no build).
 
     Both checks depend on the input shapes alone, and a denoise repeats a few shape sets every
     step: a shape set that passed once is not checked again (0.2 ms of Python per call, which is
     a twentieth of a hybrid step's large call on the ``shapes`` engines).
     """
 
-    def __init__(self, engine, profiles: list[dict], rebuild_hint: str):
+    def __init__(self, engine, profiles: list[dict] | None, rebuild_hint: str | None = None):
         self.engine = engine
         self.spec = engine.spec
         self.dims = engine.dims
@@ -34,7 +35,8 @@ class ProfileCheckedEngine:
         key = tuple(tuple(feeds[n].shape) if n in feeds else None for n in names)
         if key not in self._accepted:
             self.spec.check_feeds(feeds)
-            select_profile(self.profiles, dict(zip(names, key)), self.spec.name, self.rebuild_hint)
+            if self.profiles is not None:
+                select_profile(self.profiles, dict(zip(names, key)), self.spec.name, self.rebuild_hint)
             if len(self._accepted) < _REMEMBERED:
                 self._accepted.add(key)
         try:

@@ -164,6 +164,11 @@ class OrtEngine:
             buffer = torch.empty(shapes[name], dtype=out_dtype, device=self.device)
             binding.bind_output(name, "cuda", device_id, _NP[out_dtype], list(buffer.shape), buffer.data_ptr())
             results[name] = buffer
+        # ONNX Runtime runs on a stream of its own and does not wait for the one that wrote the
+        # bound inputs (microsoft/onnxruntime#26609, #32673): torch's stream must be done with the
+        # inputs, and with the memory the outputs now take, before the run. The run itself returns
+        # with its stream synchronised (the run option disable_synchronize_execution_providers is off).
+        torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
         return results
 
