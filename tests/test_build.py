@@ -1,11 +1,15 @@
 import json
+import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from hs_export.build import BuildConfig, build
+from hs_export.build.builder import plan_build
 from hs_export.cli import main
 from hs_export.build.export import dummy_inputs
 from hs_export.build import resolve_models
@@ -81,10 +85,22 @@ def test_second_build_skips_and_force_rebuilds(tiny_engine_dir):
     messages = []
     report = build(selection, BuildConfig(out=tiny_engine_dir), log=messages.append)
     assert report.skipped and any("up to date" in m for m in messages)
+    relative = Path(os.path.relpath(tiny_engine_dir))  # the same folder, spelled otherwise
+    assert build(selection, BuildConfig(out=relative), **QUIET).skipped
+    assert f"--out {tiny_engine_dir.resolve()} " in Manifest.load(tiny_engine_dir).rebuild_command  # works from any directory
+    assert not (tiny_engine_dir / "onnx").exists()  # ONNX Runtime engines are the ONNX files: no empty folder left
     before = (tiny_engine_dir / "manifest.json").stat().st_mtime_ns
     report = build(selection, BuildConfig(out=tiny_engine_dir, force=True), **QUIET)
     assert not report.skipped and (tiny_engine_dir / "manifest.json").stat().st_mtime_ns != before
     Manifest.load(tiny_engine_dir)
+
+
+def test_sizes_that_leave_nothing_to_build_are_refused(tmp_path):
+    selection = resolve_models("tiny", None, None, None, **QUIET)
+    with pytest.raises(ConfigError, match=re.escape("--text-tokens must exceed the CLIP tokens | got 77 | expected > 77")):
+        plan_build(selection, BuildConfig(out=tmp_path / "e", text_tokens=77))  # no T5 token: max_sequence_length 0
+    with pytest.raises(ConfigError, match=re.escape("--token-buckets exceeds the image tokens | got 65 | expected <= 64 at 128×128 px")):
+        plan_build(selection, BuildConfig(out=tmp_path / "e", token_buckets=65))
 
 
 def test_folder_built_for_something_else_is_left_alone(tiny_engine_dir, tmp_path):

@@ -152,7 +152,7 @@ def weights_sha256(source: str, model) -> str:
 def rebuild_command(selection: ModelSelection, config: BuildConfig, height: int, width: int, text_tokens: int) -> str:
     models = f"--preset {selection.preset}" if selection.preset else f"--small {selection.small} --large {selection.large}"
     parts = [
-        "hs-export build", models, f"--out {config.out}", f"--backend {config.backend}", f"--precision {config.precision}",
+        "hs-export build", models, f"--out {Path(config.out).resolve()}", f"--backend {config.backend}", f"--precision {config.precision}",
         f"--height {height} --width {width}", f"--prompts {config.prompts}", f"--text-tokens {text_tokens}",
         f"--mask-ratio {config.mask_ratio}", f"--opset {config.opset}",
     ]
@@ -251,6 +251,8 @@ def plan_build(selection: ModelSelection, config: BuildConfig) -> BuildPlan:
     height = selection.height if config.height is None else config.height
     width = selection.width if config.width is None else config.width
     text_tokens = config.text_tokens if config.text_tokens is not None else selection.clip_tokens + selection.max_sequence_length
+    if text_tokens <= selection.clip_tokens:  # T_txt = CLIP's tokens + T5's: none left for T5
+        raise ConfigError(describe("--text-tokens must exceed the CLIP tokens", got=text_tokens, expected=f"> {selection.clip_tokens} ({selection.clip_tokens} CLIP + the T5 tokens)", fix=f"e.g. --text-tokens {selection.clip_tokens + selection.max_sequence_length} (the preset's)"))
     shape = BuildShape(
         prompts=config.prompts, latent_height=height // config.vae_scale_factor, latent_width=width // config.vae_scale_factor,
         text_tokens=text_tokens, mask_ratio=config.mask_ratio, dynamic_shape=config.dynamic_shape, token_buckets=config.token_buckets,
@@ -260,6 +262,9 @@ def plan_build(selection: ModelSelection, config: BuildConfig) -> BuildPlan:
     dims = {role: ModelDims.from_config(configs[role]) for role in GRAPH_NAMES}
     for role, d in dims.items():
         d.check_latent(shape.latent_height, shape.latent_width, role)
+    image_tokens = (shape.latent_height // dims["large"].patch_size) * (shape.latent_width // dims["large"].patch_size)
+    if config.token_buckets > image_tokens:  # one bucket per token count at most
+        raise ConfigError(describe("--token-buckets exceeds the image tokens", got=config.token_buckets, expected=f"<= {image_tokens} at {width}×{height} px"))
     needs = build_needs(shape, dims, configs, config.precision, config.backend)
     return BuildPlan(shape, height, width, text_tokens, configs, dims, needs)
 
@@ -317,7 +322,8 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         "command": rebuild_command(selection, config, height, width, text_tokens),
     }
     fingerprint = hashlib.sha256(
-        json.dumps({"schema": SCHEMA_VERSION, "models": {r: (m["sha256"], m["config"]) for r, m in records.items()}, "build": build_section, "versions": versions}, sort_keys=True, default=str).encode()
+        # Not the rebuild command: it spells the sources and --out as typed (./e and e are one folder).
+        json.dumps({"schema": SCHEMA_VERSION, "models": {r: (m["sha256"], m["config"]) for r, m in records.items()}, "build": {k: v for k, v in build_section.items() if k != "command"}, "versions": versions}, sort_keys=True, default=str).encode()
     ).hexdigest()
     existing = check_out_folder(out, fingerprint, config.force, log)
     if existing is not None:
@@ -427,6 +433,8 @@ def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Pha
         graph["engine"] = {"path": f"engines/{engine_path.name}", "backend": config.backend, "precision": config.precision, "bytes": _size(engine_path)}
         if config.backend == "onnxruntime":
             graph["onnx"] = {"path": graph["engine"]["path"], "bytes": graph["engine"]["bytes"]}
+    if config.backend == "onnxruntime":
+        (work / "onnx").rmdir()  # the ONNX files moved into engines/: no empty folder left behind
 
 
 def _check_engines(selection: ModelSelection, config: BuildConfig, work: Path, manifest: dict, phases: _Phases, shape: BuildShape) -> None:
