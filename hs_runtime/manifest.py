@@ -62,7 +62,8 @@ class Manifest:
 
     @property
     def rebuild_command(self) -> str:
-        return self.build.get("command", "hs-export build ... --force")
+        build = self.data.get("build")
+        return build.get("command", "hs-export build ... --force") if isinstance(build, dict) else "hs-export build ... --force"
 
     @property
     def complete(self) -> bool:
@@ -132,6 +133,35 @@ class Manifest:
         path = self.graph(name)["onnx"]["path"]
         return None if path is None else self.folder / path
 
+    def _check_fields(self, path: Path) -> None:
+        """The fields every command reads, of the types they read them as, and every recorded
+        path inside the folder (a hand-edited or foreign manifest names its fault in one line)."""
+
+        def refuse(what: str, got) -> ManifestError:
+            return ManifestError(describe(f"{path} is not a valid engine manifest: {what}", got=got, fix=f"rebuild with: {self.rebuild_command} --force"))
+
+        build = self.data["build"]
+        if not isinstance(build, dict):
+            raise refuse("build is not an object", type(build).__name__)
+        for key, allowed in (("backend", ("onnxruntime", "tensorrt")), ("precision", ("fp32", "fp16", "bf16"))):
+            if build.get(key) not in allowed:
+                raise refuse(f"unknown build.{key}", repr(build.get(key)))
+        for key in ("height", "width"):
+            if isinstance(build.get(key), bool) or not isinstance(build.get(key), int) or build[key] < 1:
+                raise refuse(f"build.{key} is not a positive integer", repr(build.get(key)))
+        try:
+            self.shape
+        except (TypeError, ValueError) as exc:  # BuildShape's own checks raise ConfigError (a ValueError)
+            raise refuse("build.shape is not a build shape", str(exc).split(" | ")[0]) from None
+        graphs = self.data["graphs"]
+        if not isinstance(graphs, dict) or not all(isinstance(g, dict) and isinstance((g.get("engine") or {}).get("path"), str) for g in graphs.values()):
+            raise refuse("graphs lack their engine paths", type(graphs).__name__)
+        root = self.folder.resolve()
+        recorded = [g["engine"]["path"] for g in graphs.values()] + [a.get("path") for a in self.artifacts if isinstance(a, dict)]
+        outside = [p for p in recorded if not isinstance(p, str) or not (self.folder / p).resolve().is_relative_to(root)]
+        if outside:
+            raise refuse("a recorded file lies outside the folder", repr(outside[0]))
+
     @classmethod
     def load(cls, folder: str | Path) -> "Manifest":
         """Reads and validates ``folder/manifest.json``.
@@ -159,8 +189,9 @@ class Manifest:
         if schema != SCHEMA_VERSION:
             what = "an older engine contract (K/V stacked as one tensor)" if isinstance(schema, int) and schema < SCHEMA_VERSION else "another engine contract"
             raise ManifestError(
-                describe(f"engine folder {folder} was built for {what}", got=f"schema {schema}", expected=f"schema {SCHEMA_VERSION}", fix=f"rebuild with: {manifest.rebuild_command} --force")
+                describe(f"engine folder {folder} was built for {what}", got=f"schema {schema!r}", expected=f"schema {SCHEMA_VERSION}", fix=f"rebuild with: {manifest.rebuild_command} --force")
             )
+        manifest._check_fields(path)
         if not manifest.complete:
             raise ManifestError(describe(f"engine build in {folder} did not finish", got="ONNX files only", fix=f"finish it with: {manifest.rebuild_command}"))
         missing = [g for g in GRAPH_NAMES if g not in data.get("graphs", {}) or not manifest.engine_path(g).exists()]

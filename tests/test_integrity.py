@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -50,6 +51,22 @@ def test_truncated_engine_is_named_before_onnxruntime_sees_it(copy):
     assert f"{ENGINE} has the wrong size | got 1000 bytes | expected {len(data)} bytes" in message
     assert "rebuild with: hs-export build --preset tiny" in message and message.endswith("--force")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["build"].update(precision="fp8"), "unknown build.precision | got 'fp8'"),
+    (lambda d: d["build"].update(shape=None), "build.shape is not a build shape"),
+    (lambda d: d["build"].update(height="128"), "build.height is not a positive integer | got '128'"),
+    (lambda d: d.update(build=[]), "build is not an object | got list"),
+    (lambda d: d["artifacts"][0].update(path="../../../etc/passwd"), "a recorded file lies outside the folder | got '../../../etc/passwd'"),
+    (lambda d: d.update(schema_version="3"), "got schema '3' | expected schema 3"),
+])
+def test_a_hand_edited_manifest_names_its_fault(copy, change, message):
+    """Fields every command reads, of the wrong type or value, and paths outside the folder: one
+    line at load, not a KeyError or TypeError in whichever command reads them first."""
+    _edit_manifest(copy, change)
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        Manifest.load(copy)
 
 
 def test_recorded_size_that_disagrees(copy):
