@@ -30,7 +30,7 @@ import torch
 from hs_runtime.backends import BACKENDS, EngineSet
 from hs_runtime.contract import LARGE, SMALL
 from hs_runtime.flops import ideal_speedup, plan_flops
-from hs_runtime.errors import ConfigError, describe
+from hs_runtime.errors import ConfigError, ShapeError, describe
 from hs_runtime.manifest import Manifest
 from hs_runtime.pipeline import check_image_size
 from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan, with_mask
@@ -289,6 +289,15 @@ def _refuse_versus(what: str, got: str) -> ConfigError:
     ))
 
 
+def _prompt_range(runtime) -> tuple[int, int]:
+    """Prompts one engine call of the folder takes with guidance (or without, for a build that
+    has no room for it)."""
+    try:
+        return runtime.prompt_range(cfg=True)
+    except ShapeError:
+        return runtime.prompt_range(cfg=False)
+
+
 def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dtype, prompts: int, height, width, mask_ratio: float, versus: str | None = None, log=print) -> BenchTarget:
     """Opens the engine folder (or preset) once per backend, measuring what each load adds.
 
@@ -339,8 +348,9 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
         if engine_dir is not None:
             runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device, dtype=dtype)
             shape = runtime.manifest.shape
-            if shape.prompts != prompts:
-                raise ConfigError(describe("--prompts differs from the engine build", got=prompts, expected=shape.prompts))
+            low, high = _prompt_range(runtime)
+            if not low <= prompts <= high:
+                raise ConfigError(describe("--prompts outside what the engine build takes", got=prompts, expected=f"{low}..{high}" if low < high else low, fix=f"pass --prompts {shape.prompts}"))
             latent, text_tokens = (shape.latent_height, shape.latent_width), shape.text_tokens
             if height is not None or width is not None:  # the engines' profiles refuse a size they were not built for
                 scale = runtime.manifest.vae_scale

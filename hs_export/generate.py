@@ -68,11 +68,11 @@ def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, step
     pipe = runtime.pipeline(guidance_scale)
     mask_note = f", mask {plan.mask.ratio * 100:g}% of the tokens" if plan.count("hybrid") else ""
     console.print(f"[bold]{plan.name}[/]: {plan.stages()}{mask_note} on {runtime.engines.backend} ({runtime.engines.device})")
-    runs = [pipe(prompts, plan, height, width, seed, negative_prompt) for seed in seeds]
+    runs = [pipe(prompts, plan, height, width, seed, negative_prompt) for seed in _progress(seeds, plan.name)]
     seed_note = f", seed {seeds[0]}" + (f" (of {len(seeds)})" if len(seeds) > 1 else "")
     console.print(timing_table(f"{plan.name}: {steps} steps, {len(prompts)} prompt(s), {width}×{height}{seed_note}", runs[0][1].times.as_dict(), steps))
     if compare:  # every run before any file is written: a run that fails leaves nothing behind
-        baselines = [pipe(prompts, make_plan("large", steps, plan_config), height, width, seed, negative_prompt) for seed in seeds]
+        baselines = [pipe(prompts, make_plan("large", steps, plan_config), height, width, seed, negative_prompt) for seed in _progress(seeds, "large (--compare)")]
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = _save([image for images, _ in runs for image in images], out)
     if compare:
@@ -92,6 +92,16 @@ def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, step
     for path in paths:
         print(path)
     return runs[0][1]
+
+
+def _progress(seeds, what: str):
+    """``seeds`` with a progress bar on stderr when there are several (the files are written once
+    every run has finished)."""
+    if len(seeds) < 2:
+        return seeds
+    from rich.progress import track
+
+    return track(seeds, description=f"{what}: {len(seeds)} seeds", console=console, transient=True)
 
 
 def _save(images, out: Path) -> list[Path]:

@@ -192,3 +192,16 @@ def test_bench_backends_errors(tiny_engine_dir, preset_root, tmp_path, monkeypat
         result = runner.invoke(main, args)
         assert result.exit_code == 1 and message in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+
+
+def test_bench_takes_the_prompt_counts_a_folder_was_built_for(tmp_path):
+    """A folder built for up to 2 prompts (``--dynamic-shape``) is timed with bench's default of
+    1; a count outside the build is refused with the one that fits."""
+    from hs_export.bench import open_target
+
+    folder = tmp_path / "dyn2"
+    done = CliRunner().invoke(main, ["build", "--preset", "tiny", "--out", str(folder), "--dynamic-shape", "--prompts", "2"])
+    assert done.exit_code == 0, done.output
+    open_target(folder, None, (None,), "cpu", None, 1, None, None, 0.02, log=lambda *_: None)
+    done = CliRunner().invoke(main, ["bench", str(folder), "--prompts", "3", "--steps", "2"])
+    assert done.exit_code == 1 and "--prompts outside what the engine build takes | got 3 | expected 1..2 | pass --prompts 2" in done.output, done.output
