@@ -74,7 +74,8 @@ def test_prompts_from_file_count_and_bad_sources(tmp_path):
     assert len(shapes) == 4 and all(" on " in p for p in shapes)
     assert load_prompts("4", "shapes") == shapes  # fixed seed
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
-    for source, message in ((str(tmp_path / "empty.txt"), "prompts file is empty"), ("0", "must be >= 1"), (str(tmp_path / "nope.txt"), "not found"), (str(tmp_path), "is a folder")):
+    (tmp_path / "binary.txt").write_bytes(b"a cat\n\xff\xfe\x00")
+    for source, message in ((str(tmp_path / "binary.txt"), "prompts file is not UTF-8 text.* got byte 0xff at offset 6"), (str(tmp_path / "empty.txt"), "prompts file is empty"), ("0", "must be >= 1"), (str(tmp_path / "nope.txt"), "not found"), (str(tmp_path), "is a folder")):
         with pytest.raises(ConfigError, match=message):
             load_prompts(source, None)
 

@@ -151,7 +151,7 @@ def test_work_dir_cache_never_unpickles_and_rebuilds_what_it_cannot_read(tmp_pat
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"scenes": 0}, "scenes must be >= 1"), ({"text_steps": -1}, "text_steps must be >= 0"), ({"cfg_dropout": 1.0}, "cfg_dropout out of range"), ({"budget_minutes": 0}, "budget must be > 0")],
+    [({"scenes": 0}, "scenes must be >= 1"), ({"text_steps": -1}, "text_steps must be >= 0"), ({"cfg_dropout": 1.0}, "cfg_dropout out of range"), ({"budget_minutes": 0}, "budget must be > 0"), ({"threads": 0}, "--threads must be >= 1")],
 )
 def test_bad_training_settings(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):

@@ -54,7 +54,11 @@ def load_prompts(source: str, preset: str | None) -> list[str]:
         raise ConfigError(describe(f"prompts file not found: {path}", fix="pass a text file with one prompt per line, or a count such as --prompts 8"))
     if path.is_dir():
         raise ConfigError(describe(f"--prompts is a folder, not a file: {path}", fix="pass a text file with one prompt per line"))
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(describe(f"prompts file is not UTF-8 text: {path}", got=f"byte {exc.object[exc.start]:#04x} at offset {exc.start}", fix="pass a UTF-8 text file with one prompt per line")) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ConfigError(describe(f"prompts file is empty: {path}", expected="one prompt per line"))
     return prompts

@@ -98,6 +98,8 @@ class ShapesTrainConfig:
             raise ConfigError(describe("cfg_dropout out of range", got=self.cfg_dropout, expected="[0, 1)"))
         if self.budget_minutes <= 0:
             raise ConfigError(describe("budget must be > 0 minutes", got=self.budget_minutes))
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(describe("--threads must be >= 1", got=self.threads, fix="leave it out for every core"))
 
 
 class _Steps:
