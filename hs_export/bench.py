@@ -317,7 +317,8 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
     from .runs import bench_engines
 
     if (engine_dir is None) == (preset is None):
-        raise ConfigError(describe("bench needs an engine folder or --preset, not both", fix="hs-export bench engines/tiny, or hs-export bench --preset bench"))
+        given = "both" if preset is not None else "neither"
+        raise ConfigError(describe("bench needs an engine folder or --preset (one of them)", got=given, fix="hs-export bench engines/tiny, or hs-export bench --preset bench"))
     device = check_device(device)
     spec = get_preset(preset) if preset is not None else None
     if spec is not None and versus and not spec.text_pipeline:

@@ -75,7 +75,8 @@ class TextAndVae:
         vae = self.pipe.vae
         latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(latents, return_dict=False)[0]
-        check_finite("the VAE's decoded image", image, fix="VAE overflow? run the VAE in fp32")
+        fix = "latents far outside the VAE's range: a guidance scale or plan that diverged?" if vae.dtype == torch.float32 else "VAE overflow? run the VAE in fp32 (--text-dtype fp32)"
+        check_finite("the VAE's decoded image", image, fix=fix)
         return self.pipe.image_processor.postprocess(image, output_type="pil")
 
 

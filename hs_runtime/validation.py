@@ -8,6 +8,7 @@ negative sizes are errors, never "use the default": callers pick defaults with `
 from __future__ import annotations
 
 import math
+import os
 import numbers
 from pathlib import Path
 
@@ -71,11 +72,13 @@ def check_output_file(path, what: str, suffixes: tuple[str, ...] | None = None) 
     extension no writer knows. Checked before any work, so a long run never fails at the end."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise ConfigError(describe(f"{what} {path} is a folder, not a file", fix=f"name a file, e.g. {path / ('out' + (suffixes[0] if suffixes else '.json'))}"))
+        raise ConfigError(describe(f"{what} {path} is a folder, not a file", fix=f"name a file, e.g. {path / ('out' + (suffixes[0] if suffixes else path.suffix))}"))
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise ConfigError(describe(f"{what} {path}: {parent} is a file, not a folder", fix=f"choose another {what}"))
+            if not os.access(parent, os.W_OK | os.X_OK):  # a read-only folder or file system
+                raise ConfigError(describe(f"{what} {path}: cannot write in {parent}", got="no write permission (or a read-only file system)", fix=f"choose another {what}"))
             break
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise ConfigError(describe(f"{what} needs an image file name", got=repr(path.name), expected="a name ending in " + ", ".join(suffixes[:6])))

@@ -104,7 +104,8 @@ TABLE: dict[str, list[tuple[list[str], int, str]]] = {
         ([*BENCH, "--device", "bogus"], ERROR, "unknown device"),
         (["{file}"], ERROR, "is a file, not a folder"),
         (["{truncated}"], ERROR, "has the wrong size"),
-        (["{engines}", "--preset", "tiny"], ERROR, "not both"),
+        (["{engines}", "--preset", "tiny"], ERROR, "an engine folder or --preset (one of them) | got both"),
+        ([], ERROR, "an engine folder or --preset (one of them) | got neither"),
         ([*BENCH, "--preset", "nope"], USAGE, "Invalid value for '--preset'"),
     ],
     "quality": [  # all refused before any model loads

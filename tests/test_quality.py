@@ -75,7 +75,7 @@ def test_prompts_from_file_count_and_bad_sources(tmp_path):
     assert load_prompts("4", "shapes") == shapes  # fixed seed
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
     (tmp_path / "binary.txt").write_bytes(b"a cat\n\xff\xfe\x00")
-    for source, message in ((str(tmp_path / "binary.txt"), "prompts file is not UTF-8 text.* got byte 0xff at offset 6"), (str(tmp_path / "empty.txt"), "prompts file is empty"), ("0", "must be >= 1"), (str(tmp_path / "nope.txt"), "not found"), (str(tmp_path), "is a folder")):
+    for source, message in ((str(tmp_path / "binary.txt"), "prompts file is not UTF-8 text.* got byte 0xff at offset 6"), (str(tmp_path / "empty.txt"), "prompts file is empty"), ("0", "must be >= 1"), ("-2", "must be >= 1"), (str(tmp_path / "nope.txt"), "not found"), (str(tmp_path), "is a folder")):
         with pytest.raises(ConfigError, match=message):
             load_prompts(source, None)
 

@@ -4,6 +4,7 @@ sizes are errors, never "use the default"; a file where a folder is expected say
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,16 @@ def test_folders_where_files_are_expected(tmp_path):
     with pytest.raises(ConfigError, match=re.escape("needs an image file name | got 'out.txt'")):
         check_output_file(tmp_path / "out.txt", "--out", (".png", ".jpg"))
     assert check_output_file(tmp_path / "new" / "out.png", "--out", (".png",)) == tmp_path / "new" / "out.png"
+
+
+def test_an_output_where_nothing_can_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A read-only folder or file system (seen as ``os.access``; root passes permission bits, so
+    the test stands one in) used to fail only after the run, saying to free some space."""
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(f"--out {tmp_path}/sub/out.png: cannot write in {tmp_path} | got no write permission")):
+        check_output_file(tmp_path / "sub" / "out.png", "--out", (".png",))
 
 
 def test_devices():

@@ -44,7 +44,7 @@ def load_prompts(source: str, preset: str | None) -> list[str]:
     """``source`` is a count (built-in prompts) or a text file with one prompt per line
     (blank lines and ``#`` comments skipped)."""
     text = str(source).strip()
-    if text.isdigit():
+    if text.lstrip("+-").isdigit():  # a count, "-2" included (refused below), not a file name
         count = int(text)
         if count < 1:
             raise ConfigError(describe("--prompts must be >= 1", got=count))
