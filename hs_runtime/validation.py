@@ -97,6 +97,6 @@ def check_device(device) -> torch.device:
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
             raise ConfigError(describe("no such CUDA device", got=str(parsed), expected=f"cuda:0..cuda:{count - 1}"))
-    elif parsed.type != "cpu":
+    elif parsed.type != "cpu" or parsed.index not in (None, 0):  # torch takes cpu:N but has one CPU device
         raise ConfigError(describe("unsupported device", got=str(parsed), expected="cpu, cuda or cuda:N"))
     return parsed

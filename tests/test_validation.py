@@ -108,6 +108,8 @@ def test_devices():
     assert check_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match=re.escape("unknown device | got 'gpu0'")):
         check_device("gpu0")
+    with pytest.raises(ConfigError, match=re.escape("unsupported device | got cpu:1")):
+        check_device("cpu:1")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA device requested but torch sees no GPU here"):
             check_device("cuda")
