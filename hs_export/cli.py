@@ -474,7 +474,7 @@ def repository_options(fn):
         click.option("--instances", type=int, default=_REPO_DEFAULTS.instances, show_default=True, help="Instances per model, each a Triton Python-backend process with its own runtime."),
         click.option("--device", default=_REPO_DEFAULTS.device, show_default=True, help="cpu (KIND_CPU) or cuda:N (KIND_GPU on GPU N; one server per GPU)."),
         click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: the folder's own backend."),
-        click.option("--pipeline", default=None, help="Text encoders + VAE folder (default: the folder's; without one only hybridstitch_latents is served)."),
+        click.option("--pipeline", default=None, help="Text encoders + VAE folder, written as its absolute path (default: the folder's; without one only hybridstitch_latents is served). serve needs it on this host; triton-repo takes an absolute path that exists only where the server runs."),
         _TEXT_DTYPE,
         click.option("--models", default=None, callback=lambda _c, _p, v: None if v is None else tuple(m.strip() for m in v.split(",") if m.strip()),
                      help="Serve only these: hybridstitch and/or hybridstitch_latents, comma-separated (default: both where text encoders are known). Each model's instances hold their own engines."),
@@ -560,9 +560,13 @@ def serve(engine_dir, host, http_port, grpc_port, metrics_port, repo, exit_timeo
 @_one_line_errors
 def client(url, prompt, negative_prompt, seed, plan_name, steps, guidance_scale, mask_ratio, height, width, timeout_s, out):
     """Ask a running server for one image (KServe v2 via tritonclient)."""
+    from hs_runtime.validation import check_output_file
+
+    from .generate import image_suffixes
     from .serve.client import HybridStitchClient, check_request_values
 
     check_request_values(prompt, seed, steps, guidance_scale, mask_ratio, height, width)  # before connecting
+    out = check_output_file(out, "--out", image_suffixes())  # before the request, not after it
     with HybridStitchClient(url, timeout_s) as remote:
         result = remote.generate(prompt, seed, negative_prompt, plan_name, steps, guidance_scale, mask_ratio, height, width)
     path = result.save(out)
@@ -594,9 +598,14 @@ def bench_serve(url, concurrency, requests, prompt, plan_name, steps, height, wi
     from rich.console import Console
 
     from hs_runtime.errors import ConfigError, describe
+    from hs_runtime.validation import check_output_file
 
     from .reports import write_json
     from .serve import bench_serve as bs
+
+    for flag, path in (("--json", json_path), ("--markdown", markdown_path)):
+        if path is not None:
+            check_output_file(path, flag)  # before the run, not after it
 
     try:
         levels = tuple(int(c) for c in concurrency.split(",") if c.strip())

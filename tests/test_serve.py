@@ -605,6 +605,82 @@ def test_client_without_a_server_says_how_to_start_one(tmp_path):
     assert f"cannot reach a HybridStitch server at http://127.0.0.1:{port}" in done.output and "hs-export serve ENGINE_DIR" in done.output
     assert "Traceback" not in done.output
 
+    # Refused before any request: with no server there, the reply would be "cannot reach".
+    url = f"http://127.0.0.1:{port}"
+    cases = [
+        (["--out", str(tmp_path / "x.foo")], "--out needs an image file name | got 'x.foo'"),
+        (["--out", str(tmp_path / "x")], "--out needs an image file name | got 'x'"),
+        (["--out", str(tmp_path)], f"--out {tmp_path} is a folder, not a file"),
+        (["--seed", str(2**63)], f"seed out of range | got {2**63} | expected an integer in 0..{2**63 - 1} (2**63 - 1: the served seed input is INT64)"),
+        (["--steps", str(2**63)], f"input steps out of range | got {2**63} | expected a value INT64 holds"),
+        (["--url", "http://127.0.0.1:99999"], "unsupported server URL | got 'http://127.0.0.1:99999' | expected http://HOST:PORT or grpc://HOST:PORT, PORT in 1..65535"),
+        (["--url", "http://127.0.0.1:x"], "unsupported server URL | got 'http://127.0.0.1:x'"),
+        (["--url", "grpc://127.0.0.1:0"], "unsupported server URL | got 'grpc://127.0.0.1:0'"),  # not the default port instead
+        (["--timeout", "-1"], "--timeout must be > 0 | got -1.0"),
+        (["--timeout", "0"], "--timeout must be > 0 | got 0.0"),
+        (["--timeout", "nan"], "--timeout must be a finite number | got nan"),
+    ]
+    for args, message in cases:
+        done = CliRunner().invoke(main, ["client", "--url", url, "--prompt", "x", "--out", str(tmp_path / "x.png"), *args])
+        assert done.exit_code == 1 and done.output.startswith(f"Error: {message}") and len(done.output.strip().splitlines()) == 1, (args, done.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_bench_serve_refuses_bad_input_before_any_request(tmp_path):
+    port = free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00\x81")
+    (tmp_path / "empty.json").write_text("{}")
+    cases = [
+        (["http://127.0.0.1:99999"], "unsupported server URL | got 'http://127.0.0.1:99999'"),
+        (["http://127.0.0.1:x"], "unsupported server URL | got 'http://127.0.0.1:x'"),
+        ([url, "--timeout", "-1"], "--timeout must be > 0 | got -1.0"),
+        ([url, "--timeout", "0"], "--timeout must be > 0 | got 0.0"),
+        ([url, "--metrics-url", "notaurl"], "--metrics-url is not an HTTP URL | got 'notaurl'"),
+        ([url, "--baseline", str(tmp_path / "list.json")], f"the baseline {tmp_path / 'list.json'} is not a bench-serve report | got a JSON list"),
+        ([url, "--baseline", str(tmp_path / "binary.json")], f"cannot read the baseline {tmp_path / 'binary.json'} | got 'utf-8' codec can't decode"),
+        ([url, "--baseline", str(tmp_path / "empty.json")], f"the baseline {tmp_path / 'empty.json'} is not a bench-serve report | got no rows"),
+        ([url, "--json", str(tmp_path)], f"--json {tmp_path} is a folder, not a file"),
+    ]
+    for args, message in cases:
+        done = CliRunner().invoke(main, ["bench-serve", *args, "--requests", "1", "--concurrency", "1"])
+        assert done.exit_code == 1 and done.output.startswith(f"Error: {message}") and len(done.output.strip().splitlines()) == 1, (args, done.output)
+
+
+def test_a_server_that_is_not_triton_is_named_in_one_line(tmp_path):
+    """An HTTP server that answers 200 with HTML (or an error page): not a KServe server."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status = 404 if "missing" in self.path else 200
+            self.send_response(status)
+            self.send_header("Content-Length", "18")
+            self.end_headers()
+            self.wfile.write(b"<html>hello</html>")
+
+        do_POST = do_GET
+
+        def log_message(self, *_):
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{web.server_address[1]}"
+    try:
+        for command in (["client", "--url", url, "--prompt", "x", "--out", str(tmp_path / "x.png")], ["bench-serve", url, "--requests", "1", "--concurrency", "1"]):
+            done = CliRunner().invoke(main, command)
+            assert done.exit_code == 1 and done.output.startswith(f"Error: {url} does not answer as a Triton (KServe v2) server | got ") and len(done.output.strip().splitlines()) == 1, done.output
+        from hs_export.serve.client import HybridStitchClient
+
+        with HybridStitchClient(url, timeout_s=10) as remote, pytest.raises(ServingError, match="does not answer as a Triton .* while decoding the response"):
+            remote.model_config("missing")  # an error status with an HTML body
+    finally:
+        web.shutdown()
+        web.server_close()
+
 
 def test_serve_refuses_bad_setups_in_one_line(tiny4_engine_dir, tmp_path):
     pytest.importorskip("pytriton")
@@ -627,6 +703,11 @@ def test_serve_refuses_bad_setups_in_one_line(tiny4_engine_dir, tmp_path):
     assert done.exit_code == 1 and "--exit-timeout-secs must be >= 1 | got 0" in done.output
     done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--host", "no-such-host.invalid"])
     assert done.exit_code == 1 and "--host 'no-such-host.invalid' does not resolve to an address" in done.output
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--repo", str(foreign)])  # names serve's flag, not triton-repo's --out
+    assert done.exit_code == 1 and done.output.strip() == f"Error: --repo {foreign} holds other files | got ['notes.txt'] | choose an empty folder, or one written by hs-export triton-repo"
 
 
 def test_triton_gets_ip_addresses_in_the_forms_it_binds(tmp_path):
@@ -723,6 +804,35 @@ def test_serve_dry_run_checks_and_starts_nothing(tiny4_engine_dir, monkeypatch):
     done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--dry-run", "--instances", "100000"])
     assert done.exit_code == 1 and "the server would not fit in memory on cpu" in done.output
     assert not started
+
+
+def test_serve_dry_run_refuses_what_serve_refuses(tiny4_engine_dir, tmp_path, monkeypatch):
+    """--dry-run makes the checks writing the repository makes (and the memory check for every
+    device it may run on): each of these passed --dry-run once and failed only the real serve."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: play a user without write permission there
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == readonly and mode & os.W_OK else real_access(path, mode, **kw))
+    cases = [
+        (["--device", "cpu:0", "--instances", "100"], "unknown device | got 'cpu:0' | expected cpu or cuda:N | Triton's CPU instances take no device index: pass --device cpu"),
+        (["--repo", str(foreign)], f"--repo {foreign} holds other files | got ['notes.txt']"),
+        (["--repo", str(readonly)], f"--repo {readonly} cannot be written | got no write permission on {readonly}"),
+        (["--backend", "tensorrt"], f"engine folder {tiny4_engine_dir} holds onnxruntime engines | got --backend tensorrt | expected onnxruntime or torch"),
+        (["--pipeline", "nonexist"], "--pipeline nonexist is not an SD3 pipeline folder | got no such folder"),
+        (["--pipeline", str(tmp_path / "nowhere")], f"--pipeline {tmp_path / 'nowhere'} is not an SD3 pipeline folder | got no such folder"),  # the server runs here
+        (["--pipeline", str(foreign)], f"--pipeline {foreign} is not an SD3 pipeline folder | got no model_index.json in it"),
+        (["--max-batch-size", "4", "--max-queue", "2"], "--max-queue is below the batch size | got 2 < 4"),
+        (["--models", "foo"], "--models: not a model this repository serves | got foo | expected hybridstitch | hybridstitch_latents"),
+    ]
+    for args, message in cases:
+        done = CliRunner().invoke(main, ["serve", str(tiny4_engine_dir), "--dry-run", *args])
+        assert done.exit_code == 1 and done.output.startswith(f"Error: {message}") and len(done.output.strip().splitlines()) == 1, (args, done.output)
+    assert list(readonly.iterdir()) == [] and [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
 def test_sigterm_drains_in_flight_requests(server):

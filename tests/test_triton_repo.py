@@ -6,8 +6,10 @@ requests cancelled while queued and while running, and a clean SIGTERM."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,7 +30,7 @@ def _write(*args: str):
     return CliRunner().invoke(main, ["triton-repo", *args])
 
 
-def test_triton_repo_writes_both_models(tiny4_engine_dir, tmp_path):
+def test_triton_repo_writes_both_models(tiny4_engine_dir, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     done = _write(str(tiny4_engine_dir), "--out", str(repo), "--instances", "2", "--max-queue", "8", "--max-queue-delay-ms", "20")
     assert done.exit_code == 0, done.output
@@ -54,6 +56,17 @@ def test_triton_repo_writes_both_models(tiny4_engine_dir, tmp_path):
     assert "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 1 ] } ]" in config and "dynamic_batching" not in config
     assert 'string_value: "hybridstitch/1/engines"' in config and (repo / GENERATE.name / "1" / "engines" / "manifest.json").is_file()
     assert 'string_value: "hybridstitch/1/engines"' in (repo / LATENTS.name / "config.pbtxt").read_text()
+
+    # a relative --pipeline is written absolute, like the engine folder (Triton does not run where this command ran)
+    pipeline = Path(json.loads((tiny4_engine_dir / "manifest.json").read_text())["pipeline"]).resolve()
+    monkeypatch.chdir(pipeline.parent)
+    done = _write(str(tiny4_engine_dir.resolve()), "--out", str(repo), "--pipeline", pipeline.name)
+    assert done.exit_code == 0, done.output
+    assert f'parameters {{ key: "pipeline" value: {{ string_value: "{pipeline}" }} }}' in (repo / GENERATE.name / "config.pbtxt").read_text()
+    elsewhere = tmp_path / "in-the-container"  # an absolute path may exist only where the server runs: written, and said so
+    done = _write(str(tiny4_engine_dir.resolve()), "--out", str(repo), "--pipeline", str(elsewhere))
+    assert done.exit_code == 0 and f"--pipeline {elsewhere} is not on this host: it must exist where the server runs" in done.output, done.output
+    assert f'string_value: "{elsewhere}"' in (repo / GENERATE.name / "config.pbtxt").read_text()
 
     # the text encoders' precision travels as a parameter the model reads (as Triton hands it over, in JSON)
     done = _write(str(tiny4_engine_dir), "--out", str(repo), "--text-dtype", "bf16")
@@ -85,22 +98,40 @@ def test_serving_one_model_only(tiny4_engine_dir, tmp_path):
         served_models(no_text, None, (GENERATE.name,))
 
 
-def test_triton_repo_refuses_in_one_line(tiny4_engine_dir, tmp_path):
+def test_triton_repo_refuses_in_one_line(tiny4_engine_dir, tmp_path, monkeypatch):
+    import os
+
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: play a user without write permission there
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == readonly and mode & os.W_OK else real_access(path, mode, **kw))
+    r = str(tmp_path / "r")
+    monkeypatch.chdir(tmp_path)
     cases = [
         ((str(tiny4_engine_dir), "--out", str(foreign)), f"--out {foreign} holds other files | got ['notes.txt']"),
-        ((str(tiny4_engine_dir), "--out", str(tmp_path / "r"), "--max-queue", "2"), "--max-queue is below the batch size | got 2 < 4"),
-        ((str(tiny4_engine_dir), "--out", str(tmp_path / "r"), "--device", "tpu"), "unknown device | got 'tpu'"),
-        ((str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")), "engine folder not found"),
-        ((str(tiny4_engine_dir), "--out", str(tmp_path / "r"), "--models", "hybridstitch,latents"), "--models names each served model once | got hybridstitch,latents"),
-        ((str(tiny4_engine_dir), "--out", str(tmp_path / "r"), "--models", ","), "--models names each served model once | got nothing"),
+        ((str(tiny4_engine_dir), "--out", str(readonly)), f"--out {readonly} cannot be written | got no write permission on {readonly}"),
+        ((str(tiny4_engine_dir), "--out", str(readonly / "repo")), f"--out {readonly / 'repo'} cannot be written | got no write permission on {readonly}"),
+        ((str(tiny4_engine_dir), "--out", r, "--max-queue", "2"), "--max-queue is below the batch size | got 2 < 4"),
+        ((str(tiny4_engine_dir), "--out", r, "--device", "tpu"), "unknown device | got 'tpu'"),
+        ((str(tiny4_engine_dir), "--out", r, "--device", "cpu:3"), "unknown device | got 'cpu:3' | expected cpu or cuda:N | Triton's CPU instances take no device index: pass --device cpu"),
+        ((str(tiny4_engine_dir), "--out", r, "--backend", "tensorrt"), f"engine folder {tiny4_engine_dir} holds onnxruntime engines | got --backend tensorrt | expected onnxruntime or torch"),
+        ((str(tiny4_engine_dir), "--out", r, "--pipeline", "nowhere"), "--pipeline nowhere is not an SD3 pipeline folder | got no such folder"),  # relative: a folder here
+        ((str(tiny4_engine_dir), "--out", r, "--pipeline", str(foreign)), f"--pipeline {foreign} is not an SD3 pipeline folder | got no model_index.json in it"),
+        ((str(tmp_path / "nowhere"), "--out", r), "engine folder not found"),
+        ((str(tiny4_engine_dir), "--out", r, "--models", "hybridstitch,latents"), "--models: not a model this repository serves | got latents | expected hybridstitch | hybridstitch_latents"),
+        ((str(tiny4_engine_dir), "--out", r, "--models", "foo"), "--models: not a model this repository serves | got foo | expected hybridstitch | hybridstitch_latents"),
+        ((str(tiny4_engine_dir), "--out", r, "--models", "hybridstitch,hybridstitch"), "--models names each served model once | got hybridstitch,hybridstitch"),
+        ((str(tiny4_engine_dir), "--out", r, "--models", ","), "--models names each served model once | got nothing"),
     ]
     for args, message in cases:
         done = _write(*args)
         assert done.exit_code == 1 and message in done.output and len(done.output.strip().splitlines()) == 1, done.output
-    assert (foreign / "notes.txt").read_text() == "mine"
+    assert (foreign / "notes.txt").read_text() == "mine" and not (tmp_path / "r").exists() and list(readonly.iterdir()) == []
 
 
 def test_without_text_encoders_only_the_latents_model_is_written():

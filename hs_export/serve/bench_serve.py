@@ -20,13 +20,14 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
-from hs_runtime.errors import ConfigError, describe
+from hs_runtime.errors import ConfigError, describe, first_line
 
 from ..reports import append_section
-from .client import HybridStitchClient, split_url
+from .client import HybridStitchClient, check_timeout, split_url
 from .protocol import GENERATE, ServingError
 
 
@@ -50,6 +51,16 @@ class ServeBenchConfig:
             raise ConfigError(describe("--concurrency takes positive integers", got=list(self.concurrency), expected="e.g. 1,2,4,8"))
         if self.requests < 1:
             raise ConfigError(describe("--requests must be >= 1", got=self.requests))
+        split_url(self.url)
+        check_timeout(self.timeout_s)
+        if self.metrics_url is not None:
+            parsed = urlparse(self.metrics_url)
+            try:
+                port = parsed.port
+            except ValueError:  # not a number, or past 65535
+                port = 0
+            if parsed.scheme not in ("http", "https") or not parsed.hostname or port == 0:
+                raise ConfigError(describe("--metrics-url is not an HTTP URL", got=repr(self.metrics_url), expected="http://HOST:PORT/metrics (Triton's metrics port, 8002 by default)"))
 
     def metrics(self) -> str:
         if self.metrics_url:
@@ -210,10 +221,20 @@ def markdown_table(report: dict) -> str:
 
 
 def read_json(path: str | Path) -> dict:
+    """A ``--baseline``: the JSON report of an earlier bench-serve run, with its rows.
+
+    Raises:
+        ConfigError: the file cannot be read, is not JSON, or holds no bench-serve rows.
+    """
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(describe(f"cannot read the baseline {path}", got=str(exc))) from None
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+        raise ConfigError(describe(f"cannot read the baseline {path}", got=first_line(exc), fix="pass the --json of an earlier bench-serve run")) from None
+    rows = report.get("rows") if isinstance(report, dict) else None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and {"concurrency", "images_per_s"} <= r.keys() for r in rows):
+        got = f"a JSON {type(report).__name__}" if not isinstance(report, dict) else "no rows" if not rows else "rows without concurrency and images_per_s"
+        raise ConfigError(describe(f"the baseline {path} is not a bench-serve report", got=got, expected="what hs-export bench-serve --json wrote: rows with concurrency and images_per_s", fix="pass the --json of an earlier bench-serve run"))
+    return report
 
 
 def append_markdown(report: dict, path: str | Path, title: str) -> Path:

@@ -15,9 +15,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from hs_runtime.errors import describe
+from hs_runtime.errors import ConfigError, describe
 
-from .protocol import GENERATE, LATENTS, TIMING_KEYS, ServingError, infer_inputs
+from .protocol import GENERATE, LATENTS, SERVED_SEED_MAX, TIMING_KEYS, ServingError, infer_inputs
 
 
 @dataclass
@@ -48,9 +48,13 @@ class GenerationResult:
 def split_url(url: str) -> tuple[str, str]:
     """``http://host:port`` / ``grpc://host:port`` / ``host:port`` → (protocol, ``host:port``)."""
     parsed = urlparse(url if "://" in url else f"http://{url}")
-    if parsed.scheme not in ("http", "grpc") or not parsed.hostname:
-        raise ServingError(describe("unsupported server URL", got=repr(url), expected="http://HOST:PORT or grpc://HOST:PORT"))
-    port = parsed.port or (8001 if parsed.scheme == "grpc" else 8000)
+    try:
+        port = parsed.port
+    except ValueError:  # not a number, or past 65535
+        port = 0
+    if parsed.scheme not in ("http", "grpc") or not parsed.hostname or port == 0:
+        raise ServingError(describe("unsupported server URL", got=repr(url), expected="http://HOST:PORT or grpc://HOST:PORT, PORT in 1..65535"))
+    port = port or (8001 if parsed.scheme == "grpc" else 8000)
     host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
     return parsed.scheme, f"{host}:{port}"
 
@@ -65,7 +69,7 @@ class HybridStitchClient:
 
     def __init__(self, url: str = "http://127.0.0.1:8000", timeout_s: float = 600.0):
         self.url = url
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
         self.protocol, self.address = split_url(url)
         try:
             if self.protocol == "grpc":
@@ -103,11 +107,18 @@ class HybridStitchClient:
                 raise ServingError(describe(f"{what} refused: the server's queue is full", got=message, fix="retry later, or serve with more --instances or a larger --max-queue"), status=status) from None
             if "deadline exceeded" in message.lower() or "timed out" in message.lower():
                 raise self._timed_out(what, status) from None
+            if "while decoding the response" in message:  # an error status whose body is not KServe's JSON
+                raise self._not_triton(message) from None
             raise ServingError(message or describe(f"{what} failed on {self.url}", got=status), status=status) from None
         except TimeoutError:
             raise self._timed_out(what) from None
         except (OSError, ConnectionError) as exc:
             raise self._unreachable(str(exc) or type(exc).__name__) from None
+        except ValueError as exc:  # a reply that is not JSON (tritonclient.http's rapidjson.JSONDecodeError)
+            raise self._not_triton(f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+    def _not_triton(self, reason: str) -> ServingError:
+        return ServingError(describe(f"{self.url} does not answer as a Triton (KServe v2) server", got=_first_line(reason), fix="check --url: the HTTP or gRPC port hs-export serve printed"))
 
     def _timed_out(self, what: str, status: str | None = None) -> ServingError:
         return ServingError(describe(f"{what} took longer than the client timeout", got=f"{self.timeout_s:g} s", fix="pass a longer --timeout, or ask for fewer steps"), status=status)
@@ -171,6 +182,15 @@ class HybridStitchClient:
         return self.infer(LATENTS, values)["latents"][0]
 
 
+def check_timeout(timeout_s) -> float:
+    """A client timeout: a finite number of seconds above 0."""
+    from hs_runtime.validation import check_number
+
+    if check_number("--timeout", timeout_s) <= 0:
+        raise ConfigError(describe("--timeout must be > 0", got=timeout_s, expected="seconds one request may take, queueing included"))
+    return float(timeout_s)
+
+
 def check_request_values(prompt, seed, steps, guidance_scale, mask_ratio, height, width) -> None:
     """Client-side checks of a ``hybridstitch`` request (the server repeats them)."""
     from hs_runtime.pipeline import check_image_size
@@ -179,7 +199,8 @@ def check_request_values(prompt, seed, steps, guidance_scale, mask_ratio, height
 
     if not str(prompt).strip():
         raise ServingError(describe("empty prompt", fix="pass a non-empty --prompt"))
-    check_seed(seed)
+    if check_seed(seed) > SERVED_SEED_MAX:
+        raise ConfigError(describe("seed out of range", got=seed, expected=f"an integer in 0..{SERVED_SEED_MAX} (2**63 - 1: the served seed input is INT64)"))
     if steps is not None:
         check_int("steps", steps)
     if guidance_scale is not None:

@@ -15,11 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hs_runtime.errors import HybridStitchError
+from hs_runtime.errors import HybridStitchError, describe
 from hs_runtime.sampler import STAGES
 
 GENERATE_MODEL = "hybridstitch"
 LATENTS_MODEL = "hybridstitch_latents"
+
+#: The largest seed a request can carry: the ``seed`` input is INT64.
+SERVED_SEED_MAX = 2**63 - 1
 
 #: Order of the ``timings_s`` output: graph seconds per stage, then overhead and the total.
 TIMING_KEYS = (*STAGES, "overhead", "total")
@@ -130,7 +133,10 @@ def as_array(spec: IOSpec, value) -> np.ndarray:
     if spec.dtype is np.bytes_:
         text = value.encode("utf-8") if isinstance(value, str) else bytes(value)
         return np.array([[text]], dtype=np.object_)
-    array = np.asarray(value, dtype=spec.dtype)
+    try:
+        array = np.asarray(value, dtype=spec.dtype)
+    except OverflowError:
+        raise ServingError(describe(f"input {spec.name} out of range", got=value, expected=f"a value {spec.triton_dtype} holds")) from None
     if spec.shape == (1,):
         array = array.reshape(1)
     return array[np.newaxis]

@@ -15,6 +15,7 @@ host for a GPU container.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from hs_runtime import __version__
 from hs_runtime.backends.base import torch_dtype
-from hs_runtime.errors import ConfigError, describe
+from hs_runtime.errors import ConfigError, ManifestError, describe
 
 from .protocol import GENERATE, LATENTS, ModelSpec
 
@@ -48,12 +49,13 @@ class RepositoryConfig:
         engine_dir: folder made by ``hs-export build``.
         instances: model instances per model, each a Triton Python-backend process with its own
             runtime (engines, text encoders and VAE; a CUDA stream on a GPU).
-        device: ``cpu`` (``KIND_CPU``) or ``cuda:N`` (``KIND_GPU`` on GPU ``N``); not checked
-            against this host, which may only write the repository.
+        device: ``cpu`` (``KIND_CPU``, no index) or ``cuda:N`` (``KIND_GPU`` on GPU ``N``); not
+            checked against this host, which may only write the repository.
         backend: ``torch`` to serve the PyTorch graphs of the manifest's models (default: the
             folder's own backend).
-        pipeline: text encoders + VAE folder (default: the engine folder's); without one only
-            ``hybridstitch_latents`` is written.
+        pipeline: text encoders + VAE folder, written as its absolute path (default: the engine
+            folder's); without one only ``hybridstitch_latents`` is written. An absolute path
+            need not exist on this host (it may name a folder in the server's container).
         text_dtype: precision ``hybridstitch`` loads the text encoders + VAE in (default fp32).
         models: which of ``hybridstitch`` and ``hybridstitch_latents`` to serve (default: both,
             or the latents model alone when no text encoders are known). Each model's instances
@@ -95,20 +97,33 @@ class RepositoryConfig:
         if self.models is not None:
             known = (GENERATE.name, LATENTS.name)
             odd = [m for m in self.models if m not in known]
-            if odd or not self.models or len(set(self.models)) != len(self.models):
+            if odd:
+                raise ConfigError(describe("--models: not a model this repository serves", got=",".join(odd), expected=" | ".join(known)))
+            if not self.models or len(set(self.models)) != len(self.models):
                 raise ConfigError(describe("--models names each served model once", got=",".join(self.models) or "nothing", expected=" and/or ".join(known)))
         if self.text_dtype is not None:
             torch_dtype(self.text_dtype)  # an unknown name is refused here, not in every instance
+        if self.pipeline is not None and (Path(self.pipeline).exists() or not Path(self.pipeline).is_absolute()):
+            check_pipeline(self.pipeline)  # an absolute path not here may name a folder where the server runs (a container)
 
     def device_kind(self) -> tuple[str, int | None]:
         """``("KIND_CPU", None)`` or ``("KIND_GPU", N)`` for ``device``."""
         try:
             device = torch.device(self.device)
-        except RuntimeError:
+        except (RuntimeError, TypeError, ValueError):
             device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            raise ConfigError(describe("unknown device", got=repr(self.device), expected="cpu or cuda:N"))
+        if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+            raise ConfigError(describe("unknown device", got=repr(self.device), expected="cpu or cuda:N", fix="Triton's CPU instances take no device index: pass --device cpu" if device is not None and device.type == "cpu" else None))
         return ("KIND_CPU", None) if device.type == "cpu" else ("KIND_GPU", device.index or 0)
+
+
+def check_pipeline(pipeline: str) -> None:
+    """Refuses a ``--pipeline`` that is not a diffusers SD3 folder on this host, as every instance
+    would while loading."""
+    path = Path(pipeline)
+    if not (path / "model_index.json").is_file():
+        found = "no model_index.json in it" if path.is_dir() else "a file" if path.exists() else "no such folder"
+        raise ConfigError(describe(f"--pipeline {pipeline} is not an SD3 pipeline folder", got=found, expected="a diffusers StableDiffusion3Pipeline folder (text encoders + VAE)", fix="pass --pipeline DIR, or leave it out for the engine folder's"))
 
 
 @dataclass(frozen=True)
@@ -147,25 +162,49 @@ def default_max_batch_size(manifest) -> int:
     return limits[1] if limits else 4
 
 
-def write_repository(config: RepositoryConfig, out: str | Path, log=lambda _: None) -> Repository:
-    """Writes (or rewrites) the model repository for ``config`` into ``out``.
+def check_repository(config: RepositoryConfig, out: str | Path | None = None, flag: str = "--out") -> tuple[tuple[ModelSpec, ...], int]:
+    """Every check :func:`write_repository` makes before it writes anything (``serve --dry-run``
+    makes them too); returns the served models and the batch limit.
+
+    Args:
+        out: the repository folder, if already known; ``flag`` is how the user named it.
 
     Raises:
-        ConfigError: bad options, or ``out`` holds something other than this toolkit's models.
-        ManifestError: the engine folder cannot be served.
+        ConfigError: bad options, or ``out`` is a file, holds something other than this toolkit's
+            models, or cannot be written.
+        ManifestError: the engine folder cannot be served, or not on ``config.backend``.
     """
     from hs_runtime.manifest import Manifest
 
     config.validate()
     manifest = Manifest.load(config.engine_dir)
-    engine_dir = Path(config.engine_dir).resolve()
+    if config.backend not in (None, "torch", manifest.backend):  # what every instance would refuse while loading (engines_from_manifest)
+        raise ManifestError(
+            describe(f"engine folder {manifest.folder} holds {manifest.backend} engines", got=f"--backend {config.backend}", expected=f"{manifest.backend} or torch",
+                     fix=f"build {config.backend} engines: {manifest.rebuild_command.replace('--backend ' + manifest.backend, '--backend ' + config.backend)}")
+        )
     specs = served_models(manifest, config.pipeline, config.models)
-    if GENERATE not in specs and config.models is None:
-        log(f"no text encoders/VAE known for {engine_dir} (pass --pipeline DIR): writing {LATENTS.name} only")
     max_batch = config.max_batch_size or default_max_batch_size(manifest)
     if config.dynamic_batching and 0 < config.max_queue < max_batch:
         raise ConfigError(describe("--max-queue is below the batch size", got=f"{config.max_queue} < {max_batch}", expected=f">= {max_batch}, or 0 for no bound", fix="a smaller queue would refuse requests before a batch can fill"))
+    if out is not None:
+        _check_folder(Path(out), flag)
+    return specs, max_batch
+
+
+def write_repository(config: RepositoryConfig, out: str | Path, log=lambda _: None, flag: str = "--out") -> Repository:
+    """Writes (or rewrites) the model repository for ``config`` into ``out`` (named ``flag`` in errors).
+
+    Raises:
+        ConfigError, ManifestError: what :func:`check_repository` refuses.
+    """
     out = Path(out)
+    specs, max_batch = check_repository(config, out, flag)
+    engine_dir = Path(config.engine_dir).resolve()
+    if GENERATE not in specs and config.models is None:
+        log(f"no text encoders/VAE known for {engine_dir} (pass --pipeline DIR): writing {LATENTS.name} only")
+    if config.pipeline and not Path(config.pipeline).exists():
+        log(f"--pipeline {config.pipeline} is not on this host: it must exist where the server runs")
     _clear(out)
     engines_param = str(engine_dir)
     if config.copy_engines:
@@ -181,18 +220,30 @@ def write_repository(config: RepositoryConfig, out: str | Path, log=lambda _: No
     return Repository(out, tuple(s.name for s in specs), max_batch, engine_dir)
 
 
-def _clear(out: Path) -> None:
-    """Makes ``out`` an empty or toolkit-only folder; removes the models written there before."""
-    ours = {GENERATE.name, LATENTS.name}
+_OURS = (GENERATE.name, LATENTS.name)
+
+
+def _check_folder(out: Path, flag: str) -> None:
+    """Refuses a repository folder that is a file, holds other files, or cannot be written."""
     if out.exists():
         if not out.is_dir():
-            raise ConfigError(describe(f"--out {out} is a file", fix="choose a folder"))
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+            raise ConfigError(describe(f"{flag} {out} is a file", fix="choose a folder"))
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _OURS)
         if foreign:
-            raise ConfigError(describe(f"--out {out} holds other files", got=foreign[:5], fix="choose an empty folder, or one written by hs-export triton-repo"))
-        for name in ours:
-            if (out / name).exists():
-                shutil.rmtree(out / name)
+            raise ConfigError(describe(f"{flag} {out} holds other files", got=foreign[:5], fix="choose an empty folder, or one written by hs-export triton-repo"))
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(describe(f"{flag} {out}: {existing} is a file, not a folder", fix=f"choose another {flag}"))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(describe(f"{flag} {out} cannot be written", got=f"no write permission on {existing}", fix="choose a folder you can write"))
+
+
+def _clear(out: Path) -> None:
+    """Makes ``out`` (checked by :func:`_check_folder`) an empty or toolkit-only folder; removes the
+    models written there before."""
+    for name in _OURS:
+        if (out / name).exists():
+            shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -226,6 +277,7 @@ def model_config(spec: ModelSpec, config: RepositoryConfig, max_batch: int, engi
     if config.dynamic_batching:
         queue = f"\n  default_queue_policy {{ max_queue_size: {config.max_queue} }}" if config.max_queue else ""
         lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {int(round(config.max_queue_delay_ms * 1000))}{queue}\n}}")
-    parameters = {"engine_dir": engine_dir, "backend": config.backend or "", "pipeline": config.pipeline or "", "text_dtype": config.text_dtype or ""}
+    pipeline = str(Path(config.pipeline).resolve()) if config.pipeline else ""  # absolute, like engine_dir: Triton's working folder is not this one
+    parameters = {"engine_dir": engine_dir, "backend": config.backend or "", "pipeline": pipeline, "text_dtype": config.text_dtype or ""}
     lines += [f"parameters {{ key: {_quote(k)} value: {{ string_value: {_quote(v)} }} }}" for k, v in parameters.items()]
     return "\n".join(lines) + "\n"

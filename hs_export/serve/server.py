@@ -53,7 +53,7 @@ from hs_runtime.errors import ConfigError, describe
 
 from .protocol import ServingError
 from .preflight import check_serve_memory, free_memory, repository_needs
-from .repository import Repository, RepositoryConfig, write_repository
+from .repository import Repository, RepositoryConfig, check_pipeline, check_repository, write_repository
 from .triton_model import LOG_LEVEL_ENV
 
 LOGGER = logging.getLogger("hs_export.serve")
@@ -95,6 +95,8 @@ class ServeConfig:
         if self.exit_timeout_s < 1:
             raise ConfigError(describe("--exit-timeout-secs must be >= 1", got=self.exit_timeout_s, fix="Triton needs time to unload the models; with 0 it exits with an error"))
         self.address  # an unresolvable --host is refused here
+        if self.model.pipeline is not None:
+            check_pipeline(self.model.pipeline)  # the server runs here: so must the text encoders and VAE
         kind, gpu = self.model.device_kind()
         if kind == "KIND_GPU" and (not torch.cuda.is_available() or gpu >= torch.cuda.device_count()):
             found = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -281,13 +283,15 @@ _LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (?:Internal: 
 
 
 def preflight(config: ServeConfig) -> tuple["TritonDist", str]:
-    """Every check :func:`serve` makes before it starts anything: options, the ``tritonserver``
-    binary, free ports, and the memory the instances need; returns the binary and the memory line.
+    """Every check :func:`serve` makes before it starts anything: options, the engine folder and
+    ``--repo`` (as writing the repository checks them), the ``tritonserver`` binary, free ports,
+    and the memory the instances need; returns the binary and the memory line.
 
     Raises:
         ConfigError, ServingError, ManifestError: what :func:`serve` would refuse.
     """
     config.validate()
+    check_repository(config.model, config.repo, "--repo")  # what writing the repository would refuse (the engine folder, backend, --repo)
     dist = TritonDist.find()
     check_ports_free(config.address, {"--http-port": config.http_port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port})
     return dist, check_serve_memory(repository_needs(config.model), free_memory(config.model.device))
@@ -307,7 +311,7 @@ def serve(config: ServeConfig, log=None) -> None:
     work = Path(tempfile.mkdtemp(prefix="hybridstitch-serve-"))
     proc = None
     try:
-        repository = write_repository(config.model, config.repo or work / "repository", log=log)
+        repository = write_repository(config.model, config.repo or work / "repository", log=log, flag="--repo")
         log(f"model repository: {repository.path}" + ("" if config.repo else " (temporary)"))
         env = dist.environment()
         env[LOG_LEVEL_ENV] = "DEBUG" if config.verbose else "INFO"
