@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -35,6 +36,14 @@ _TEXT_DTYPE = click.option(
 )
 
 
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "free some space or choose another path", errno.EDQUOT: "free some space or choose another path",
+    errno.EROFS: "choose a path on a writable file system", errno.EACCES: "choose a path you may write, or fix its permissions",
+    errno.EPERM: "choose a path you may write, or fix its permissions", errno.EISDIR: "name a file, not a folder",
+    errno.ENOENT: "check that the path exists",
+}
+
+
 def _one_line_errors(fn):
     """Turns toolkit errors into one ``Error: …`` line and exit code 1, never a traceback."""
 
@@ -46,7 +55,7 @@ def _one_line_errors(fn):
             raise click.ClickException(str(exc)) from None
         except OSError as exc:  # a full disk, a read-only folder: what users meet, in one line too
             where = f"I/O error on {exc.filename}" if exc.filename else "I/O error"
-            raise click.ClickException(describe(where, got=exc.strerror or first_line(exc), fix="free some space or choose another path")) from None
+            raise click.ClickException(describe(where, got=exc.strerror or first_line(exc), fix=_OS_ERROR_FIXES.get(exc.errno, "check the path and choose another if needed"))) from None
         except (MemoryError, RuntimeError) as exc:  # out of memory outside an engine call (text encoders, VAE, cache)
             oom = out_of_memory(exc, "the run")
             if oom is None:
@@ -316,9 +325,9 @@ def bench(engine_dir, preset, backend, backends_list, versus, device, dtype, pla
         raise ConfigError(describe("--sweep-ratio takes comma-separated numbers", got=sweep_ratio)) from None
     if plot_path and not ratios:
         raise ConfigError(describe("--plot draws the ratio sweep", fix="add --sweep-ratio 0.1,0.2,0.3,0.4,0.5"))
-    for flag, path in (("--json", json_path), ("--plot", plot_path), ("--markdown", markdown_path)):
+    for flag, path, suffixes in (("--json", json_path, None), ("--plot", plot_path, (".png",)), ("--markdown", markdown_path, None)):
         if path is not None:
-            check_output_file(path, flag)  # before the run, not after minutes of timing
+            check_output_file(path, flag, suffixes)  # before the run, not after minutes of timing
     if backend and backends_list is not None:
         raise ConfigError(describe("--backend and --backends both given", got=f"--backend {backend} --backends {backends_list}", fix="pass one: --backends onnxruntime,torch times several side by side"))
     backend_names = parse_backends(backends_list)

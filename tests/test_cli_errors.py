@@ -8,6 +8,7 @@ Placeholders in the arguments (``{engines}``, ``{file}``, …) are the paths of 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -101,6 +102,7 @@ TABLE: dict[str, list[tuple[list[str], int, str]]] = {
         ([*BENCH, "--sweep-ratio", "0,0.5"], ERROR, "mask ratio out of range"),
         ([*BENCH, "--sweep-ratio", "a,b"], ERROR, "--sweep-ratio takes comma-separated numbers"),
         ([*BENCH, "--json", "{empty}"], ERROR, "--json {empty} is a folder, not a file"),
+        ([*BENCH, "--sweep-ratio", "0.5", "--plot", "{empty}/sweep.txt"], ERROR, "--plot needs an image file name | got 'sweep.txt'"),  # before the run
         ([*BENCH, "--device", "bogus"], ERROR, "unknown device"),
         (["{file}"], ERROR, "is a file, not a folder"),
         (["{truncated}"], ERROR, "has the wrong size"),
@@ -236,3 +238,24 @@ def test_foreign_engine_file_keeps_the_library_reason(places):
     result = CliRunner().invoke(main, ["generate", places["foreign"], "--prompt", "x", "--out", places["tmp"] + "/never.png"])
     assert "INVALID_PROTOBUF" in result.output or "ONNXRuntimeError" in result.output
     assert "rebuild with: hs-export build" in result.output
+
+
+def test_io_errors_say_what_fixes_them():
+    """A read-only file system is not cured by freeing space: the way out follows the errno."""
+    import errno
+
+    import click
+
+    from hs_export.cli import _one_line_errors
+
+    def fails(code):
+        @_one_line_errors
+        def write():
+            raise OSError(code, os.strerror(code), "out.png")
+
+        with pytest.raises(click.ClickException) as info:
+            write()
+        return info.value.message
+
+    assert fails(errno.EROFS) == "I/O error on out.png | got Read-only file system | choose a path on a writable file system"
+    assert fails(errno.ENOSPC).endswith("| free some space or choose another path")
