@@ -2,7 +2,10 @@
 
 Per sample and block with hidden ``D``, ``q`` queries (image queries + text tokens) and ``k``
 keys: linear layers ``24·D²·q``, attention ``4·q·k·D``; a dual-attention layer adds
-``8·D²·q_img + 4·q_img·k_img·D``. Modulation, embeddings and the head are negligible.
+``8·D²·q_img + 4·q_img·k_img·D``. The last block (``context_pre_only``) drops its text output, so
+its text tokens are only projected to K and V (``4·D²·t``) and do not query (corrected
+2026-12-07: counting them as full queries put `bench`'s and `shapes`' ideals 0.6–1.3% low; at SD3.5
+sizes 0.1%). Modulation, embeddings and the head are negligible.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ def transformer_flops(dims: ModelDims, query_image_tokens: int, key_image_tokens
             come from a cache).
     """
     d = dims.hidden
-    q = query_image_tokens + (text_tokens if text_queries is None else text_queries)
+    text = text_tokens if text_queries is None else text_queries
+    q = query_image_tokens + text
     k = key_image_tokens + text_tokens
     per_block = 24 * d * d * q + 4 * q * k * d
+    last_block = 24 * d * d * query_image_tokens + 4 * d * d * text + 4 * query_image_tokens * k * d  # text: K and V only
     dual_layers = dims.kv_entries - dims.num_layers
     dual = 8 * d * d * query_image_tokens + 4 * query_image_tokens * key_image_tokens * d
-    return dims.num_layers * per_block + dual_layers * dual
+    return (dims.num_layers - 1) * per_block + last_block + dual_layers * dual
 
 
 @dataclass(frozen=True)

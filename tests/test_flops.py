@@ -58,3 +58,14 @@ def test_cheaper_hybrid_steps_at_sd35_sizes():
     # at ratio 1.0 with the small model outside the mask, the small call disappears
     full = make_plan("hybrid", 28, PlanConfig(small_outside_mask=True, reuse_text_kv=False, mask=MaskConfig(ratio=1.0)))
     assert hybrid_step_flops(full, small, large, N_IMG, TXT) == pytest.approx(dense)
+
+
+def test_the_last_block_projects_text_to_k_and_v_only():
+    """SD3's last block (``context_pre_only``) drops its text output: its text tokens cost their K
+    and V projections (4·D²·t) and never query; every other block's text tokens cost as much as
+    image queries (24·D²·t + 4·t·k·D)."""
+    d = dims("sd3.5-medium")
+    n, t, width = 1024, 333, d.hidden
+    extra = transformer_flops(d, n, n, t, text_queries=t) - transformer_flops(d, n, n, t, text_queries=0)
+    per_block = 24 * width**2 * t + 4 * t * (n + t) * width
+    assert extra == pytest.approx((d.num_layers - 1) * per_block + 4 * width**2 * t)
