@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import resource
 import statistics
 import threading
 from dataclasses import dataclass
@@ -77,8 +76,9 @@ class BenchConfig:
         unknown = [p for p in self.plans if p not in PLAN_NAMES]
         if unknown or not self.plans:
             raise ConfigError(describe("unknown plan in --plans", got=unknown or "none", expected=" | ".join(PLAN_NAMES)))
-        if self.repeat < 1 or self.warmup < 0 or self.steps < 1:
-            raise ConfigError(describe("need repeat >= 1, warmup >= 0 and steps >= 1", got=(self.repeat, self.warmup, self.steps)))
+        check_int("--repeat", self.repeat)
+        check_int("--warmup", self.warmup, minimum=0)
+        check_int("--steps", self.steps)
         check_int("prompts", self.prompts)
         check_seed(self.seed)
         check_number("guidance scale", self.guidance_scale, minimum=0.0)
@@ -110,7 +110,9 @@ def random_conditioning(prompts: int, text_tokens: int, joint_dim: int, pooled_d
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (includes everything loaded so far)"
+    from .build.builder import peak_rss
+
+    return peak_rss(), "process peak RSS (includes everything loaded so far)"
 
 
 def _median_times(runs: list[dict]) -> dict:
@@ -482,7 +484,7 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
         "repeat": config.repeat,
         "load_average_1min": {"start": load_before, "end": load_after},
         "peak_memory_kind": _peak_memory(device)[1],
-        "memory_note": MEMORY_NOTE_CUDA if device.type == "cuda" else MEMORY_NOTE_CPU,
+        "memory_note": MEMORY_NOTE_CUDA if device.type == "cuda" else MEMORY_NOTE_CPU if len(backends) > 1 else MEMORY_NOTE_CPU_PEAK,
         "versions": library_versions(),
         "plans": report_plans,
     }
@@ -505,6 +507,10 @@ MEMORY_NOTE_CPU = (
     "(the warm-up round, where arenas and caches grow). Both are measured in one process that holds every backend, so they are "
     "lower bounds of what that backend alone adds to a process (memory one backend freed and another reused counts once); "
     "for a whole process's peak, run one backend per process (--backend: the peak MiB column)"
+)
+MEMORY_NOTE_CPU_PEAK = (
+    "peak MiB = the process's peak resident set so far (getrusage ru_maxrss), which never falls: a row repeats the largest "
+    "of the rows before it unless its own plan went higher; each plan's own addition: --backends (added MiB)"
 )
 MEMORY_NOTE_CUDA = "loaded and added are torch's CUDA allocations only (memory_allocated / max_memory_allocated); engine libraries' own allocations are not seen"
 
@@ -667,7 +673,8 @@ def append_markdown(report: dict, path: Path, title: str) -> Path:
         "Denoise only (prompt embeddings → latents):\n\n" + markdown_table(report)
     )
     if several:
-        section += "\nBackends side by side (a/b < 1: a is faster):\n\n" + markdown_backends(report) + f"\nMemory: {report['memory_note']}.\n"
+        section += "\nBackends side by side (a/b < 1: a is faster):\n\n" + markdown_backends(report)
+    section += f"\nMemory: {report['memory_note']}.\n"
     calls = markdown_calls(report)
     if calls:
         section += "\nGraph calls per denoise (time and FLOPs as multiples of one dense large call of the same run):\n\n" + calls

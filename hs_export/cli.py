@@ -141,7 +141,9 @@ def main():
 
 
 def _quiet_libraries() -> None:
-    """The CLI prints its own progress: no loading bars or info chatter from diffusers/transformers."""
+    """The CLI prints its own progress: no loading bars or info chatter from diffusers/transformers
+    (but a prompt cut to the text encoders' length is said)."""
+    import logging
     import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -151,6 +153,8 @@ def _quiet_libraries() -> None:
 
         diffusers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.disable_progress_bar()
+        # except the SD3 pipeline's own warnings: the part of a prompt CLIP or T5 cut off
+        logging.getLogger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3").setLevel(logging.WARNING)
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     except ImportError:  # diffusers/transformers only power the build side and prompt-to-image

@@ -191,9 +191,9 @@ class Manifest:
             raise ManifestError(
                 describe(f"engine folder {folder} was built for {what}", got=f"schema {schema!r}", expected=f"schema {SCHEMA_VERSION}", fix=f"rebuild with: {manifest.rebuild_command} --force")
             )
-        manifest._check_fields(path)
         if not manifest.complete:
             raise ManifestError(describe(f"engine build in {folder} did not finish", got="ONNX files only", fix=f"finish it with: {manifest.rebuild_command}"))
+        manifest._check_fields(path)
         missing = [g for g in GRAPH_NAMES if g not in data.get("graphs", {}) or not manifest.engine_path(g).exists()]
         if missing:
             raise ManifestError(describe(f"engine folder {folder} is missing graph(s) {missing}", fix=f"rebuild with: {manifest.rebuild_command} --force"))

@@ -85,7 +85,8 @@ def check_image_size(height: int, width: int, vae_scale_factor: int = 8, patch_s
     multiple = vae_scale_factor * patch_size
     for name, value in (("height", height), ("width", width)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0 or value % multiple):
-            raise ShapeError(describe(f"{name} must be a positive multiple of {multiple}", got=value))
+            near = sorted({max(multiple, value // multiple * multiple), value // multiple * multiple + multiple}) if isinstance(value, numbers.Integral) and value > 0 else [multiple]
+            raise ShapeError(describe(f"{name} must be a positive multiple of {multiple}", got=value, expected=" or ".join(map(str, near))))
 
 
 def initial_latents(prompts: int, height: int, width: int, seed: int | Sequence[int], vae_scale_factor: int = 8, channels: int = 16) -> torch.Tensor:

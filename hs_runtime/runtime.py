@@ -120,6 +120,9 @@ class HybridStitchRuntime:
 
             if self.pipeline_source is None:
                 raise ModelLoadError(describe("prompt-to-image needs the text encoders and VAE", fix="pass --pipeline DIR (a diffusers SD3 folder)"))
+            if self.max_sequence_length < 1:  # text tokens = CLIP's 77 + T5's: a folder built for random conditioning only
+                fix = f"rebuild with: {self.manifest.rebuild_command} --force (--text-tokens above 77)" if self.manifest is not None else "load with a max_sequence_length >= 1"
+                raise ModelLoadError(describe("these engines take no T5 token: prompt-to-image needs CLIP's 77 text tokens and T5's", got=f"max_sequence_length {self.max_sequence_length}", fix=fix))
             device = self.engines.device
             self._text_and_vae = TextAndVae.from_pretrained(self.pipeline_source, device=device, dtype=self.text_dtype)
         return self._text_and_vae

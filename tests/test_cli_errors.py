@@ -94,9 +94,9 @@ TABLE: dict[str, list[tuple[list[str], int, str]]] = {
     "bench": [
         ([*BENCH, "--height", "0"], ERROR, "height must be a positive multiple of 16 | got 0"),
         ([*BENCH, "--width", "-16"], ERROR, "width must be a positive multiple of 16 | got -16"),
-        ([*BENCH, "--steps", "0"], ERROR, "steps >= 1"),
-        ([*BENCH, "--repeat", "0"], ERROR, "repeat >= 1"),
-        ([*BENCH, "--warmup", "-1"], ERROR, "warmup >= 0"),
+        ([*BENCH, "--steps", "0"], ERROR, "--steps must be >= 1 | got 0"),
+        ([*BENCH, "--repeat", "0"], ERROR, "--repeat must be >= 1 | got 0"),
+        ([*BENCH, "--warmup", "-1"], ERROR, "--warmup must be >= 0 | got -1"),
         ([*BENCH, "--prompts", "0"], ERROR, "prompts must be >= 1 | got 0"),
         ([*BENCH, "--plans", ""], ERROR, "unknown plan in --plans"),
         ([*BENCH, "--sweep-ratio", "0,0.5"], ERROR, "mask ratio out of range"),

@@ -28,8 +28,10 @@ def test_sweep_crosses_knobs_and_maps_to_plan_settings():
 
 def test_sweep_drops_duplicates_of_named_plans():
     # srdiff at 0.4 of 20 steps is the default srdiff plan: measured once.
-    variants = plan_variants(["srdiff"], ["srdiff:large_fraction=0.4,0.5"], 20, PlanConfig(), log=lambda *_: None)
+    notes = []
+    variants = plan_variants(["srdiff"], ["srdiff:large_fraction=0.4,0.5"], 20, PlanConfig(), log=notes.append)
     assert [v.name for v in variants] == ["large", "srdiff", "srdiff[large_fraction=0.5]"]
+    assert notes[-1] == "note: srdiff[large_fraction=0.4] is the same schedule as srdiff at 20 steps: rendered once, as srdiff"
 
 
 def test_standard_sweep_is_valid():
@@ -319,10 +321,12 @@ def test_timed_quality_without_clip_model_reports_null_and_bad_requests_are_one_
     import json
 
     out = tmp_path / "tiny.json"
-    result = _quality(["--preset", "tiny", "--prompts", "2", "--seeds", "1", "--steps", "4", "--warmup", "0", "--repeat", "1", "--plans", "large,srdiff", "--json", str(out)], tmp_path)
+    result = _quality(["--preset", "tiny", "--prompts", "2", "--seeds", "1", "--steps", "4", "--warmup", "0", "--repeat", "1", "--plans", "large,srdiff", "--sweep", "hybrid:ratio=0.5", "--json", str(out)], tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["timing"] == {"warmup": 0, "repeat": 1} and report["adherence"] is None and report["clip_model"] is None
+    srdiff = next(p for p in report["plans"] if p["name"] == "srdiff")  # no mask of its own: the sweep point's, rendered first
+    assert srdiff["psnr_inside"] is not None
     assert all(p["clip_score"] is None and p["adherence"] is None and p["delta_clip_score_vs_srdiff_front"] is None for p in report["plans"])
     assert all(p["speedup_vs_large"] > 0 for p in report["plans"])  # timed: measured speedups
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from hs_export.cli import main
 from hs_runtime import HybridStitchRuntime
-from hs_runtime.errors import ConcurrencyError, ConfigError, ManifestError, ShapeError
+from hs_runtime.errors import ConcurrencyError, ConfigError, ManifestError, ModelLoadError, ShapeError
 from hs_runtime.pipeline import HybridStitchPipeline, initial_latents
 from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan
 from hs_runtime.sampler import Conditioning
@@ -341,6 +341,9 @@ def test_bad_inputs_to_the_api_are_refused_in_one_line(tiny_engine_dir, tiny_con
     wide = Conditioning(torch.zeros(1, 85, 48), cond.pooled_prompt_embeds, torch.zeros(1, 85, 48), cond.negative_pooled_prompt_embeds)
     with pytest.raises(ShapeError, match=r"encoder_hidden_states axis 'joint_dim'"):
         models.denoise(plan, latents, wide)
+    no_t5 = HybridStitchRuntime(models.engines, tiny_paths.large, max_sequence_length=-67)  # a folder built with --text-tokens 10
+    with pytest.raises(ModelLoadError, match="these engines take no T5 token"):
+        no_t5.text_and_vae()
 
 
 def _catch(errors, runtime, cond):

@@ -60,7 +60,7 @@ def test_build_config_validates_every_count(field, value, message, tmp_path):
     ({"prompts": 0}, "prompts must be >= 1"),
     ({"seed": -1}, "seed out of range"),
     ({"guidance_scale": float("inf")}, "guidance scale must be a finite number"),
-    ({"steps": 0}, "steps >= 1"),
+    ({"steps": 0}, "--steps must be >= 1"),
 ])
 def test_bench_config(changes, message):
     with pytest.raises(ConfigError, match=message):

@@ -25,6 +25,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -168,8 +169,9 @@ def rebuild_command(selection: ModelSelection, config: BuildConfig, height: int,
 
 
 def peak_rss() -> int:
-    """Peak resident memory of this process so far, in bytes (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory of this process so far, in bytes (``ru_maxrss`` is in KiB on Linux,
+    in bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 class _Phases:
@@ -251,7 +253,7 @@ def plan_build(selection: ModelSelection, config: BuildConfig) -> BuildPlan:
     height = selection.height if config.height is None else config.height
     width = selection.width if config.width is None else config.width
     text_tokens = config.text_tokens if config.text_tokens is not None else selection.clip_tokens + selection.max_sequence_length
-    if text_tokens <= selection.clip_tokens:  # T_txt = CLIP's tokens + T5's: none left for T5
+    if selection.pipeline is not None and text_tokens <= selection.clip_tokens:  # T_txt = CLIP's tokens + T5's: none left for T5
         raise ConfigError(describe("--text-tokens must exceed the CLIP tokens", got=text_tokens, expected=f"> {selection.clip_tokens} ({selection.clip_tokens} CLIP + the T5 tokens)", fix=f"e.g. --text-tokens {selection.clip_tokens + selection.max_sequence_length} (the preset's)"))
     shape = BuildShape(
         prompts=config.prompts, latent_height=height // config.vae_scale_factor, latent_width=width // config.vae_scale_factor,

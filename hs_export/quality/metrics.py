@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-# MS-SSIM with torchmetrics' default 5 betas and an 11-px kernel needs sides > (11 − 1)·2⁴.
-MS_SSIM_MIN_SIDE = 161
+# MS-SSIM with torchmetrics' default 5 betas and an 11-px kernel: torchmetrics refuses a side
+# unless side // 2⁴ > 11 − 1, i.e. side >= 176 (161–175 raise inside torchmetrics).
+MS_SSIM_MIN_SIDE = 176
 
 
 @dataclass(frozen=True)

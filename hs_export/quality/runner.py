@@ -171,8 +171,9 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
     rows: dict[str, list[dict]] = {}  # per plan, one dict per image: seed-major (seed 0's prompts, then seed 1's …)
     grid_images: dict[str, list] = {}
     grid_masks: dict[str, torch.Tensor] = {}
-    # large first (the reference), then the named hybrid (its mask is the region for plans without one).
-    ordered = sorted(variants, key=lambda v: (v.name != "large", v.name != "hybrid"))
+    # large first (the reference), then the named hybrid (its mask is the region for plans without
+    # one), then every other plan with a mask, so no plan without one renders before a region exists.
+    ordered = sorted(variants, key=lambda v: (v.name != "large", v.name != "hybrid", not v.plan.count("hybrid")))
     for variant in ordered:
         rows[variant.name] = []
         for seed in seeds:

@@ -126,7 +126,8 @@ def plan_variants(plan_names, sweeps, steps: int, base: PlanConfig, log=print) -
     unique, seen = [], {}
     for v in variants:
         key = (v.plan.actions, v.plan.mask if v.plan.count("hybrid") else None, _plan_extras(v.plan))
-        if key in seen:
+        if key in seen:  # rendered once, under its first name (said, so a missing row is explained)
+            log(f"note: {v.name} is the same schedule as {seen[key]} at {steps} steps: rendered once, as {seen[key]}")
             continue
         seen[key] = v.name
         unique.append(v)
