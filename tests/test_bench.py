@@ -205,3 +205,24 @@ def test_bench_takes_the_prompt_counts_a_folder_was_built_for(tmp_path):
     open_target(folder, None, (None,), "cpu", None, 1, None, None, 0.02, log=lambda *_: None)
     done = CliRunner().invoke(main, ["bench", str(folder), "--prompts", "3", "--steps", "2"])
     assert done.exit_code == 1 and "--prompts outside what the engine build takes | got 3 | expected 1..2 | pass --prompts 2" in done.output, done.output
+
+
+def test_bench_costs_an_adaptive_mask_at_the_share_it_used(tiny_engine_dir, tmp_path):
+    """An adaptive mask (--mask-energy) picks fewer tokens than --mask-ratio allows: the ideal, the
+    FLOPs and the label are those of the share it used (they were those of the upper bound, so the
+    efficiency read high)."""
+    from hs_runtime.contract import ModelDims as Dims
+    from hs_runtime.flops import ideal_speedup
+    from hs_runtime.manifest import Manifest
+    from hs_runtime.plans import MaskConfig, PlanConfig
+
+    out = tmp_path / "bench.json"
+    done = CliRunner().invoke(main, ["bench", str(tiny_engine_dir), "--steps", "6", "--warmup", "0", "--repeat", "1", "--plans", "hybrid",
+                                     "--mask-ratio", "0.5", "--mask-energy", "0.3", "--json", str(out)])
+    assert done.exit_code == 0, done.output
+    row = next(p for p in json.loads(out.read_text())["plans"] if p["name"] == "hybrid")
+    assert 0 < row["mask_ratio"] < 0.5
+    manifest = Manifest.load(tiny_engine_dir)
+    small, large = (Dims(**manifest.data["models"][r]["dims"]) for r in ("small", "large"))
+    used = make_plan("hybrid", 6, PlanConfig(mask=MaskConfig(ratio=row["mask_ratio"])))
+    assert row["ideal_speedup"] == pytest.approx(ideal_speedup(used, small, large, 64, manifest.shape.text_tokens))
