@@ -219,31 +219,27 @@ def round_robin(jobs: Mapping[Hashable, Callable[[], object]], warmup: int, repe
     return results, added
 
 
-def time_plans(denoise, plans: dict, latents, conditioning, warmup: int, repeat: int, device: torch.device, log=print) -> tuple[dict[str, list[dict]], dict[str, int]]:
-    """Times every plan round-robin (all plans once per round), so machine noise lands on all
-    of them alike.
+def time_plans(denoise, plans: dict, latents, conditioning, warmup: int, repeat: int, device: torch.device, log=print) -> dict[str, list[dict]]:
+    """Times every plan in :func:`round_robin` rounds (all plans once per round, the order
+    reversed every other round), so machine noise and call order land on all of them alike.
 
     Args:
         denoise: ``denoise(plan, latents, conditioning, profile=True) -> DenoiseResult``.
 
     Returns:
         Per plan name, the timed rounds' stage times (``StageTimes.as_dict()`` plus
-        ``step:<action>`` wall times); and per plan name the peak memory in bytes.
+        ``step:<action>`` wall times).
     """
-    runs: dict[str, list[dict]] = {name: [] for name in plans}
-    peaks: dict[str, int] = {}
-    for round_index in range(warmup + repeat):
-        timed = round_index >= warmup
-        for name, plan in plans.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            result = denoise(plan, latents, conditioning, profile=True)
-            if timed:
-                times = result.times
-                runs[name].append({**times.as_dict(), **{f"step:{a}": s for a, s in times.step_seconds.items()}})
-                peaks[name] = max(peaks.get(name, 0), _peak_memory(device)[0])
-        log(f"{'warm-up' if not timed else 'timed'} round {round_index + 1}/{warmup + repeat} done")
-    return runs, peaks
+
+    def job(plan):
+        def call():
+            times = denoise(plan, latents, conditioning, profile=True).times
+            return {**times.as_dict(), **{f"step:{a}": s for a, s in times.step_seconds.items()}}
+
+        return call
+
+    runs, _ = round_robin({name: job(plan) for name, plan in plans.items()}, warmup, repeat, device, log)
+    return runs
 
 
 @dataclass

@@ -202,7 +202,7 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
     if config.timing:
         log(f"timing {len(variants)} plans round-robin ({config.warmup} warm-up + {config.repeat} timed rounds, {min(batch, len(prompts))} prompt(s) per call)")
         timing_prompts = slice(0, min(batch, len(prompts)))
-        runs, _ = time_plans(
+        runs = time_plans(
             lambda plan, latents, cond, profile: runtime.denoise(plan, latents, cond, guidance_scale=guidance, profile=profile),
             {v.name: v.plan for v in variants}, noise[seeds[0]][timing_prompts], _slice_conditioning(conditioning, timing_prompts),
             config.warmup, config.repeat, engines.device, log,
