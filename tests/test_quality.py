@@ -119,6 +119,8 @@ def test_tables_show_a_region_without_pixels_as_a_dash(tmp_path):
     console.print(summary_table(report))
     assert "24.0/—" in console.export_text()
     assert "24.0 / —" in append_markdown(report, tmp_path / "q.md", "t").read_text()
+    row["identical_to_large"] = 2  # infinite PSNRs stay out of the mean: said beside it
+    assert "24.00 ± 1.0 (2 identical, not in the mean)" in append_markdown(report, tmp_path / "q2.md", "t").read_text()
 
 
 # ---- prompt adherence (shapes), paired statistics, CLIP score ---------------------------------------

@@ -51,6 +51,8 @@ def markdown_table(report: dict) -> str:
     rows = []
     for p in report["plans"]:
         psnr = "reference" if p["reference"] else f"{_fmt(p['psnr_to_large'])} ± {_fmt(p['psnr_to_large_std'], '.1f')}"
+        if not p["reference"] and p.get("identical_to_large"):
+            psnr += f" ({p['identical_to_large']} identical, not in the mean)"
         region = "—" if p["reference"] or p["psnr_inside"] is None else f"{_fmt(p['psnr_inside'], '.1f')} / {_fmt(p['psnr_outside'], '.1f')}"
         rows.append(
             f"| {p['name']} | {p['stages']} | {_speedup(p['speedup_vs_large'])} | {p['ideal_speedup']:.2f}× | {p['ideal_speedup_sd35']:.2f}× | "

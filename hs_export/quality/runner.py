@@ -232,6 +232,8 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
         for metric in METRICS:
             summary[f"{metric}_to_large" if metric in ("psnr", "ssim", "ms_ssim", "lpips") else metric] = _mean(r[metric] for r in rows[variant.name])
         summary["psnr_to_large_std"] = _std(r["psnr"] for r in rows[variant.name])
+        # an image equal to large's has infinite PSNR: left out of the means above, and counted here
+        summary["identical_to_large"] = sum(1 for r in rows[variant.name] if r["psnr"] == math.inf)
         summary["clip_score"] = _mean(r["clip_score"] for r in rows[variant.name]) if clip is not None else None
         summary["adherence"] = adherence_lib.summarise([r["adherence"] for r in rows[variant.name]]) if scenes is not None else None
         plans.append(summary)
