@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +92,19 @@ def tiny_engine_dir(tiny_paths, tmp_path_factory):
     selection = resolve_models("tiny", None, None, None, log=lambda *_: None)
     build(selection, BuildConfig(out=out), log=lambda *_: None)
     return out
+
+
+@pytest.fixture
+def unwritable_folders(tmp_path, monkeypatch):
+    """``(foreign, readonly)``: a folder holding someone else's file, and one nobody may write
+    (for root, who writes anywhere, ``os.access`` says no for it)."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.geteuid() == 0:
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == readonly and mode & os.W_OK else real_access(path, mode, **kw))
+    return foreign, readonly

@@ -806,18 +806,10 @@ def test_serve_dry_run_checks_and_starts_nothing(tiny4_engine_dir, monkeypatch):
     assert not started
 
 
-def test_serve_dry_run_refuses_what_serve_refuses(tiny4_engine_dir, tmp_path, monkeypatch):
+def test_serve_dry_run_refuses_what_serve_refuses(tiny4_engine_dir, tmp_path, unwritable_folders):
     """--dry-run makes the checks writing the repository makes (and the memory check for every
     device it may run on): each of these passed --dry-run once and failed only the real serve."""
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
-    readonly = tmp_path / "readonly"
-    readonly.mkdir()
-    readonly.chmod(0o555)
-    if os.geteuid() == 0:  # root writes anywhere: play a user without write permission there
-        real_access = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == readonly and mode & os.W_OK else real_access(path, mode, **kw))
+    foreign, readonly = unwritable_folders
     cases = [
         (["--device", "cpu:0", "--instances", "100"], "unknown device | got 'cpu:0' | expected cpu or cuda:N | Triton's CPU instances take no device index: pass --device cpu"),
         (["--repo", str(foreign)], f"--repo {foreign} holds other files | got ['notes.txt']"),

@@ -98,18 +98,8 @@ def test_serving_one_model_only(tiny4_engine_dir, tmp_path):
         served_models(no_text, None, (GENERATE.name,))
 
 
-def test_triton_repo_refuses_in_one_line(tiny4_engine_dir, tmp_path, monkeypatch):
-    import os
-
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
-    readonly = tmp_path / "readonly"
-    readonly.mkdir()
-    readonly.chmod(0o555)
-    if os.geteuid() == 0:  # root writes anywhere: play a user without write permission there
-        real_access = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == readonly and mode & os.W_OK else real_access(path, mode, **kw))
+def test_triton_repo_refuses_in_one_line(tiny4_engine_dir, tmp_path, monkeypatch, unwritable_folders):
+    foreign, readonly = unwritable_folders
     r = str(tmp_path / "r")
     monkeypatch.chdir(tmp_path)
     cases = [
