@@ -10,6 +10,7 @@ call on a real GPU wherever TensorRT imports.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 import torch
@@ -303,6 +304,18 @@ def test_tensorrt_older_than_10_1_is_refused_in_one_line(world, tmp_path, monkey
     for load in (lambda: make_engine(tmp_path), import_tensorrt):
         with pytest.raises(BuildError, match=r"TensorRT 10.0.1.6 is too old \| expected >= 10.1 \| pip install -U 'tensorrt>=10.1'"):
             load()
+
+
+def test_a_plan_that_wants_a_tensor_in_host_memory_is_refused(world, tmp_path):
+    """The backend binds device memory to every tensor; a kHOST tensor (a shape tensor) must not get it."""
+    import json
+
+    plan = trt_double.write_plan(tmp_path / "host.plan", SPEC, PROFILES)
+    body = json.loads(plan.read_bytes()[len(trt_double.MAGIC):])
+    body["inputs"][0]["location"] = "HOST"
+    plan.write_bytes(trt_double.MAGIC + json.dumps(body).encode())
+    with pytest.raises(EngineLoadError, match=re.escape(f"wants tensors in host memory | got ['{SPEC.inputs[0].name}']")):
+        TrtEngine(plan, "large", DIMS, torch.device("cuda:0"), PROFILES)
 
 
 def test_foreign_or_damaged_plans_are_refused_with_the_reason(world, tmp_path):

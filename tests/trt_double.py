@@ -101,6 +101,10 @@ class TensorIOMode:
     INPUT, OUTPUT = "INPUT", "OUTPUT"
 
 
+class TensorLocation:
+    DEVICE, HOST = "DEVICE", "HOST"
+
+
 class ILogger:
     INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
 
@@ -319,6 +323,10 @@ class ICudaEngine:
     def get_tensor_dtype(self, name: str):
         return DTYPES[self.tensors[name]["dtype"]]
 
+    def get_tensor_location(self, name: str):
+        """``kHOST`` for a tensor the plan marks ``"location": "HOST"`` (a shape tensor), else ``kDEVICE``."""
+        return TensorLocation.HOST if self.tensors.get(name, {}).get("location") == "HOST" else TensorLocation.DEVICE
+
     @property
     def num_optimization_profiles(self) -> int:
         return len(self.body["profiles"])
@@ -472,7 +480,7 @@ def tensorrt_module(world: CudaWorld) -> types.ModuleType:
     _STATE["world"] = world
     module = types.ModuleType("tensorrt")
     module.__version__ = "10.99.0-double"
-    module.ILogger, module.Runtime, module.TensorIOMode = ILogger, Runtime, TensorIOMode
+    module.ILogger, module.Runtime, module.TensorIOMode, module.TensorLocation = ILogger, Runtime, TensorIOMode, TensorLocation
     module.ICudaEngine, module.IExecutionContext = ICudaEngine, IExecutionContext
     module.ExecutionContextAllocationStrategy = ExecutionContextAllocationStrategy
     for name, dtype in DTYPES.items():

@@ -219,7 +219,7 @@ class TrtEngine:
                         got=reason, expected=f"a plan from this TensorRT version and GPU (built with {built_with or 'see manifest'})", fix=fix,
                     )
                 )
-            self._check_io(plan_path, fix)
+            self._check_io(trt, plan_path, fix)
             self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if self.context is None:
                 reason = self.logger.errors[-1] if self.logger.errors else "create_execution_context returned None"
@@ -243,12 +243,17 @@ class TrtEngine:
                 }
         self._profile: int | None = None
 
-    def _check_io(self, plan_path: Path, fix: str) -> None:
+    def _check_io(self, trt, plan_path: Path, fix: str) -> None:
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         expected = {*self.spec.input_names, *self.spec.output_names}
         if names != expected:
             odd = sorted(names ^ expected)
             raise EngineLoadError(describe(f"{plan_path} is not a {self.spec.name} engine of this contract", got=f"tensors differ: {odd[:4]}", expected=f"{len(expected)} tensors from graph_spec('{self.spec.name}')", fix=fix))
+        # getTensorLocation: "E.g. shape tensors inputs are typically required to be on the CPU";
+        # this backend binds device memory to every tensor, which a kHOST tensor must not get.
+        on_host = sorted(n for n in expected if self.engine.get_tensor_location(n) != trt.TensorLocation.DEVICE)
+        if on_host:
+            raise EngineLoadError(describe(f"{plan_path} wants tensors in host memory", got=on_host[:4], expected="every I/O tensor on the GPU, as the contract's graphs export them", fix=fix))
         if self.engine.num_optimization_profiles != len(self.profiles):
             raise EngineLoadError(describe(f"{plan_path} does not match its manifest", got=f"{self.engine.num_optimization_profiles} optimization profiles", expected=len(self.profiles), fix=fix))
 
