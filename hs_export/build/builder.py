@@ -215,7 +215,10 @@ def check_out_folder(out: Path, fingerprint: str, force: bool, log=print) -> Man
             return None
     if not same and not force:
         raise BuildError(
-            describe(f"--out {out} holds engines built for something else", got=f"fingerprint {str(data.get('fingerprint'))[:12]}", expected=fingerprint[:12], fix="pass --force to replace them, or choose another --out")
+            describe(
+                f"--out {out} holds engines built for something else (other weights, flags or library versions; or a build before 2026-12-07, whose fingerprint also held the rebuild command)",
+                got=f"fingerprint {str(data.get('fingerprint'))[:12]}", expected=fingerprint[:12], fix="pass --force to replace them, or choose another --out",
+            )
         )
     return None
 
