@@ -242,7 +242,9 @@ def test_the_double_catches_unordered_reuse(world, tmp_path):
     """Engines on their own streams sharing a block, called from two streams: nothing orders the
     second enqueue after the first; and outputs rewritten without waiting for their reader."""
     small, large = _small_engine(tmp_path, device_memory=1000), make_engine(tmp_path)
-    tensorrt_backend.share_activation_memory([small, large], check_streams=False)
+    block = torch.empty(large.activation_bytes, dtype=torch.uint8)  # shared as share_activation_memory would, but on two streams
+    small.use_activation_memory(block)
+    large.use_activation_memory(block)
     a, b = torch.cuda.Stream(torch.device("cuda:0")), torch.cuda.Stream(torch.device("cuda:0"))
     with torch.cuda.stream(a):
         large(feeds_for(SUBSET))

@@ -24,7 +24,8 @@ import torch
 
 from hs_runtime import __version__
 from hs_runtime.backends.base import torch_dtype
-from hs_runtime.errors import ConfigError, ManifestError, describe
+from hs_runtime.backends.loading import check_backend
+from hs_runtime.errors import ConfigError, describe
 
 from .protocol import GENERATE, LATENTS, ModelSpec
 
@@ -178,11 +179,8 @@ def check_repository(config: RepositoryConfig, out: str | Path | None = None, fl
 
     config.validate()
     manifest = Manifest.load(config.engine_dir)
-    if config.backend not in (None, "torch", manifest.backend):  # what every instance would refuse while loading (engines_from_manifest)
-        raise ManifestError(
-            describe(f"engine folder {manifest.folder} holds {manifest.backend} engines", got=f"--backend {config.backend}", expected=f"{manifest.backend} or torch",
-                     fix=f"build {config.backend} engines: {manifest.rebuild_command.replace('--backend ' + manifest.backend, '--backend ' + config.backend)}")
-        )
+    if config.backend is not None:
+        check_backend(manifest, config.backend)  # what every instance would refuse while loading
     specs = served_models(manifest, config.pipeline, config.models)
     max_batch = config.max_batch_size or default_max_batch_size(manifest)
     if config.dynamic_batching and 0 < config.max_queue < max_batch:

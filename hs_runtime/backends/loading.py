@@ -58,11 +58,8 @@ def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineS
         models = {role: load_transformer(manifest.data["models"][role]["source"], wanted, device) for role in GRAPH_NAMES}
         inner = torch_engines(models["small"], models["large"], device, wanted)
         precision = inner.precision
-    elif backend != manifest.backend:
-        raise ManifestError(
-            describe(f"engine folder {manifest.folder} holds {manifest.backend} engines", got=f"--backend {backend}", expected=f"{manifest.backend} or torch", fix=f"build {backend} engines: {manifest.rebuild_command.replace('--backend ' + manifest.backend, '--backend ' + backend)}")
-        )
     else:
+        check_backend(manifest, backend)
         asked = None if wanted is None else precision_name(wanted)
         if asked is not None and asked != precision:  # before any engine loads
             raise ConfigError(describe(f"{backend} engines compute in the precision they were built in", got=f"dtype {asked} for {manifest.folder}, built in {precision}", fix=_precision_fix(manifest, asked)))
@@ -82,6 +79,18 @@ def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineS
     hint = f"rebuild with: {manifest.rebuild_command} --force"
     check_size = lambda h, w: check_latent_size(shape, large, h, w, hint, manifest.vae_scale)  # noqa: E731
     return EngineSet(checked, inner.device, inner.dtype, inner.backend, precision, check_size)
+
+
+def check_backend(manifest, backend: str) -> None:
+    """Refuses a backend that is neither the folder's own nor ``torch`` (which runs its models).
+
+    Raises:
+        ManifestError: naming the folder's backend and the build that makes ``backend``'s engines.
+    """
+    if backend not in ("torch", manifest.backend):
+        raise ManifestError(
+            describe(f"engine folder {manifest.folder} holds {manifest.backend} engines", got=f"--backend {backend}", expected=f"{manifest.backend} or torch", fix=f"build {backend} engines: {manifest.rebuild_command.replace('--backend ' + manifest.backend, '--backend ' + backend)}")
+        )
 
 
 def _precision_fix(manifest, asked: str) -> str:

@@ -222,8 +222,7 @@ class TrtEngine:
             self._check_io(trt, plan_path, fix)
             self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if self.context is None:
-                reason = self.logger.errors[-1] if self.logger.errors else "create_execution_context returned None"
-                raise EngineLoadError(describe(f"TensorRT cannot create an execution context for {graph} engine {plan_path}", got=reason, fix="free GPU memory or load fewer engines per GPU"))
+                raise EngineLoadError(describe(f"TensorRT cannot create an execution context for {graph} engine {plan_path}", got=self._reason("create_execution_context returned None"), fix="free GPU memory or load fewer engines per GPU"))
             if stream is None:
                 stream = torch.cuda.Stream(self.device)
             elif stream.cuda_stream in DEFAULT_STREAM_HANDLES:
@@ -310,7 +309,8 @@ class TrtEngine:
             raise BuildError(describe(f"{self.spec.name}: TensorRT refused the address of {name}", got=f"{self._reason('set_tensor_address returned False')} ({hex(self._address(tensor))})", expected=f"a {ADDRESS_ALIGNMENT}-byte aligned device address on {self.device}"))
 
     def _reason(self, default: str) -> str:
-        """TensorRT's last error since this call began (the log is cleared at each call's start)."""
+        """TensorRT's last error since this call began (the log is cleared at each call's start;
+        while loading, it holds only the load's)."""
         return self.logger.errors[-1] if self.logger.errors else default
 
     def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -361,14 +361,13 @@ class TrtEngine:
         return results
 
 
-def share_activation_memory(engines: Iterable[TrtEngine], check_streams: bool = True) -> torch.Tensor | None:
+def share_activation_memory(engines: Iterable[TrtEngine]) -> torch.Tensor | None:
     """One activation block for the engines of a set, the size of the largest need, instead of one
     block each. They must run on one stream (made with the same ``stream=``): stream order is what
     keeps two enqueues from using the block at once, whatever streams the callers use.
 
     Raises:
-        ConfigError: engines on several devices or streams (``check_streams=False`` lets a test
-            show what the rule prevents).
+        ConfigError: engines on several devices or streams.
     """
     engines = list(engines)
     if not engines:
@@ -376,8 +375,9 @@ def share_activation_memory(engines: Iterable[TrtEngine], check_streams: bool = 
     device = engines[0].device
     if any(e.device != device for e in engines):
         raise ConfigError(describe("engines sharing activation memory must be on one device", got=sorted({str(e.device) for e in engines})))
-    if check_streams and len({e.stream.cuda_stream for e in engines}) > 1:
-        raise ConfigError(describe("engines sharing activation memory must run on one CUDA stream", got=f"{len({e.stream.cuda_stream for e in engines})} streams", fix="make them with the same stream=torch.cuda.Stream(device)"))
+    streams = {e.stream.cuda_stream for e in engines}
+    if len(streams) > 1:
+        raise ConfigError(describe("engines sharing activation memory must run on one CUDA stream", got=f"{len(streams)} streams", fix="make them with the same stream=torch.cuda.Stream(device)"))
     with torch.cuda.device(device):
         block = torch.empty(max(e.activation_bytes for e in engines), dtype=torch.uint8, device=_memory_device(device))
     for engine in engines:
