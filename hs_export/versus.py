@@ -3,7 +3,8 @@
 diffusers' own ``StableDiffusion3Pipeline``, loaded with ``from_pretrained`` from the engine
 folder's pipeline (text encoders, VAE, scheduler) with the folder's large model as its
 transformer, renders the same prompts with the same steps, guidance, size and seed as our
-``runtime.pipeline()``. Both sides are timed end to end, prompt → image (text encoding, denoise,
+``runtime.pipeline()``, in the engines' dtype (``torch_dtype`` for the whole pipeline, as its
+users load it for half-precision inference). Both sides are timed end to end, prompt → image (text encoding, denoise,
 VAE decode), round-robin in one process with our plans on every backend, so the ratios are of
 medians measured side by side. The small model is not involved on diffusers' side: it runs the
 large model on every step, which is our ``large`` plan; the image distance of each of our rows to
@@ -30,9 +31,11 @@ MEASURE = "prompt_to_image"
 DIFFUSERS_CLASS = "diffusers.StableDiffusion3Pipeline"
 
 
-def diffusers_pipeline(pipeline_source: str, large_source: str, device: torch.device):
+def diffusers_pipeline(pipeline_source: str, large_source: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """diffusers' ``StableDiffusion3Pipeline`` over the pipeline folder, with the large model as
-    its transformer (fp32, ``.eval()``, progress bar off).
+    its transformer, all of it in ``dtype`` (what a diffusers user passes as ``torch_dtype``; the
+    engines' precision, so fp16/bf16 engines are not timed against an fp32 pipeline), ``.eval()``,
+    progress bar off.
 
     Raises:
         ModelLoadError: diffusers is missing or cannot load the folder.
@@ -43,9 +46,9 @@ def diffusers_pipeline(pipeline_source: str, large_source: str, device: torch.de
         raise ModelLoadError(describe("--versus diffusers needs diffusers", got=first_line(exc), fix="pip install diffusers transformers")) from exc
     from hs_runtime.models import load_transformer
 
-    transformer = load_transformer(large_source, torch.float32, device)
+    transformer = load_transformer(large_source, dtype, device)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(pipeline_source), transformer=transformer, dtype=torch.float32)
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(pipeline_source), transformer=transformer, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(describe(f"diffusers could not load the pipeline {pipeline_source}", got=first_line(exc), fix="pass an engine folder whose pipeline is a complete StableDiffusion3Pipeline folder")) from exc
     pipe = pipe.to(device)
@@ -90,8 +93,9 @@ def run_versus(target, plans: dict[str, Plan], config, log=print) -> dict:
     height, width = target.latent[0] * scale, target.latent[1] * scale
     prompts = builtin_prompts(config.prompts, target.preset)
     steps = {plan.steps for plan in plans.values()}.pop()
-    log(f"--versus diffusers: loading {DIFFUSERS_CLASS} from {target.pipeline_source} (transformer: {target.large_source})")
-    pipe = diffusers_pipeline(target.pipeline_source, target.large_source, device)
+    dtype = first.engines.dtype
+    log(f"--versus diffusers: loading {DIFFUSERS_CLASS} from {target.pipeline_source} (transformer: {target.large_source}) in {_name(dtype)}")
+    pipe = diffusers_pipeline(target.pipeline_source, target.large_source, device, dtype)
     ours = {backend: runtime.pipeline(config.guidance_scale, text_and_vae=text_and_vae) for backend, runtime in target.runtimes.items()}
     last_images: dict = {}
 
@@ -146,6 +150,7 @@ def run_versus(target, plans: dict[str, Plan], config, log=print) -> dict:
         "transformer_source": target.large_source,
         "prompts": prompts,
         "steps": steps,
+        "dtype": _name(dtype),
         "guidance_scale": config.guidance_scale,
         "height": height,
         "width": width,
@@ -155,6 +160,10 @@ def run_versus(target, plans: dict[str, Plan], config, log=print) -> dict:
         "load_average_1min": {"start": load_before, "end": load_after},
         "rows": rows,
     }
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def add_versus(report: dict, versus: dict) -> dict:
@@ -174,7 +183,7 @@ def versus_table(versus: dict):
     """The prompt → image comparison as a rich table."""
     from rich.table import Table
 
-    table = Table(title=f"prompt → image (text encoders + denoise + VAE) vs {versus['pipeline']} — {versus['steps']} steps, {versus['width']}×{versus['height']}, "
+    table = Table(title=f"prompt → image (text encoders + denoise + VAE) vs {versus['pipeline']} ({versus.get('dtype', 'float32')}) — {versus['steps']} steps, {versus['width']}×{versus['height']}, "
                         f"guidance {versus['guidance_scale']:g}, seed {versus['seed']}, {len(versus['prompts'])} prompt(s), median of {versus['repeat']}")
     for column in ("plan", "backend", "latency s (min–max)", "of which denoise s", "speedup vs diffusers", "PSNR to diffusers dB"):
         table.add_column(column, justify="left" if column in ("plan", "backend") else "right")
@@ -189,7 +198,7 @@ def versus_table(versus: dict):
 def versus_markdown(versus: dict) -> str:
     """The prompt → image comparison as Markdown."""
     head = (
-        f"Prompt → image (text encoders + denoise + VAE decode), against `{versus['pipeline']}` loaded from the same folder "
+        f"Prompt → image (text encoders + denoise + VAE decode), against `{versus['pipeline']}` loaded from the same folder in {versus.get('dtype', 'float32')} "
         f"({versus['steps']} steps, {versus['width']}×{versus['height']}, guidance {versus['guidance_scale']:g}, seed {versus['seed']}, "
         f"{len(versus['prompts'])} prompt(s); median of {versus['repeat']} after {versus['warmup']} warm-up, all rows in the same rounds{load_note(versus.get('load_average_1min'))}):\n\n"
         "| plan | backend | latency s median (min–max) | of which denoise s | speedup vs diffusers | PSNR to diffusers' image dB |\n|---|---|---|---|---|---|\n"

@@ -67,19 +67,23 @@ def check_folder_path(path, what: str, error: type[Exception] = ConfigError, fix
     return path
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (``.`` or ``/`` at the latest): where a file
+    or folder about to be made would land, for permission and free-space checks."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def check_output_file(path, what: str, suffixes: tuple[str, ...] | None = None) -> Path:
     """Refuses an output path that is a folder, lies under a file, or (with ``suffixes``) has an
     extension no writer knows. Checked before any work, so a long run never fails at the end."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise ConfigError(describe(f"{what} {path} is a folder, not a file", fix=f"name a file, e.g. {path / ('out' + (suffixes[0] if suffixes else path.suffix))}"))
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(describe(f"{what} {path}: {parent} is a file, not a folder", fix=f"choose another {what}"))
-            if not os.access(parent, os.W_OK | os.X_OK):  # a read-only folder or file system
-                raise ConfigError(describe(f"{what} {path}: cannot write in {parent}", got="no write permission (or a read-only file system)", fix=f"choose another {what}"))
-            break
+    parent = nearest_existing(path.parent)
+    if not parent.is_dir():
+        raise ConfigError(describe(f"{what} {path}: {parent} is a file, not a folder", fix=f"choose another {what}"))
+    if not os.access(parent, os.W_OK | os.X_OK):  # a read-only folder or file system
+        raise ConfigError(describe(f"{what} {path}: cannot write in {parent}", got="no write permission (or a read-only file system)", fix=f"choose another {what}"))
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise ConfigError(describe(f"{what} needs an image file name", got=repr(path.name), expected="a name ending in " + ", ".join(suffixes[:6])))
     return path

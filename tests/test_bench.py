@@ -2,6 +2,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from hs_export.call_profile import call_rows, dense_large_reference
@@ -142,13 +143,23 @@ def test_bench_backends_side_by_side_versus_diffusers(tiny_engine_dir, tmp_path)
     paired = report["side_by_side"][0]["ratios_paired"]["onnxruntime/torch"]  # one round: the round's own ratio
     assert paired["rounds"] == 1 and paired["ci95"][0] == paired["mean"] == paired["ci95"][1]
     versus = report["versus"]
-    assert versus["steps"] == 2 and versus["pipeline"] == "diffusers.StableDiffusion3Pipeline"
+    assert versus["steps"] == 2 and versus["pipeline"] == "diffusers.StableDiffusion3Pipeline" and versus["dtype"] == "float32"
     ours = {(r["name"], r["backend"]): r for r in versus["rows"] if r["backend"] != "diffusers"}
     assert set(ours) == {("large", "onnxruntime"), ("large", "torch"), ("small", "onnxruntime"), ("small", "torch")}
     # same weights, prompt, steps, guidance, size and seed: our large plan draws diffusers' image
     assert ours[("large", "torch")]["max_abs_pixel_diff_vs_diffusers"] <= 2
     for title in ("backends side by side", "prompt → image"):
         assert title in result.output and title in notes.read_text().lower()
+
+
+def test_versus_diffusers_runs_in_the_engines_precision(tiny_paths):
+    """diffusers is loaded the way its users load it for half-precision engines (``torch_dtype``
+    for the whole pipeline), not left in fp32 against bf16/fp16 engines."""
+    from hs_export.versus import diffusers_pipeline
+
+    pipe = diffusers_pipeline(tiny_paths.pipeline, tiny_paths.large, torch.device("cpu"), torch.bfloat16)
+    dtypes = {name: module.dtype for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+    assert set(dtypes) >= {"transformer", "vae", "text_encoder"} and set(dtypes.values()) == {torch.bfloat16}, dtypes
 
 
 def test_bench_backends_run_torch_in_the_engines_precision(tiny_paths, tmp_path):

@@ -16,7 +16,7 @@ from hs_runtime.errors import ConfigError, HybridStitchError, ManifestError, Mod
 from hs_runtime.models import load_transformer
 from hs_runtime.pipeline import TextAndVae, initial_latents
 from hs_runtime.sampler import StitchedSampler
-from hs_runtime.validation import SEED_MAX, check_device, check_output_file, check_seed
+from hs_runtime.validation import SEED_MAX, check_device, check_output_file, check_seed, nearest_existing
 
 
 @pytest.mark.parametrize("seed", [-1, SEED_MAX + 1, True, 1.5])
@@ -102,6 +102,16 @@ def test_an_output_where_nothing_can_be_written_is_refused_before_any_work(tmp_p
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(ConfigError, match=re.escape(f"--out {tmp_path}/sub/out.png: cannot write in {tmp_path} | got no write permission")):
         check_output_file(tmp_path / "sub" / "out.png", "--out", (".png",))
+
+
+def test_nearest_existing_folder(tmp_path, monkeypatch):
+    """The one walk behind the output, repository and free-disk checks: it stops at the first
+    ancestor that exists, and a relative path ends at ``.`` at the latest."""
+    assert nearest_existing(tmp_path / "a" / "b" / "c.png") == tmp_path
+    (tmp_path / "a").mkdir()
+    assert nearest_existing(tmp_path / "a" / "b") == tmp_path / "a"
+    monkeypatch.chdir(tmp_path)
+    assert nearest_existing(Path("x") / "y") == Path(".")
 
 
 def test_devices():

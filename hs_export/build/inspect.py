@@ -78,7 +78,7 @@ def _text_and_vae_line(manifest) -> str:
     from .limits import ELEMENT_BYTES, format_bytes, text_and_vae_elements
 
     source = manifest.data.get("pipeline")
-    elements = text_and_vae_elements(source) if source else None
+    elements = text_and_vae_elements(source)
     if elements is None:
         return f"prompt → image also loads the text encoders + VAE of {source or '--pipeline DIR'} (not on this host: size unknown)"
     sizes = ", ".join(f"{format_bytes(elements * ELEMENT_BYTES[p])} in {p}" for p in ("fp32", "bf16"))

@@ -20,6 +20,7 @@ import torch
 from hs_runtime.backends.base import PRECISIONS
 from hs_runtime.contract import GRAPH_NAMES, LARGE, SMALL, ModelDims, graph_spec
 from hs_runtime.errors import BuildError, describe
+from hs_runtime.validation import nearest_existing
 from hs_runtime.memory import hybrid_cache, kv_output_bytes
 from hs_runtime.plans import MaskConfig, PlanConfig, make_plan
 from hs_runtime.profiles import BuildShape, profile_sizes
@@ -163,11 +164,11 @@ def text_and_vae_elements(source) -> int | None:
     """The text encoders' and VAE's parameter count, from the headers of a local diffusers
     folder's ``*.safetensors`` (no weight is read; variant files such as ``model.fp16.safetensors``
     beside the plain ones are not what loads, so not counted); ``None`` where the folder is not on
-    this host or a component has no plain safetensors (sizes unknown without loading)."""
+    this host, not given, or a component has no plain safetensors (sizes unknown without loading)."""
     from safetensors import safe_open
 
-    folder = Path(source)
-    if not folder.is_dir():
+    folder = Path(source) if source else None
+    if folder is None or not folder.is_dir():
         return None
     elements = 0
     for sub in TEXT_AND_VAE:
@@ -248,9 +249,7 @@ def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool) -> Non
         raise BuildError(
             describe("this host lacks the memory the build needs", got=f"{format_bytes(memory)} available", expected=f"~{format_bytes(needs.host_bytes)} (hs-export build --dry-run shows why)", fix="build on a larger host, or pass --force to try anyway")
         )
-    target = out if out.exists() else out.resolve().parent
-    while not target.exists():
-        target = target.parent
+    target = nearest_existing(out.resolve())
     free = shutil.disk_usage(target).free
     if needs.disk_bytes > free:
         raise BuildError(

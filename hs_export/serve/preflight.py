@@ -78,7 +78,7 @@ def serve_needs(manifest, models: tuple[str, ...], instances: int, device: str, 
         per_instance[name] = runtime
         if name == GENERATE.name:
             source = pipeline or manifest.data.get("pipeline")
-            elements = text_and_vae_elements(source) if source else None
+            elements = text_and_vae_elements(source)
             if elements is None:
                 unknown.append(f"text encoders + VAE ({source})")
             else:

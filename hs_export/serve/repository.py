@@ -26,6 +26,7 @@ from hs_runtime import __version__
 from hs_runtime.backends.base import torch_dtype
 from hs_runtime.backends.loading import check_backend
 from hs_runtime.errors import ConfigError, describe
+from hs_runtime.validation import nearest_existing
 
 from .protocol import GENERATE, LATENTS, ModelSpec
 
@@ -229,7 +230,7 @@ def _check_folder(out: Path, flag: str) -> None:
         foreign = sorted(p.name for p in out.iterdir() if p.name not in _OURS)
         if foreign:
             raise ConfigError(describe(f"{flag} {out} holds other files", got=foreign[:5], fix="choose an empty folder, or one written by hs-export triton-repo"))
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    existing = nearest_existing(out.absolute())
     if not existing.is_dir():
         raise ConfigError(describe(f"{flag} {out}: {existing} is a file, not a folder", fix=f"choose another {flag}"))
     if not os.access(existing, os.W_OK | os.X_OK):
