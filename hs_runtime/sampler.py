@@ -140,11 +140,12 @@ class _Clock:
         self.enabled = enabled
         self.calls = calls
         self.sync = (enabled or calls) and device.type == "cuda"
+        self.device = device
         self.times = StageTimes()
 
     def now(self) -> float:
         if self.sync:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)  # without a device it waits on the current one, cuda:0
         return time.perf_counter()
 
     def stage(self, name: str) -> "_Span":

@@ -8,8 +8,9 @@
    kind of call (dense, subset with context, text reuse), and the ``hybrid`` plan end to end.
 3. TensorRT: only where ``tensorrt`` imports (it is not on this project's GPU machines).
 
-Appends a dated table to ``docs/benchmarks.md`` (``--markdown``) and writes JSON (``--json``).
-Needs only hs_runtime, torch and diffusers. Usage: ``python3 scripts/bench_gpu.py --json out.json``.
+Writes ``gpu-DATE.json`` and ``gpu-DATE.md`` under ``--out`` after every stage, appends the final
+section to ``--markdown`` if given, and exits non-zero when CUDA parity is past ``PARITY_MAX``.
+Needs only hs_runtime, torch and diffusers. Usage: ``python3 scripts/bench_gpu.py --out docs/bench``.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def conditioning(prompts, text_tokens, dims, device, dtype, seed=0):
     )
 
 
-def latency(preset: str, device: str, steps: int, repeat: int, size: int, log=print) -> dict:
+def latency(preset: str, device: torch.device, steps: int, repeat: int, size: int, log=print) -> dict:
     spec = get_preset(preset)
+    cuda = device.type == "cuda"
     dtype = torch.bfloat16
     start = time.perf_counter()
     small = random_transformer(spec.small, spec.seed + 1, dtype, device)
@@ -81,16 +83,18 @@ def latency(preset: str, device: str, steps: int, repeat: int, size: int, log=pr
     peaks = {}
     for round_ in range(repeat + 1):  # round 0 warms up (kernels, allocator)
         for label, plan in plans.items():
-            torch.cuda.reset_peak_memory_stats() if device.startswith("cuda") else None
-            torch.cuda.synchronize() if device.startswith("cuda") else None
+            if cuda:  # every call names the device: without one, torch acts on the current one (cuda:0)
+                torch.cuda.reset_peak_memory_stats(device)
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             result = sampler.denoise(plan, latents, cond, profile=False)
-            torch.cuda.synchronize() if device.startswith("cuda") else None
+            if cuda:
+                torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - t0
             if round_:
                 times[label].append(elapsed)
-            if device.startswith("cuda"):
-                peaks[label] = torch.cuda.max_memory_allocated()
+            if cuda:
+                peaks[label] = torch.cuda.max_memory_allocated(device)
             assert torch.isfinite(result.latents).all(), label
         log(f"  round {round_}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v))
     n_img = dims["large"].image_tokens(latent, latent)
@@ -107,8 +111,9 @@ def latency(preset: str, device: str, steps: int, repeat: int, size: int, log=pr
             "weights_and_cache_gib": (weights + hybrid_cache(plan, dims, n_img, spec.text_tokens, 1, 2).total) / 2**30,
         })
     calls = call_times(sampler, plans, latents, cond, dims)
-    del engines, small, large
-    torch.cuda.empty_cache() if device.startswith("cuda") else None
+    del sampler, engines, small, large  # all that holds the weights, so the cache can give them back
+    if cuda:
+        torch.cuda.empty_cache()
     return {"preset": preset, "size": size, "steps": steps, "repeat": repeat, "rows": rows, "calls": calls}
 
 
@@ -124,7 +129,7 @@ def call_times(sampler, plans, latents, cond, dims, rounds: int = 2) -> dict:
 
 
 @torch.no_grad()
-def cuda_parity(device: str) -> list[dict]:
+def cuda_parity(device: torch.device) -> list[dict]:
     """The tiny preset's graphs on ``device`` vs the CPU, for every kind of call, and one plan."""
     spec = get_preset("tiny")
     rows = []
@@ -178,6 +183,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+PARITY_MAX = 1e-4  # fp32 on CUDA vs the CPU; the H200 run of 2026-12-04 measured <= 8.1e-7
+
+
+def write(report: dict, out: Path | None, markdown_file: Path | None = None) -> None:
+    """The report so far, as JSON and Markdown under ``out`` (rewritten after every stage, so a
+    failure later in the run keeps what was measured); ``markdown_file`` gets the final section."""
+    text = markdown(report)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"gpu-{report['date']}"
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(text)
+    if markdown_file is not None:
+        with markdown_file.open("a") as handle:
+            handle.write(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -185,31 +207,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="folder for gpu-DATE.json and gpu-DATE.md, rewritten after every stage")
+    parser.add_argument("--markdown", type=Path, default=None, help="a file to append the final Markdown section to (e.g. docs/benchmarks.md)")
     parser.add_argument("--parity-only", action="store_true")
     args = parser.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device (or pass --device cpu --presets tiny to try it)")
-    report = {
-        "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-        "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU",
-        "latency": [] if args.parity_only else [latency(p, args.device, args.steps, args.repeat, args.size) for p in args.presets.split(",")],
-        "parity": cuda_parity(args.device),
-    }
     try:
         import tensorrt
 
-        report["tensorrt"] = f"TensorRT {tensorrt.__version__} imports here: run hs-export build --backend tensorrt and verify --device cuda"
+        trt = f"TensorRT {tensorrt.__version__} imports here: run hs-export build --backend tensorrt and verify --device cuda"
     except ImportError:
-        report["tensorrt"] = "not importable on this machine, so no TensorRT leg ran"
-    text = markdown(report)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        with args.markdown.open("a") as handle:
-            handle.write(text)
+        trt = "not importable on this machine, so no TensorRT leg ran"
+    report = {
+        "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "latency": [], "parity": [], "tensorrt": trt,
+    }
+    for preset in [] if args.parity_only else args.presets.split(","):
+        report["latency"].append(latency(preset, device, args.steps, args.repeat, args.size))
+        write(report, args.out)
+    report["parity"] = cuda_parity(device)
+    write(report, args.out, args.markdown)
+    print(markdown(report))
+    bad = [r for r in report["parity"] if not r["rel"] <= PARITY_MAX]  # `not <=` catches NaN
+    if bad:
+        raise SystemExit("CUDA parity failed: " + ", ".join(f"{r['check']} {r['rel']:.1e}" for r in bad) + f" (at most {PARITY_MAX:.0e} relative)")
 
 
 if __name__ == "__main__":

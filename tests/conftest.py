@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -22,9 +23,12 @@ def pytest_collection_modifyitems(config, items):
         has_trt = True
     except Exception:
         has_trt = False
+    has_diffusers = importlib.util.find_spec("diffusers") is not None  # a lent GPU machine may lack it
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if ("gpu" in item.keywords or "tensorrt" in item.keywords) and not has_diffusers:
+            item.add_marker(pytest.mark.skip(reason="needs diffusers (the tiny preset's fixtures); pip install diffusers"))
         if "tensorrt" in item.keywords and not (has_trt and has_cuda):
             item.add_marker(pytest.mark.skip(reason="needs TensorRT >= 10.1 importable and a CUDA device"))
 

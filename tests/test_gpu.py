@@ -1,4 +1,10 @@
-"""CUDA and TensorRT runs; skipped with the reason where the hardware or library is absent."""
+"""CUDA and TensorRT runs, skipped with the reason where the hardware or library is absent; and
+the CPU-side logic of ``scripts/bench_gpu.py``, which runs everywhere."""
+
+import datetime
+import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +165,36 @@ def test_tensorrt_engine_set_shares_one_activation_block(tiny_trt_folder):
     small, large = (engines[name].engine for name in ("small", "large"))  # behind the profile checks
     assert small._activations is large._activations
     assert small._activations.numel() == max(small.activation_bytes, large.activation_bytes)
+
+
+def _bench_gpu_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_script_keeps_each_stage_and_fails_on_parity(tmp_path, monkeypatch):
+    """CPU-side logic of the one-shot GPU script: results written after every stage (a later
+    failure keeps them), and a parity past the limit, NaN included, is a non-zero exit, not a row
+    in a table."""
+    script = _bench_gpu_script()
+    row = {"plan": "large", "stages": "large×2", "latency_s_median": 1.0, "speedup": 1.0, "ideal": 1.0, "efficiency": 1.0, "peak_gpu_gib": 0.0, "weights_and_cache_gib": 0.1}
+    seen = []
+
+    def latency(preset, device, *args):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()) if tmp_path.exists() else [])
+        return {"preset": preset, "size": 128, "steps": 2, "repeat": 1, "rows": [row], "calls": {}}
+
+    monkeypatch.setattr(script, "latency", latency)
+    monkeypatch.setattr(script, "cuda_parity", lambda device: [{"check": "large dense", "rel": 1e-7}, {"check": "small dense", "rel": float("nan")}])
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--device", "cpu", "--presets", "tiny,tiny", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="CUDA parity failed: small dense nan"):
+        script.main()
+    stem = f"gpu-{datetime.date.today().isoformat()}"
+    assert seen[1] == [f"{stem}.json", f"{stem}.md"]  # the first preset was on disk before the second ran
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert len(report["latency"]) == 2 and len(report["parity"]) == 2

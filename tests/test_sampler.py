@@ -276,3 +276,15 @@ def test_mask_reselection_keeps_each_tokens_kv_once(tiny_torch_engines, tiny_con
     seen.clear()
     sampler.denoise(plain, initial_latents(2, 128, 128, 0), tiny_conditioning)
     assert seen[0].large.query_kv is None and seen[0].small.query_kv is None  # nothing kept without re-selection
+
+
+def test_profile_clock_waits_on_the_engines_gpu(monkeypatch):
+    """Timing on ``cuda:1`` waits for ``cuda:1``: ``torch.cuda.synchronize()`` without a device
+    waits on the current one (cuda:0), which would time kernel launches, not kernels."""
+    from hs_runtime.sampler import _Clock
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    _Clock(torch.device("cuda", 1), enabled=True).now()
+    _Clock(torch.device("cpu"), enabled=True).now()
+    assert waited == [torch.device("cuda", 1)]
