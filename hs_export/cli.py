@@ -403,6 +403,8 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .quality import QualityConfig, load_prompts, run_quality
+    from .quality.prompts import is_count
+    from .quality.sweeps import sweep_points
     from .quality.report import append_markdown, paired_summary_table, plot_fronts, summary_table, write_grid
     from .reports import write_json
     from .runs import open_runtime
@@ -422,12 +424,15 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
         from .quality.clip import check_clip_folder
 
         check_clip_folder(clip_model)  # before loading any model
+    # refused before minutes of loading: a typo in --plans / --sweep, a bad prompts file
+    sweep_points(config.plans, config.sweeps, plan_config)
+    prompts = load_prompts(prompts_source, preset) if preset is not None or not is_count(prompts_source) else None  # a count needs the pair's preset
     if not timing and engine_dir is not None and backend is None:
         backend = "torch"  # nothing is timed: render with the PyTorch graphs of the folder's models, any batch
         _log("--no-timing: rendering on the torch backend (the models the engine folder names)")
     runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype, text_dtype)
     config.adherence_for(defaults.preset)  # refuses --adherence on a pair without the shapes grammar
-    prompts = load_prompts(prompts_source, defaults.preset)
+    prompts = prompts or load_prompts(prompts_source, defaults.preset)
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:

@@ -8,6 +8,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from hs_runtime.mask import refined_grid
 from hs_runtime.plans import make_plan
 from hs_runtime.sampler import STAGES
 from hs_runtime.validation import check_output_file
@@ -83,7 +84,7 @@ def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, step
             for i, (base, mine) in enumerate(zip(baseline_images, images)):
                 panels = [base, mine]
                 if result.masks:
-                    panels.append(mask_overlay(mine, result.masks[0].as_grid(height // scale // p, width // scale // p)[i]))
+                    panels.append(mask_overlay(mine, refined_grid(result.masks, height // scale // p, width // scale // p)[i]))
                 rows.append(join(panels))
             diffs.append((baseline.latents - result.latents).abs().mean().item())
         compare_path = out.with_name(out.stem + "_compare" + out.suffix)

@@ -50,6 +50,12 @@ class TokenMask:
         return grid.reshape(p, grid_h, grid_w)
 
 
+def refined_grid(masks, grid_h: int, grid_w: int) -> torch.Tensor:
+    """``[P, h, w]`` bool map of every token the large model refined in a run: the union of its
+    masks (a plan with refreshes or re-selection picks a new mask at each capture step)."""
+    return torch.stack([m.as_grid(grid_h, grid_w) for m in masks]).any(dim=0)
+
+
 def disagreement_scores(v_large: torch.Tensor, v_small: torch.Tensor, patch_size: int) -> torch.Tensor:
     """‖v_large − v_small‖₂ per token of the guided velocities: ``[P, C, H, W]`` → ``[P, N]``."""
     return patchify((v_large - v_small).float(), patch_size).norm(dim=-1)

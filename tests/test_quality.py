@@ -49,6 +49,7 @@ def test_standard_sweep_is_valid():
         ("hybrid:ratio=abc", "is not a float"),
         ("hybrid:ratio=1.5", "mask ratio out of range"),
         ("srdiff:large_fraction=", "has no values"),
+        ("hybrid:ratio=0.1:ratio=0.2", "names hybrid:ratio twice"),
     ],
 )
 def test_bad_sweeps_say_what_is_wrong(text, message):
@@ -215,7 +216,10 @@ def test_paired_difference_to_the_srdiff_front_is_read_per_image_between_bracket
     result = paired_vs_front(plans, per_image, ["psnr", "ssim"])
     hybrid = result["hybrid"]
     assert hybrid["match"] == {"at": 1.75, "between": ["srdiff[0.5]", "srdiff[0.25]"]}
-    assert hybrid["psnr"]["mean"] == pytest.approx(1.0) and hybrid["psnr"]["ci95"] == pytest.approx([1.0, 1.0]) and hybrid["psnr"]["verdict"] == "above"
+    # three images: the interval is reported, a verdict is not (one image alone gives [d, d])
+    assert hybrid["psnr"]["mean"] == pytest.approx(1.0) and hybrid["psnr"]["ci95"] == pytest.approx([1.0, 1.0]) and hybrid["psnr"]["verdict"] == "too few images"
+    many = {name: {"psnr": values["psnr"] * 4} for name, values in per_image.items()}  # twelve images
+    assert paired_vs_front(plans, many, ["psnr"])["hybrid"]["psnr"]["verdict"] == "above"
     assert hybrid["ssim"] is None  # no values for it
     assert result["slow"]["psnr"] is None and "outside the srdiff points' range 1.50×–2.80×" in result["slow"]["match"]["why"]
     assert result["srdiff[0.25]"]["psnr"]["verdict"] == "front"
@@ -302,7 +306,7 @@ def test_quality_reports_paired_deltas_adherence_and_clip_score(tmp_path, tiny_c
     for metric in ("psnr", "ssim"):
         delta = hybrid[f"delta_{metric}_vs_srdiff_front"]
         low, high = delta["ci95"]
-        assert low <= delta["mean"] <= high and delta["images"] == 2 and delta["verdict"] in ("above", "level", "below")
+        assert low <= delta["mean"] <= high and delta["images"] == 2 and delta["verdict"] == "too few images"
     assert hybrid["srdiff_front_match"]["at"] == hybrid["ideal_speedup_sd35"]
     assert hybrid["delta_clip_score_vs_srdiff_front"] is not None
     assert plans["srdiff"]["delta_psnr_vs_srdiff_front"]["verdict"] == "front"
@@ -344,3 +348,20 @@ def test_timed_quality_without_clip_model_reports_null_and_bad_requests_are_one_
     assert "--clip-model cannot be loaded" in line and "nothing is downloaded" in line
     line = _one_error_line(_quality(["--preset", "tiny", "--prompts", "2", "--adherence"], tmp_path))
     assert "prompt adherence can only be read back on the shapes pair" in line and "got preset tiny" in line
+
+
+def test_bad_plans_sweeps_and_prompt_files_are_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """Pure argument errors cost no model load (SD3.5-large + T5-XXL take minutes)."""
+    import hs_export.runs
+
+    def never(*args, **kwargs):
+        raise AssertionError("models loaded before the arguments were checked")
+
+    monkeypatch.setattr(hs_export.runs, "open_runtime", never)
+    for args, message in (
+        (["--plans", "large,fast"], "unknown plan in --plans"),
+        (["--sweep", "hybrid:ratio=5"], "mask ratio out of range"),
+        (["--prompts", str(tmp_path / "nope.txt")], "prompts file not found"),
+        (["--prompts", "13"], "only 12 built-in prompts"),
+    ):
+        assert message in _one_error_line(_quality(["--preset", "tiny", *args], tmp_path))

@@ -40,11 +40,17 @@ def builtin_prompts(count: int, preset: str | None) -> list[str]:
     return list(GENERAL_PROMPTS[:count])
 
 
+def is_count(source) -> bool:
+    """Whether ``--prompts`` is a count of built-in prompts ("-2" included, refused later), not a
+    file name: a file needs no preset to be read."""
+    return str(source).strip().lstrip("+-").isdigit()
+
+
 def load_prompts(source: str, preset: str | None) -> list[str]:
     """``source`` is a count (built-in prompts) or a text file with one prompt per line
     (blank lines and ``#`` comments skipped)."""
     text = str(source).strip()
-    if text.lstrip("+-").isdigit():  # a count, "-2" included (refused below), not a file name
+    if is_count(text):
         count = int(text)
         if count < 1:
             raise ConfigError(describe("--prompts must be >= 1", got=count))

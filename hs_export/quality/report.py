@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..reports import append_section, versions_line
+from .stats import MIN_VERDICT_IMAGES
 
 FAMILY_COLOURS = {"large": "black", "small": "grey", "tstitch": "tab:orange", "srdiff": "tab:blue", "hybrid": "tab:red"}
 
@@ -103,7 +104,7 @@ def paired_markdown_table(report: dict) -> str:
         f"\nΔ: per image, the plan's value minus the srdiff front's, read at the plan's ideal speedup at SD3.5 1024² between the two "
         f"srdiff points that bracket it (small = srdiff with 0 large steps); mean and percentile-bootstrap 95% interval over "
         f"{len(report['prompts']) * len(report['seeds'])} images ({boot.get('resamples', '?')} resamples, seed {boot.get('seed', '?')}); "
-        "verdict above / below when the interval excludes 0; outside the srdiff points' speed range: no comparison.\n"
+        f"verdict above / below when the interval excludes 0 (none under {MIN_VERDICT_IMAGES} images); outside the srdiff points' speed range: no comparison.\n"
     )
     return head + "\n".join(rows) + "\n" + note
 

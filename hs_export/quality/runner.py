@@ -24,6 +24,7 @@ from hs_runtime.backends.base import precision_name
 from hs_runtime.contract import LARGE, SMALL, ModelDims
 from hs_runtime.errors import ConfigError, describe
 from hs_runtime.flops import ideal_speedup, plan_flops
+from hs_runtime.mask import refined_grid
 from hs_runtime.pipeline import initial_latents
 from hs_runtime.plans import PlanConfig, with_mask
 from hs_runtime.presets import MODEL_CONFIGS
@@ -114,6 +115,12 @@ def sd35_ideal_speedup(plan) -> float:
     return ideal_speedup(plan, small, large, SD35_IMAGE_TOKENS, SD35_TEXT_TOKENS)
 
 
+def used_shares(masks) -> list[float]:
+    """Per prompt, the share of image tokens a run's masks held, averaged over its masks; from
+    ``counts()``, not the index width, which repeats pad where one result joins several calls."""
+    return (torch.stack([m.counts() for m in masks]).float().mean(0) / masks[0].scores.shape[1]).tolist()
+
+
 def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, plan_config: PlanConfig | None = None, log=print, progress=None) -> dict:
     """Renders, compares and times every plan; returns the JSON-ready report.
 
@@ -126,16 +133,16 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
         raise ConfigError(describe("no prompts to render", fix="give --prompts N (built-in prompts) or a file with one prompt per line"))
     # Everything that can refuse the run does so before minutes of rendering.
     scenes = _prompt_scenes(prompts, config, defaults.preset, log)
-    clip = None
-    if config.clip_model is not None:
-        from .clip import ClipScorer
-
-        clip = ClipScorer(config.clip_model)
     steps = defaults.steps if config.steps is None else config.steps
     guidance = defaults.guidance_scale if config.guidance_scale is None else config.guidance_scale
     height = defaults.height if config.height is None else config.height
     width = defaults.width if config.width is None else config.width
     variants = plan_variants(config.plans, config.sweeps, steps, plan_config or PlanConfig(), log)
+    clip = None
+    if config.clip_model is not None:  # after the plans: a typo there costs no CLIP load
+        from .clip import ClipScorer
+
+        clip = ClipScorer(config.clip_model)
     text_and_vae = runtime.text_and_vae()
     engines = runtime.engines
     small_dims, large_dims = engines[SMALL].dims, engines[LARGE].dims
@@ -159,9 +166,8 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
             result = runtime.denoise(variant.plan, noise[seed][chunk], part, guidance_scale=guidance)
             latents.append(result.latents)
             if result.masks:
-                masks.append(result.masks[0].as_grid(grid_h, grid_w).cpu())
-                share = statistics.mean(m.complex_idx.shape[1] / m.scores.shape[1] for m in result.masks)
-                mask_shares[variant.name] += [share] * result.latents.shape[0]
+                masks.append(refined_grid(result.masks, grid_h, grid_w).cpu())
+                mask_shares[variant.name] += used_shares(result.masks)
         images = text_and_vae.decode(torch.cat(latents))
         advance(f"{variant.name} · seed {seed}")
         return images, (torch.cat(masks) if masks else None)
@@ -262,7 +268,7 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
             "matched_at": "ideal_speedup_sd35",
             "interpolation": "per image, linear between the two front points bracketing the plan's ideal_speedup_sd35; outside their range: no comparison (null)",
             "bootstrap": {"resamples": config.resamples, "seed": config.bootstrap_seed, "level": stats.LEVEL, "over": "images (prompt × seed)"},
-            "verdict": "above / below: the whole 95% interval on the better / worse side of 0; else level; front: the points that make the front",
+            "verdict": f"above / below: the whole 95% interval on the better / worse side of 0; else level; front: the points that make the front; {stats.FEW_IMAGES}: under {stats.MIN_VERDICT_IMAGES} images",
         },
         "adherence": "shapes scene read back from the pixels (hs_export/quality/adherence.py)" if scenes is not None else None,
         "clip_model": str(config.clip_model) if clip is not None else None,

@@ -26,12 +26,19 @@ import math
 from ..bootstrap import LEVEL, RESAMPLES, SEED, bootstrap_mean  # the quality report reads stats.LEVEL
 
 LOWER_IS_BETTER = frozenset({"lpips"})
+# A percentile bootstrap over fewer images says little: one image gives a zero-width interval, two
+# their [min, max], so any two differences of one sign would read "above". Below this: no verdict.
+MIN_VERDICT_IMAGES = 10
+FEW_IMAGES = "too few images"
 
 
 def verdict(interval: dict | None, metric: str) -> str | None:
-    """``above`` / ``level`` / ``below`` the front for a difference's interval (plan − front)."""
+    """``above`` / ``level`` / ``below`` the front for a difference's interval (plan − front);
+    :data:`FEW_IMAGES` under :data:`MIN_VERDICT_IMAGES` images."""
     if interval is None:
         return None
+    if interval.get("images", MIN_VERDICT_IMAGES) < MIN_VERDICT_IMAGES:
+        return FEW_IMAGES
     low, high = interval["ci95"]
     if metric in LOWER_IS_BETTER:
         low, high = -high, -low

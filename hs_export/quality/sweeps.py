@@ -70,6 +70,8 @@ def parse_sweep(text: str) -> tuple[str, dict[str, list]]:
         name = name.strip()
         if not sep or name not in KNOBS[family]:
             raise ConfigError(describe(f"unknown {family} knob in --sweep", got=repr(part), expected=" | ".join(KNOBS[family])))
+        if name in knobs:  # the earlier values would be dropped without a word
+            raise ConfigError(describe(f"--sweep names {family}:{name} twice", got=repr(text), fix=f"give every value once: {family}:{name}=V1,V2"))
         parsed = [_parse_value(family, name, v.strip()) for v in values.split(",") if v.strip()]
         if not parsed:
             raise ConfigError(describe(f"--sweep {family}:{name} has no values", fix=f"write {family}:{name}=V1,V2"))
@@ -100,6 +102,22 @@ def configure(base: PlanConfig, family: str, knobs: dict) -> PlanConfig:
     return dataclasses.replace(base, mask=dataclasses.replace(base.mask, **mask_changes), **plan_changes)
 
 
+def sweep_points(plan_names, sweeps, base: PlanConfig) -> list[tuple[str, dict, PlanConfig]]:
+    """Checks ``--plans`` and ``--sweep`` (names, knobs, values: all that needs no step count, so a
+    typo is refused before any model loads); every sweep point as ``(family, knobs, config)``."""
+    unknown = [p for p in plan_names if p not in PLAN_NAMES]
+    if unknown:
+        raise ConfigError(describe("unknown plan in --plans", got=unknown, expected=" | ".join(PLAN_NAMES)))
+    points = []
+    expanded = [s for text in sweeps for s in (STANDARD_SWEEP if text.strip() == "standard" else (text,))]
+    for text in expanded:
+        family, knobs = parse_sweep(text)
+        for values in itertools.product(*knobs.values()):
+            point = dict(zip(knobs, values))
+            points.append((family, point, configure(base, family, point)))
+    return points
+
+
 def plan_variants(plan_names, sweeps, steps: int, base: PlanConfig, log=print) -> list[PlanVariant]:
     """The named plans (``large`` first, always) then every sweep point, without duplicates.
 
@@ -107,22 +125,15 @@ def plan_variants(plan_names, sweeps, steps: int, base: PlanConfig, log=print) -
         plan_names: names from :data:`~hs_runtime.plans.PLAN_NAMES`.
         sweeps: ``--sweep`` strings (``"standard"`` expands to :data:`STANDARD_SWEEP`).
     """
-    unknown = [p for p in plan_names if p not in PLAN_NAMES]
-    if unknown:
-        raise ConfigError(describe("unknown plan in --plans", got=unknown, expected=" | ".join(PLAN_NAMES)))
+    points = sweep_points(plan_names, sweeps, base)
     names = list(dict.fromkeys(plan_names))
     if "large" not in names:
         log("note: added 'large' to the plans: every image is compared with the large plan's image")
     names = ["large"] + [n for n in names if n != "large"]
     variants = [PlanVariant(n, n, make_plan(n, steps, base)) for n in names]
-    expanded = [s for text in sweeps for s in (STANDARD_SWEEP if text.strip() == "standard" else (text,))]
-    for text in expanded:
-        family, knobs = parse_sweep(text)
-        for values in itertools.product(*knobs.values()):
-            point = dict(zip(knobs, values))
-            config = configure(base, family, point)
-            label = ",".join(f"{k}={_show(v)}" for k, v in point.items())
-            variants.append(PlanVariant(f"{family}[{label}]", family, make_plan(family, steps, config), point))
+    for family, point, config in points:
+        label = ",".join(f"{k}={_show(v)}" for k, v in point.items())
+        variants.append(PlanVariant(f"{family}[{label}]", family, make_plan(family, steps, config), point))
     unique, seen = [], {}
     for v in variants:
         key = (v.plan.actions, v.plan.mask if v.plan.count("hybrid") else None, _plan_extras(v.plan))

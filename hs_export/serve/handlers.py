@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from hs_runtime.errors import CancelledError, HybridStitchError, OutOfMemoryError, describe, first_line
+from hs_runtime.mask import refined_grid
 from hs_runtime.runtime import HybridStitchRuntime
 from hs_runtime.sampler import STAGES, Conditioning
 
@@ -280,7 +281,7 @@ class GenerateHandler(_Handler):
         with instance.device_context():
             pipe = instance.runtime.pipeline(s.guidance_scale, text_and_vae=instance.text_and_vae)
             images, result = pipe([i.prompt for i in items], plan, s.height, s.width, [i.seed for i in items], negatives if any(negatives) else None, profile=True, should_stop=should_stop)
-            masks = result.masks[0].as_grid(grid_h, grid_w).to(torch.uint8).cpu().numpy() if result.masks else np.zeros((len(items), grid_h, grid_w), np.uint8)
+            masks = refined_grid(result.masks, grid_h, grid_w).to(torch.uint8).cpu().numpy() if result.masks else np.zeros((len(items), grid_h, grid_w), np.uint8)
         times = result.times.as_dict()
         self.stats.engine_call(s.plan, len(items), {**{k: times[k] for k in STAGES}, **instance.text_and_vae.take()}, _mask_tokens(result))
         timings = np.array([times[k] for k in TIMING_KEYS], dtype=np.float32)
