@@ -465,7 +465,7 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
 @click.option("--small-steps", type=int, default=_TRAIN_DEFAULTS.small_steps, show_default=True)
 @click.option("--large-steps", type=int, default=_TRAIN_DEFAULTS.large_steps, show_default=True)
 @click.option("--batch", type=int, default=_TRAIN_DEFAULTS.batch, show_default=True)
-@click.option("--budget-minutes", type=float, default=_TRAIN_DEFAULTS.budget_minutes, show_default=True, help="A phase still running past this stops early (and says so).")
+@click.option("--budget-minutes", type=float, default=_TRAIN_DEFAULTS.budget_minutes, show_default=True, help="A phase still running past this stops early (and says so); a run whose transformers get no step writes nothing.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Cache the trained VAE and encoded scenes here (safetensors; one it cannot read is rebuilt), to retrain only the transformers.")
 @_one_line_errors
@@ -473,8 +473,9 @@ def train_shapes(out, **options):
     """Train the shapes pair (VAE, text encoders, small and large SD3 transformers) on CPU.
 
     Procedural scenes, SD3's rectified-flow objective, fixed seeds, progress with loss; writes
-    fp16 weights read back with from_pretrained. The shipped weights came from the defaults:
-    hs-export train-shapes --out hs_export/shapes/model
+    fp16 weights read back with from_pretrained. The shipped weights came from the defaults
+    (hs-export train-shapes --out hs_export/shapes/model), before the CLIP tokenizer's ids were
+    made process-independent: a retrain gives a comparable pair, not the same one.
     """
     from .shapes.train import ShapesTrainConfig, train_shapes as run_training
 

@@ -73,6 +73,16 @@ def nearest_existing(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Refuses a folder to be written (existing or not) that lies under a file or where nothing can
+    be written, before any work."""
+    existing = nearest_existing(folder.absolute())
+    if not existing.is_dir():
+        raise ConfigError(describe(f"{what} {folder}: {existing} is a file, not a folder", fix=f"choose another {what}"))
+    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only folder or file system
+        raise ConfigError(describe(f"{what} {folder} cannot be written", got=f"no write permission on {existing}", fix=f"choose another {what}"))
+
+
 def check_output_file(path, what: str, suffixes: tuple[str, ...] | None = None) -> Path:
     """Refuses an output path that is a folder, lies under a file, or (with ``suffixes``) has an
     extension no writer knows. Checked before any work, so a long run never fails at the end."""

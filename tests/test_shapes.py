@@ -151,7 +151,9 @@ def test_work_dir_cache_never_unpickles_and_rebuilds_what_it_cannot_read(tmp_pat
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"scenes": 0}, "scenes must be >= 1"), ({"text_steps": -1}, "text_steps must be >= 0"), ({"cfg_dropout": 1.0}, "cfg_dropout out of range"), ({"budget_minutes": 0}, "budget must be > 0"), ({"threads": 0}, "--threads must be >= 1")],
+    [({"scenes": 0}, "scenes must be >= 1"), ({"text_steps": -1}, "text_steps must be >= 0"), ({"cfg_dropout": 1.0}, "cfg_dropout out of range"), ({"budget_minutes": 0}, "--budget-minutes must be a number > 0"),
+     ({"budget_minutes": float("nan")}, "--budget-minutes must be a number > 0"), ({"threads": 0}, "--threads must be >= 1"), ({"seed": -1}, "--seed out of range"),
+     ({"seed": 2**64}, "--seed out of range"), ({"scenes": 1000}, "--scenes must be >= 2000: the VAE trains on a pool of that many scenes")],
 )
 def test_bad_training_settings(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -232,3 +234,41 @@ def test_the_prompt_changes_the_image(shapes_runtime):
     result = shapes_runtime.denoise(make_plan("large", spec.steps), latents, conditioning, guidance_scale=spec.guidance_scale)
     images = to_tensor(text_and_vae.decode(result.latents))
     assert (images[0] - images[1]).abs().mean() > 0.05
+
+
+def test_output_folders_that_cannot_be_made_are_refused_before_training(tmp_path):
+    """--out / --work-dir are written after the whole run (56 min): under a file, refused first."""
+    (tmp_path / "afile").write_text("x")
+    for changes in ({"out": tmp_path / "afile" / "model"}, {"out": tmp_path / "ok", "work_dir": tmp_path / "afile" / "work"}):
+        with pytest.raises(ConfigError, match="is a file, not a folder"):
+            train_shapes(ShapesTrainConfig(**changes), log=lambda *_: None)
+
+
+def test_a_run_cut_short_by_the_budget_is_not_cached_and_writes_no_untrained_pair(tmp_path, monkeypatch):
+    """A VAE or data cut short must not be reused by a later full run; transformers that trained
+    no step are not written (they would overwrite a pair with random weights)."""
+    import hs_export.shapes.train as train
+
+    clock = iter(range(0, 10**6, 1000))  # every look at the clock is 1000 s later: the budget ends at once
+    monkeypatch.setattr(train.time, "monotonic", lambda: next(clock))
+    config = ShapesTrainConfig(out=tmp_path / "out", scenes=8, held_out=4, vae_pool=8, vae_steps=2, text_steps=0, small_steps=2, large_steps=2, batch=2, warmup=1, image_size=64, threads=1, work_dir=tmp_path / "work")
+    lines: list[str] = []
+    with pytest.raises(ConfigError, match="the time budget ran out before the small model trained a step; nothing written"):
+        train_shapes(config, log=lines.append)
+    assert any("[vae] time budget reached after 0 of 2 steps" in line for line in lines)
+    assert any(line.startswith("note: not caching") for line in lines)
+    assert not (tmp_path / "work" / CACHE_NAME).exists() and not (tmp_path / "out").exists()
+
+
+def test_held_out_text_accuracy_leaves_out_prompts_seen_in_training():
+    from hs_export.presets import text_components
+    from hs_export.shapes.text_encoders import train_text_encoders
+
+    spec = get_preset("shapes")
+    rng = np.random.default_rng(5)
+    prompts = [scenes.sample_scene(rng).prompt for _ in range(40)]
+    text = text_components(64, 64, 3, scenes.VOCABULARY, spec.clip_tokens)
+    kwargs = dict(seed=0, clip_length=spec.clip_tokens, t5_length=spec.max_sequence_length, batch=8, log=lambda *_: None)
+    report = train_text_encoders(text, prompts[:30], prompts[25:], 1, **kwargs)
+    assert report["held_out_prompts"] == len([p for p in prompts[25:] if p not in set(prompts[:30])])
+    assert train_text_encoders(text, prompts[:30], prompts[:5], 1, **kwargs)["held_out_accuracy"] is None

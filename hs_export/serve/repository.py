@@ -15,7 +15,6 @@ host for a GPU container.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from hs_runtime import __version__
 from hs_runtime.backends.base import torch_dtype
 from hs_runtime.backends.loading import check_backend
 from hs_runtime.errors import ConfigError, describe
-from hs_runtime.validation import nearest_existing
+from hs_runtime.validation import check_writable_folder
 
 from .protocol import GENERATE, LATENTS, ModelSpec
 
@@ -230,11 +229,7 @@ def _check_folder(out: Path, flag: str) -> None:
         foreign = sorted(p.name for p in out.iterdir() if p.name not in _OURS)
         if foreign:
             raise ConfigError(describe(f"{flag} {out} holds other files", got=foreign[:5], fix="choose an empty folder, or one written by hs-export triton-repo"))
-    existing = nearest_existing(out.absolute())
-    if not existing.is_dir():
-        raise ConfigError(describe(f"{flag} {out}: {existing} is a file, not a folder", fix=f"choose another {flag}"))
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(describe(f"{flag} {out} cannot be written", got=f"no write permission on {existing}", fix="choose a folder you can write"))
+    check_writable_folder(out, flag)
 
 
 def _clear(out: Path) -> None:

@@ -27,12 +27,14 @@ import torch.nn.functional as F
 
 from hs_runtime.errors import ConfigError, describe
 from hs_runtime.presets import get_preset
+from hs_runtime.validation import check_writable_folder
 
 from . import scenes as scene_lib
 from .text_encoders import train_text_encoders
 
 SIGMA_BANDS = ((0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0))
 TRAIN_SHIFT = 3.0  # the sampler's shift: train where inference spends its steps
+SEED_MAX = 2**32 - 1  # numpy's and torch's generators take it with every per-phase offset added
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class ShapesTrainConfig:
     """Settings of one training run; CLI defaults come from here.
 
     The defaults are the recipe of the shipped weights (56 minutes on 2 CPU cores, inside the
-    58-minute budget). Scenes are 128² px (64 image tokens): a sample costs about half of a 256²
+    58-minute budget; the shipped pair predates the process-independent CLIP token ids, so a
+    retrain is comparable, not identical). Scenes are 128² px (64 image tokens): a sample costs about half of a 256²
     one, so the budget holds 2.4× the large model's samples of the earlier 256² recipe; the text
     encoders are taught the grammar first (``text_steps``), which took the background colour the
     model draws from 67% to 100% right (docs/quality.md).
@@ -73,9 +76,10 @@ class ShapesTrainConfig:
     work_dir: Path | None = None  # caches the trained VAE and encoded data between runs (safetensors, never a pickle)
 
     def data_key(self) -> dict:
-        """What the VAE and the encoded data depend on (a cached copy is reused only if equal)."""
-        keys = ("seed", "preset", "scenes", "held_out", "vae_pool", "vae_steps", "vae_batch", "vae_crop", "vae_lr", "warmup", "image_size")
-        return {k: getattr(self, k) for k in keys}
+        """What the VAE and the encoded data depend on (a cached copy is reused only if equal); the
+        image size as resolved, so a preset whose size changed does not reuse older latents."""
+        keys = ("seed", "preset", "scenes", "held_out", "vae_pool", "vae_steps", "vae_batch", "vae_crop", "vae_lr", "warmup")
+        return {**{k: getattr(self, k) for k in keys}, "image_size": self.image_size or get_preset(self.preset).height}
 
     def validate(self) -> None:
         if self.out is None:
@@ -87,17 +91,22 @@ class ShapesTrainConfig:
             raise ConfigError(describe(f"--out {out} is not empty and holds no earlier training", fix="refusing to overwrite it: choose a new or empty folder"))
         if self.work_dir is not None and Path(self.work_dir).exists() and not Path(self.work_dir).is_dir():
             raise ConfigError(describe(f"--work-dir is a file, not a folder: {self.work_dir}"))
+        for flag, folder in (("--out", out), ("--work-dir", self.work_dir)):
+            if folder is not None:  # written after the training: a folder that cannot be made fails now
+                check_writable_folder(Path(folder), flag)
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(describe("--seed out of range", got=self.seed, expected=f"0..{SEED_MAX}"))
         for name in ("scenes", "held_out", "vae_pool", "vae_steps", "vae_batch", "small_steps", "large_steps", "batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(describe(f"{name} must be >= 1", got=getattr(self, name)))
         if self.text_steps < 0:
             raise ConfigError(describe("text_steps must be >= 0", got=self.text_steps, fix="0 leaves the text encoders random"))
         if self.vae_pool > self.scenes:
-            raise ConfigError(describe("vae_pool larger than scenes", got=(self.vae_pool, self.scenes)))
+            raise ConfigError(describe(f"--scenes must be >= {self.vae_pool}: the VAE trains on a pool of that many scenes", got=self.scenes, fix=f"pass --scenes {self.vae_pool} or more"))
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ConfigError(describe("cfg_dropout out of range", got=self.cfg_dropout, expected="[0, 1)"))
-        if self.budget_minutes <= 0:
-            raise ConfigError(describe("budget must be > 0 minutes", got=self.budget_minutes))
+        if not math.isfinite(self.budget_minutes) or self.budget_minutes <= 0:  # NaN would never stop a phase
+            raise ConfigError(describe("--budget-minutes must be a number > 0", got=self.budget_minutes))
         if self.threads is not None and self.threads < 1:
             raise ConfigError(describe("--threads must be >= 1", got=self.threads, fix="leave it out for every core"))
 
@@ -342,18 +351,18 @@ def train_shapes(config: ShapesTrainConfig, log=print) -> dict:
     text = text_components(large_config["joint_attention_dim"], large_config["pooled_projection_dim"], config.seed + 3, scene_lib.VOCABULARY, spec.clip_tokens)
     cache = Path(config.work_dir) / CACHE_NAME if config.work_dir else None
     cached = read_cache(cache, config.data_key(), log) if cache else None
-    if cached is not None:
+    vae = _cached_vae(cached, size, cache, log) if cached is not None else None
+    if vae is not None:
         log(f"reusing the VAE and encoded scenes in {cache}")
-        vae = make_vae(size)
-        vae.load_state_dict(cached["vae"])
-        vae.register_to_config(**cached["vae_scale"])
-        vae.eval()
         vae_report, latents, prompts = cached["vae_report"], cached["latents"], cached["prompts"]
     else:
         vae, vae_report, latents, prompts = _vae_and_data(config, size, deadline, log, phase)
-        if cache:
+        complete = vae_report["steps"] == vae_report["planned_steps"] and len(prompts["train"]) == config.scenes
+        if cache and complete:
             scale = {"shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor}
             write_cache(cache, config.data_key(), vae.state_dict(), scale, vae_report, latents, prompts)
+        elif cache:  # a later run with the whole budget must not inherit a VAE or data cut short
+            log(f"note: not caching in {cache}: the time budget cut the VAE or the encoding short")
     began = time.monotonic()
     text_report = train_text_encoders(
         text, prompts["train"], prompts["held"], config.text_steps, seed=config.seed + 5, clip_length=spec.clip_tokens,
@@ -372,6 +381,8 @@ def train_shapes(config: ShapesTrainConfig, log=print) -> dict:
     for role, model_config, steps in (("small", small_config, config.small_steps), ("large", large_config, config.large_steps)):
         began = time.monotonic()
         models[role], reports[role] = train_transformer(role, model_config, train_data, steps, config, deadline, log)
+        if reports[role]["steps"] == 0:  # writing it would ship (or overwrite a pair with) random weights
+            raise ConfigError(describe(f"the time budget ran out before the {role} model trained a step; nothing written", got=f"--budget-minutes {config.budget_minutes:g}", fix="raise --budget-minutes (56 min on 2 cores for the defaults), or pass --work-dir to reuse the VAE and data"))
         reports[role]["held_out_loss"] = held_out_losses(models[role], held_data, config.seed + 41)
         bands = ", ".join(f"σ {k}: {v:.3f}" for k, v in reports[role]["held_out_loss"].items())
         log(f"[{role}] held-out loss per band: {bands}")
@@ -465,8 +476,21 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _cached_vae(cached: dict, size: int, cache: Path, log):
+    """The cache's VAE, or ``None`` (rebuild, with a note) where it is of another architecture."""
+    vae = make_vae(size)
+    try:
+        vae.load_state_dict(cached["vae"])
+    except RuntimeError as exc:  # written by a version of this code with another make_vae
+        log(f"note: the cache {cache} holds another VAE ({_reason(exc)}); rebuilding it")
+        return None
+    vae.register_to_config(**cached["vae_scale"])
+    return vae.eval()
+
+
 def _vae_and_data(config, size, deadline, log, phase):
-    """Trains the VAE and encodes every scene (latents normalised as SD3 expects).
+    """Trains the VAE and encodes the scenes (latents normalised as SD3 expects); past the
+    deadline, the scenes encoded so far (at least one chunk).
 
     Returns:
         ``(vae, report, latents, prompts)`` with ``latents``/``prompts`` dicts keyed ``train``/``held``.
@@ -493,6 +517,9 @@ def _vae_and_data(config, size, deadline, log, phase):
         raw_chunks.append(encode_images(vae, images))
         prompts += chunk_prompts
         log(f"[encode] {i + len(chunk_prompts)}/{config.scenes} scenes")
+        if time.monotonic() > deadline and len(prompts) < config.scenes:
+            log(f"[encode] time budget reached after {len(prompts)} of {config.scenes} scenes: training on those")
+            break
     raw = torch.cat(raw_chunks)
     held_raw = encode_images(vae, held_images)
     shift_factor = float(raw.mean())
