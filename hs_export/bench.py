@@ -301,8 +301,8 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
 
     Args:
         backends: the backends to open; ``(None,)`` opens the folder's own (torch for a preset).
-            ``--backends`` passes its names: then a preset's ONNX Runtime/TensorRT engines must
-            already be built (no build starts in the middle of a comparison).
+            With one, a preset's ONNX Runtime/TensorRT engines are built first if needed; with
+            several (``--backends``) they must already be built (no build mid-comparison).
 
     Raises:
         ConfigError: both or neither of folder and preset, ``--prompts`` differing from the build,
@@ -328,7 +328,7 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
     if manifest is not None and dtype is None and "torch" in named and len(named) > 1:  # like for like
         dtype = manifest.build.get("precision")
         log(f"--backends: torch runs in {dtype}, the precision the engines were built in (--dtype to change)")
-    if spec is not None and len(named) == len(backends) and named:  # --backends: no builds mid-comparison
+    if spec is not None and len(named) > 1:  # --backends: no builds mid-comparison (one --backend builds its folder first)
         for backend in named:
             folder = preset_engine_dir(preset, backend)
             if backend != "torch" and not (folder / "manifest.json").is_file():

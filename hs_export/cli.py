@@ -230,11 +230,18 @@ def build(preset, small_src, large_src, pipeline_src, out, dry_run, **options):
     """
     from .build import build as run_build
     from .build import resolve_models
+    from .build.builder import check_room
     from .build.builder import dry_run as run_dry_run
 
-    selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log, materialize=not dry_run)
-    out = out or Path("engines") / (preset or "custom")
-    (run_dry_run if dry_run else run_build)(selection, BuildConfig(out=out, **options), log=_log)
+    config = BuildConfig(out=out or Path("engines") / (preset or "custom"), **options)
+    selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log, materialize=False)
+    if dry_run:
+        run_dry_run(selection, config, log=_log)
+        return
+    if preset:  # a host too small is refused before the preset's random weights are made (SD3.5: ~40 GiB)
+        check_room(selection, config)
+        selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log)
+    run_build(selection, config, log=_log)
 
 
 @main.command()

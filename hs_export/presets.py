@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hs_runtime.errors import ModelLoadError, describe
+from hs_runtime.errors import BuildError, ModelLoadError, describe
 from hs_runtime.presets import PresetSpec, get_preset, random_transformer
+from hs_runtime.validation import nearest_existing
 
 PRESET_FORMAT = 1
 _MARKER = "preset.json"
@@ -140,6 +142,21 @@ def shipped_preset(spec: PresetSpec) -> PresetPaths:
     return paths
 
 
+def _check_room(spec: PresetSpec, root: Path) -> None:
+    """Refuses, in one line, a host that cannot hold a preset's random fp32 weights in memory (both
+    models at once) or on disk, before minutes of making them (SD3.5-large + medium: ~40 GiB)."""
+    from .build.limits import available_memory, format_bytes, weight_count
+
+    needed = 4 * (weight_count(spec.small) + weight_count(spec.large))
+    memory, free = available_memory(), shutil.disk_usage(nearest_existing(root.absolute())).free
+    for what, have in (("memory", memory), (f"free disk under {root}", free)):
+        if needed > have:
+            raise BuildError(describe(
+                f"preset '{spec.name}' needs ~{format_bytes(needed)} of {what} for its random fp32 weights", got=f"{format_bytes(have)} available",
+                fix=f"use a larger host (or HS_PRESET_DIR on a larger disk); hs-export build --preset {spec.name} --dry-run sizes the build without them",
+            ))
+
+
 def ensure_preset(name: str, root: Path | None = None, log=print) -> PresetPaths:
     """Builds preset ``name`` under ``root`` once (seeded, so identical everywhere) and returns its
     paths; a trained preset returns its shipped weights."""
@@ -151,6 +168,7 @@ def ensure_preset(name: str, root: Path | None = None, log=print) -> PresetPaths
     expected = {"format": PRESET_FORMAT, "name": spec.name, "small": spec.small, "large": spec.large, "seed": spec.seed}
     if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(expected)):
         return paths
+    _check_room(spec, paths.root)
     log(f"building preset '{name}' in {paths.root} (random weights, seed {spec.seed})")
     small = random_transformer(spec.small, spec.seed + 1)
     large = random_transformer(spec.large, spec.seed + 2)

@@ -156,8 +156,15 @@ class Manifest:
         graphs = self.data["graphs"]
         if not isinstance(graphs, dict) or not all(isinstance(g, dict) and isinstance((g.get("engine") or {}).get("path"), str) for g in graphs.values()):
             raise refuse("graphs lack their engine paths", type(graphs).__name__)
+        artifacts = self.data.get("artifacts", [])
+        if not isinstance(artifacts, list):
+            raise refuse("artifacts is not a list", type(artifacts).__name__)
+        for record in artifacts:
+            if not (isinstance(record, dict) and isinstance(record.get("path"), str) and isinstance(record.get("sha256"), str)
+                    and isinstance(record.get("bytes"), int) and not isinstance(record["bytes"], bool) and record["bytes"] >= 0):
+                raise refuse("a file record is not {path, bytes, sha256}", repr(record)[:120])
         root = self.folder.resolve()
-        recorded = [g["engine"]["path"] for g in graphs.values()] + [a.get("path") for a in self.artifacts if isinstance(a, dict)]
+        recorded = [g["engine"]["path"] for g in graphs.values()] + [a["path"] for a in artifacts]
         outside = [p for p in recorded if not isinstance(p, str) or not (self.folder / p).resolve().is_relative_to(root)]
         if outside:
             raise refuse("a recorded file lies outside the folder", repr(outside[0]))

@@ -205,6 +205,15 @@ def test_bench_backends_errors(tiny_engine_dir, preset_root, tmp_path, monkeypat
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
 
 
+def test_bench_preset_with_one_engine_backend_builds_its_folder_first(preset_root, tmp_path, monkeypatch):
+    """The README's `bench --preset bench --backend onnxruntime …`: one backend builds the preset's
+    engines (only a side-by-side --backends run refuses to build mid-comparison)."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["bench", "--preset", "tiny", "--backend", "onnxruntime", "--plans", "large", "--steps", "2", "--warmup", "0", "--repeat", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "engines" / "tiny-onnxruntime" / "manifest.json").is_file()
+
+
 def test_bench_takes_the_prompt_counts_a_folder_was_built_for(tmp_path):
     """A folder built for up to 2 prompts (``--dynamic-shape``) is timed with bench's default of
     1; a count outside the build is refused with the one that fits."""

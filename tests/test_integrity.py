@@ -60,6 +60,8 @@ def test_truncated_engine_is_named_before_onnxruntime_sees_it(copy):
     (lambda d: d.update(build=[]), "build is not an object | got list"),
     (lambda d: d["artifacts"][0].update(path="../../../etc/passwd"), "a recorded file lies outside the folder | got '../../../etc/passwd'"),
     (lambda d: d.update(schema_version="3"), "got schema '3' | expected schema 3"),
+    (lambda d: d["artifacts"][0].update(bytes="big"), "a file record is not {path, bytes, sha256}"),  # not a "partial copy"
+    (lambda d: d.update(artifacts={}), "artifacts is not a list | got dict"),
 ])
 def test_a_hand_edited_manifest_names_its_fault(copy, change, message):
     """Fields every command reads, of the wrong type or value, and paths outside the folder: one

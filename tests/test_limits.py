@@ -107,3 +107,22 @@ def test_tiny_plan_matches_the_built_profiles(tiny_paths, tmp_path):
     assert rows[("large", "patches")].max_shape == (2, 64, 64)
     assert rows[("large", "k_context_0")].max_shape == (2, 63, 32)  # one query token, the rest context
     assert rows[("large", "encoder_hidden_states")].max_shape == (2, 85, 32)
+
+
+def test_a_preset_too_big_for_the_host_is_refused_before_its_weights_are_made(tmp_path, monkeypatch):
+    """`build --preset sd3.5-large` made ~40 GiB of random fp32 weights (and wrote them to disk)
+    before the limits check, so a small host met an out-of-memory traceback, not the one line."""
+    monkeypatch.setenv("HS_PRESET_DIR", str(tmp_path / "presets"))
+    monkeypatch.setattr(limits, "available_memory", lambda: 2 * 2**30)
+    result = CliRunner().invoke(main, ["build", "--preset", "sd3.5-large", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "this host lacks the memory the build needs" in result.output, result.output
+    assert not (tmp_path / "presets").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_preset_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path, monkeypatch):
+    from hs_export.presets import ensure_preset
+
+    monkeypatch.setattr(limits, "available_memory", lambda: 1024)
+    with pytest.raises(BuildError, match=r"preset 'tiny' needs ~.* of memory for its random fp32 weights \| got 0\.00 MiB available"):
+        ensure_preset("tiny", tmp_path / "presets", log=lambda *_: None)
+    assert not (tmp_path / "presets").exists()

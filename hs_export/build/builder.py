@@ -287,6 +287,12 @@ def dry_run(selection: ModelSelection, config: BuildConfig, log=print) -> BuildP
     return plan
 
 
+def check_room(selection: ModelSelection, config: BuildConfig) -> None:
+    """The build's limits from the model configs alone (no weight made or loaded): run before a
+    preset's weights are made, so a host too small for the build is refused first."""
+    check_limits(plan_build(selection, config).needs, config.backend, Path(config.out), config.force)
+
+
 def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildReport:
     """Exports and builds an engine set for ``selection`` as ``config`` says.
 
