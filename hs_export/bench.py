@@ -287,16 +287,18 @@ def _refuse_versus(what: str, got: str) -> ConfigError:
     ))
 
 
-def _prompt_range(runtime) -> tuple[int, int]:
-    """Prompts one engine call of the folder takes with guidance (or without, for a build that
-    has no room for it)."""
-    try:
-        return runtime.prompt_range(cfg=True)
-    except ShapeError:
-        return runtime.prompt_range(cfg=False)
+def _prompt_range(runtime, guided: bool = True) -> tuple[int, int]:
+    """Prompts one engine call of the folder takes with guidance (or without: asked, or a build
+    that has no room for it)."""
+    if guided:
+        try:
+            return runtime.prompt_range(cfg=True)
+        except ShapeError:
+            pass
+    return runtime.prompt_range(cfg=False)
 
 
-def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dtype, prompts: int, height, width, mask_ratio: float, versus: str | None = None, log=print) -> BenchTarget:
+def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dtype, prompts: int, height, width, mask_ratio: float, versus: str | None = None, log=print, guided: bool = True) -> BenchTarget:
     """Opens the engine folder (or preset) once per backend, measuring what each load adds.
 
     Args:
@@ -347,9 +349,9 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
         if engine_dir is not None:
             runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device, dtype=dtype)
             shape = runtime.manifest.shape
-            low, high = _prompt_range(runtime)
+            low, high = _prompt_range(runtime, guided)  # unguided: one row per prompt, not two
             if not low <= prompts <= high:
-                raise ConfigError(describe("--prompts outside what the engine build takes", got=prompts, expected=f"{low}..{high}" if low < high else low, fix=f"pass --prompts {shape.prompts}"))
+                raise ConfigError(describe("--prompts outside what the engine build takes", got=prompts, expected=f"{low}..{high}" if low < high else low, fix=f"pass --prompts {min(max(prompts, low), high)}"))
             latent, text_tokens = (shape.latent_height, shape.latent_width), shape.text_tokens
             if height is not None or width is not None:  # the engines' profiles refuse a size they were not built for
                 scale = runtime.manifest.vae_scale

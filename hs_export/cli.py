@@ -346,7 +346,7 @@ def bench(engine_dir, preset, backend, backends_list, versus, device, dtype, pla
         raise ConfigError(describe("--backends names no backend", got=repr(backends_list), expected="e.g. onnxruntime,torch"))
     plan_config = plan_config_from(plan_kwargs, engine_dir)
     config = BenchConfig(plans=plan_list, steps=steps, warmup=warmup, repeat=repeat, prompts=prompts, guidance_scale=guidance_scale, sweep_ratios=ratios, check_finite=finite_check, backends=backend_names, versus=versus, calls=calls)
-    target = open_target(engine_dir, preset, backend_names or (backend,), device, dtype, prompts, height, width, plan_config.mask.ratio, versus=versus, log=_log)
+    target = open_target(engine_dir, preset, backend_names or (backend,), device, dtype, prompts, height, width, plan_config.mask.ratio, versus=versus, log=_log, guided=guidance_scale > 1.0)
     report = run_bench(target.engines, target.latent[0], target.latent[1], target.text_tokens, config, plan_config, log=_log, loaded_bytes=target.loaded_bytes)
     if versus:
         from hs_runtime.plans import make_plan

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import os
 import tempfile
 from dataclasses import dataclass
@@ -62,8 +63,19 @@ class Manifest:
 
     @property
     def rebuild_command(self) -> str:
+        """The recorded build command, with ``--out`` naming this folder (a copied or moved
+        folder's hint must not rebuild, with ``--force``, the one it was copied from)."""
         build = self.data.get("build")
-        return build.get("command", "hs-export build ... --force") if isinstance(build, dict) else "hs-export build ... --force"
+        command = build.get("command") if isinstance(build, dict) else None
+        if not isinstance(command, str):
+            return "hs-export build ... --force"
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            return command
+        if "--out" in words[:-1]:
+            words[words.index("--out") + 1] = str(self.folder.resolve())
+        return shlex.join(words)
 
     @property
     def complete(self) -> bool:
@@ -153,9 +165,24 @@ class Manifest:
             self.shape
         except (TypeError, ValueError) as exc:  # BuildShape's own checks raise ConfigError (a ValueError)
             raise refuse("build.shape is not a build shape", str(exc).split(" | ")[0]) from None
+        shape = self.shape
+        if min(shape.latent_height, shape.latent_width, shape.prompts, shape.text_tokens) < 1:
+            raise refuse("build.shape has a size below 1", repr(self.build["shape"])[:120])
         graphs = self.data["graphs"]
         if not isinstance(graphs, dict) or not all(isinstance(g, dict) and isinstance((g.get("engine") or {}).get("path"), str) for g in graphs.values()):
             raise refuse("graphs lack their engine paths", type(graphs).__name__)
+        for name in GRAPH_NAMES:  # what loading, inspect and verify read of each graph and model
+            graph, model = graphs.get(name), (self.data.get("models") or {}).get(name) if isinstance(self.data.get("models"), dict) else None
+            if not isinstance(graph, dict) or not isinstance(graph.get("profiles"), list) or not isinstance(graph.get("onnx"), dict) or not isinstance(graph.get("parity"), dict):
+                raise refuse(f"graphs.{name} lacks its profiles, onnx or parity record", repr(sorted(graph) if isinstance(graph, dict) else graph)[:120])
+            if not isinstance(model, dict) or not isinstance(model.get("source"), str) or not isinstance(model.get("sha256"), str) or not isinstance(model.get("dims"), dict):
+                raise refuse(f"models.{name} lacks its source, sha256 or dims", repr(sorted(model) if isinstance(model, dict) else model)[:120])
+            try:
+                self.dims(name)
+            except (TypeError, ValueError) as exc:
+                raise refuse(f"models.{name}.dims are not model dimensions", str(exc).split(" | ")[0]) from None
+        if not isinstance(self.data.get("versions"), dict):
+            raise refuse("versions is not an object", type(self.data.get("versions")).__name__)
         artifacts = self.data.get("artifacts", [])
         if not isinstance(artifacts, list):
             raise refuse("artifacts is not a list", type(artifacts).__name__)

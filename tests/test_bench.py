@@ -246,3 +246,13 @@ def test_bench_costs_an_adaptive_mask_at_the_share_it_used(tiny_engine_dir, tmp_
     small, large = (Dims(**manifest.data["models"][r]["dims"]) for r in ("small", "large"))
     used = make_plan("hybrid", 6, PlanConfig(mask=MaskConfig(ratio=row["mask_ratio"])))
     assert row["ideal_speedup"] == pytest.approx(ideal_speedup(used, small, large, 64, manifest.shape.text_tokens))
+
+
+def test_unguided_bench_on_an_engine_folder_counts_one_row_per_prompt(tiny_engine_dir):
+    """`--guidance-scale 1` makes one row per prompt: the folder's batch-2 profile takes 2 prompts
+    then, and 1 prompt is refused naming the count that fits (it used to fail inside the engine)."""
+    args = ["bench", str(tiny_engine_dir), "--plans", "large", "--steps", "2", "--warmup", "0", "--repeat", "1", "--guidance-scale", "1"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "--prompts outside what the engine build takes | got 1 | expected 2 | pass --prompts 2" in refused.output, refused.output
+    result = CliRunner().invoke(main, args + ["--prompts", "2"])
+    assert result.exit_code == 0, result.output

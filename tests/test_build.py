@@ -148,6 +148,23 @@ def test_tensorrt_missing_keeps_onnx(tiny_paths, tmp_path):
         Manifest.load(out)
 
 
+def test_a_failed_tensorrt_rebuild_leaves_a_complete_folder_as_it_was(tiny_engine_dir, tmp_path):
+    """`--backend tensorrt --force` over a working folder, on a host where the engine phase fails:
+    the working folder stays (before, the ONNX-only work folder replaced it)."""
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    out = tmp_path / "working"
+    shutil.copytree(tiny_engine_dir, out)
+    result = CliRunner().invoke(main, ["build", "--preset", "tiny", "--backend", "tensorrt", "--out", str(out), "--force"])
+    assert result.exit_code == 1 and "TensorRT is not installed" in result.output and "were kept" not in result.output
+    assert Manifest.load(out).build["backend"] == "onnxruntime"
+    assert not list(tmp_path.glob(".working.*"))  # no work folder left beside it
+
+
 def test_fp16_onnxruntime_build_verifies(tiny_paths, tmp_path):
     from hs_export.build.verify import verify
 
@@ -193,3 +210,41 @@ def test_ort_thread_pool_choice_is_saved_and_checked(tmp_path):
     assert "--ort-thread-pool" not in rebuild_command(selection, BuildConfig(out=tmp_path), 64, 64, 20)
     with pytest.raises(ConfigError, match=r"unknown ONNX Runtime thread pool \| got 'shared' \| expected global \| session"):
         BuildConfig(out=tmp_path / "e", ort_thread_pool="shared").validate()
+
+
+def test_sources_and_rebuild_command_name_the_same_files_from_anywhere(tiny_paths, tmp_path, monkeypatch):
+    """Relative --small/--large/--pipeline are recorded absolute (verify from another folder loads
+    the same weights); the rebuild command repeats --pipeline and names the folder it is read from
+    (a copy's hint must not --force-rebuild the original); a missing --pipeline is refused at
+    build time; the ONNX Runtime fingerprint ignores TensorRT's optimisation level."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, src in (("small", tiny_paths.small), ("large", tiny_paths.large)):
+        shutil.copytree(src, work / name)
+    monkeypatch.chdir(work)
+    args = ["build", "--small", "small", "--large", "large", "--pipeline", "large", "--out", "out", "--height", "128", "--width", "128", "--text-tokens", "85"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.load(work / "out")
+    assert manifest.data["models"]["small"]["source"] == str(work / "small") and manifest.data["pipeline"] == str(work / "large")
+    assert f"--pipeline {work / 'large'}" in manifest.rebuild_command
+    again = CliRunner().invoke(main, args + ["--builder-optimization-level", "0"])
+    assert again.exit_code == 0 and "up to date" in again.output, again.output
+    shutil.copytree(work / "out", tmp_path / "copy")
+    assert f"--out {tmp_path / 'copy'} " in Manifest.load(tmp_path / "copy").rebuild_command
+    missing = CliRunner().invoke(main, args[:5] + ["--pipeline", str(tmp_path / "nope")] + args[7:] + ["--force"])
+    assert missing.exit_code == 1 and "is not a diffusers pipeline folder | got no such folder" in missing.output, missing.output
+    here = CliRunner().invoke(main, ["build", "--preset", "tiny", "--out", "."])
+    assert here.exit_code == 1 and "is the current folder or holds it" in here.output, here.output
+
+
+def test_fused_onnxruntime_engines_are_valid_onnx(tiny_engine_dir):
+    """The fusions append their nodes at the end of the graph: sorted again, the engine files pass
+    onnx.checker (other ONNX tools refuse unsorted graphs; ONNX Runtime sorts them itself)."""
+    import onnx
+
+    for graph in GRAPH_NAMES:
+        path = tiny_engine_dir / "engines" / f"{graph}.onnx"
+        model = onnx.load(str(path), load_external_data=False)
+        assert any(n.op_type == "FastGelu" for n in model.graph.node)
+        onnx.checker.check_model(str(path))

@@ -134,7 +134,7 @@ TABLE: dict[str, list[tuple[list[str], int, str]]] = {
         (["--out", "{tmp}/shapes", "--work-dir", "{file}"], ERROR, "--work-dir is a file, not a folder"),
         (["--out", "{tmp}/shapes", "--scenes", "0"], ERROR, "scenes must be >= 1 | got 0"),
         (["--out", "{tmp}/shapes", "--batch", "-1"], ERROR, "batch must be >= 1 | got -1"),
-        (["--out", "{tmp}/shapes", "--budget-minutes", "0"], ERROR, "budget must be > 0 minutes"),
+        (["--out", "{tmp}/shapes", "--budget-minutes", "0"], ERROR, "--budget-minutes must be a number > 0"),
         ([], USAGE, "Missing option '--out'"),
     ],
     "serve": [  # all refused before Triton starts

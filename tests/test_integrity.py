@@ -62,6 +62,13 @@ def test_truncated_engine_is_named_before_onnxruntime_sees_it(copy):
     (lambda d: d.update(schema_version="3"), "got schema '3' | expected schema 3"),
     (lambda d: d["artifacts"][0].update(bytes="big"), "a file record is not {path, bytes, sha256}"),  # not a "partial copy"
     (lambda d: d.update(artifacts={}), "artifacts is not a list | got dict"),
+    # read by inspect / verify / loading, which used to stop with a KeyError, TypeError or ZeroDivisionError
+    (lambda d: d["graphs"]["small"].pop("parity"), "graphs.small lacks its profiles, onnx or parity record"),
+    (lambda d: d["models"]["large"].pop("dims"), "models.large lacks its source, sha256 or dims"),
+    (lambda d: d.update(models="x"), "models.small lacks its source, sha256 or dims"),
+    (lambda d: d["models"]["small"].update(dims={"width": 3}), "models.small.dims are not model dimensions"),
+    (lambda d: d.pop("versions"), "versions is not an object"),
+    (lambda d: d["build"]["shape"].update(latent_height=0), "build.shape has a size below 1"),
 ])
 def test_a_hand_edited_manifest_names_its_fault(copy, change, message):
     """Fields every command reads, of the wrong type or value, and paths outside the folder: one

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -49,7 +50,7 @@ from hs_runtime.validation import check_folder_path, check_int
 from . import export as onnx_export
 from .limits import BuildNeeds, build_needs, check_limits, format_run_needs, format_table, run_needs
 from .precision import apply_precision_plan, precision_plan
-from .sources import ModelSelection, model_configs
+from .sources import ModelSelection, check_pipeline, model_configs
 
 BACKENDS = ("onnxruntime", "tensorrt")
 OPSETS = (14, 20)  # scaled_dot_product_attention exports from opset 14; torch's TorchScript exporter stops at 20
@@ -151,9 +152,10 @@ def weights_sha256(source: str, model) -> str:
 
 
 def rebuild_command(selection: ModelSelection, config: BuildConfig, height: int, width: int, text_tokens: int) -> str:
-    models = f"--preset {selection.preset}" if selection.preset else f"--small {selection.small} --large {selection.large}"
+    q = shlex.quote  # paths with spaces stay one argument
+    models = f"--preset {selection.preset}" if selection.preset else f"--small {q(selection.small)} --large {q(selection.large)}"
     parts = [
-        "hs-export build", models, f"--out {Path(config.out).resolve()}", f"--backend {config.backend}", f"--precision {config.precision}",
+        "hs-export build", models, f"--out {q(str(Path(config.out).resolve()))}", f"--backend {config.backend}", f"--precision {config.precision}",
         f"--height {height} --width {width}", f"--prompts {config.prompts}", f"--text-tokens {text_tokens}",
         f"--mask-ratio {config.mask_ratio}", f"--opset {config.opset}",
     ]
@@ -161,6 +163,10 @@ def rebuild_command(selection: ModelSelection, config: BuildConfig, height: int,
         parts.append("--dynamic-shape")
     if config.token_buckets != 1:
         parts.append(f"--token-buckets {config.token_buckets}")
+    if selection.pipeline_given:
+        parts.append(f"--pipeline {q(selection.pipeline)}")
+    if config.backend == "tensorrt" and config.builder_optimization_level != BuildConfig.builder_optimization_level:
+        parts.append(f"--builder-optimization-level {config.builder_optimization_level}")
     if config.keep_onnx:
         parts.append("--keep-onnx")
     if config.backend == "onnxruntime" and config.ort_thread_pool != BuildConfig.ort_thread_pool:
@@ -303,7 +309,10 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         ExportError / ToleranceError / NumericalError: export or the engine check failed.
     """
     plan = plan_build(selection, config)
-    out = Path(config.out)
+    check_pipeline(selection.pipeline)
+    out = Path(config.out).resolve()  # "." and a symlinked folder: the swap renames the real folder
+    if Path.cwd().resolve().is_relative_to(out):
+        raise ConfigError(describe(f"--out {config.out} is the current folder or holds it", got=str(out), fix="a build replaces --out whole: choose a folder below the current one, e.g. --out engines/NAME"))
     _ensure_writable(out)
     remove_stale_work(out, log)
     phases = _Phases(log)
@@ -328,13 +337,13 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         "backend": config.backend, "precision": config.precision, "height": height, "width": width,
         "shape": shape.to_dict(), "max_sequence_length": text_tokens - selection.clip_tokens,
         "clip_tokens": selection.clip_tokens, "preset": selection.preset, "opset": config.opset,
-        "builder_optimization_level": config.builder_optimization_level, "keep_onnx": config.keep_onnx,
+        "builder_optimization_level": config.builder_optimization_level if config.backend == "tensorrt" else None, "keep_onnx": config.keep_onnx,
         "ort_thread_pool": config.ort_thread_pool if config.backend == "onnxruntime" else None,
         "command": rebuild_command(selection, config, height, width, text_tokens),
     }
     fingerprint = hashlib.sha256(
         # Not the rebuild command: it spells the sources and --out as typed (./e and e are one folder).
-        json.dumps({"schema": SCHEMA_VERSION, "models": {r: (m["sha256"], m["config"]) for r, m in records.items()}, "build": {k: v for k, v in build_section.items() if k != "command"}, "versions": versions}, sort_keys=True, default=str).encode()
+        json.dumps({"schema": SCHEMA_VERSION, "models": {r: (m["sha256"], m["config"]) for r, m in records.items()}, "pipeline": selection.pipeline, "build": {k: v for k, v in build_section.items() if k != "command"}, "versions": versions}, sort_keys=True, default=str).encode()
     ).hexdigest()
     existing = check_out_folder(out, fingerprint, config.force, log)
     if existing is not None:
@@ -343,6 +352,9 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
 
     work = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
+    # A TensorRT build that fails keeps its exported ONNX in --out, unless --out holds a complete
+    # build (rebuilt with --force): that one stays as it was.
+    keep_onnx = config.backend == "tensorrt" and not _holds_complete_build(out)
     manifest = {
         "schema_version": SCHEMA_VERSION, "complete": False, "fingerprint": fingerprint,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -360,7 +372,7 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         del models
         gc.collect()  # the engines are built and checked with one model in memory at a time
         write_manifest(work, manifest)
-        _build_engines(config, work, manifest, phases)
+        _build_engines(config, work, manifest, phases, out / "onnx" if keep_onnx else None)
         _check_engines(selection, config, work, manifest, phases, shape)
         if config.backend == "tensorrt" and not config.keep_onnx:
             shutil.rmtree(work / "onnx")
@@ -371,7 +383,7 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         manifest["complete"] = True
         write_manifest(work, manifest)
     except BuildError:
-        if config.backend == "tensorrt" and (work / "onnx").is_dir():
+        if keep_onnx and (work / "onnx").is_dir():
             _swap_in(work, out)  # keep the exported ONNX (manifest says incomplete)
         else:
             shutil.rmtree(work, ignore_errors=True)
@@ -420,7 +432,16 @@ def _parity_sizes(shape: BuildShape, backend: str) -> dict:
     return {"batch": shape.batch, "height": min(shape.latent_height, cap), "width": min(shape.latent_width, cap), "text_tokens": shape.text_tokens}
 
 
-def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Phases) -> None:
+def _holds_complete_build(out: Path) -> bool:
+    try:
+        return json.loads((out / MANIFEST_NAME).read_text()).get("complete") is True
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Phases, kept_onnx: Path | None) -> None:
+    """Engines from the exported graphs; ``kept_onnx``: where a failed TensorRT build says its
+    ONNX files are kept (``None``: not kept)."""
     engine_dir = work / "engines"
     engine_dir.mkdir(parents=True, exist_ok=True)
     for name in GRAPH_NAMES:
@@ -429,7 +450,8 @@ def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Pha
         if config.backend == "onnxruntime":
             from .ort import adopt_model, save_settings
 
-            with phases("engine", f"{name}: the ONNX file becomes the ONNX Runtime engine (attention and GELU fused into the graph file; the weights are not rewritten)"):
+            fused = "attention and GELU fused into the graph file" if config.precision == "fp32" else "no fusion: ONNX Runtime's fused CPU kernels are fp32"
+            with phases("engine", f"{name}: the ONNX file becomes the ONNX Runtime engine ({fused}; the weights are not rewritten)"):
                 engine_path = adopt_model(onnx_path, engine_dir)
                 save_settings(work, config.ort_thread_pool)
         else:
@@ -437,7 +459,7 @@ def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Pha
 
             engine_path = engine_dir / f"{name}.plan"
             with phases("engine", f"{name}: TensorRT {config.precision} plan (strongly typed)"):
-                trt = import_tensorrt(Path(config.out) / "onnx")
+                trt = import_tensorrt(kept_onnx)
                 manifest["versions"]["tensorrt"] = trt.__version__
                 # timing cache keyed by GPU name, compute capability and TensorRT version
                 build_plan(onnx_path, engine_path, config.precision, graph["profiles"], None, config.builder_optimization_level)

@@ -67,8 +67,27 @@ def fuse_graph(path: Path) -> dict[str, int]:
         return {}
     counts = {"FastGelu": _fuse_gelu(model), "MultiHeadAttention": fuse_attention(model)}
     if any(counts.values()):
+        _tidy(model)
         onnx.save_model(model, str(path))
+        onnx.checker.check_model(str(path))  # still valid ONNX for other tools, not only for ONNX Runtime
     return counts
+
+
+def _tidy(model) -> None:
+    """Nodes back in topological order (a fusion appends its fused node at the end of the list,
+    which ONNX Runtime sorts itself but ``onnx.checker`` and other tools refuse), and no shape
+    record left for a tensor the fusions removed."""
+    try:
+        from onnxruntime.transformers.onnx_model import OnnxModel
+    except ImportError:  # no GELU fusion either (it needs the same tools): the order is the export's
+        OnnxModel = None
+    if OnnxModel is not None:
+        OnnxModel(model).topological_sort()
+    graph = model.graph
+    live = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    stale = [v for v in graph.value_info if v.name not in live]
+    for v in stale:
+        graph.value_info.remove(v)
 
 
 def _fuse_gelu(model) -> int:

@@ -34,6 +34,7 @@ class ModelSelection:
     clip_tokens: int = 77  # CLIP tokenizer length: text tokens = clip_tokens + max_sequence_length
     steps: int = 28
     guidance_scale: float = 7.0
+    pipeline_given: bool = False  # --pipeline named it (the rebuild command repeats it)
 
     @property
     def defaults(self) -> RunDefaults:
@@ -50,20 +51,41 @@ def resolve_models(preset, small_src, large_src, pipeline_src, log=print, materi
 
         spec = get_preset(preset)
         small = large = pipeline = None
+        pipeline_src = _local(pipeline_src)
         if materialize:
             paths = ensure_preset(preset, log=log)
             small, large = str(paths.small), str(paths.large)
             pipeline = pipeline_src if pipeline_src is not None else (str(paths.pipeline) if paths.pipeline else None)
         return ModelSelection(
             small, large, pipeline, spec.height, spec.width, spec.max_sequence_length, preset,
-            spec.clip_tokens, spec.steps, spec.guidance_scale,
+            spec.clip_tokens, spec.steps, spec.guidance_scale, pipeline_given=pipeline_src is not None,
         )
     if not (small_src and large_src):
         raise ConfigError(describe("no models given", fix="pass --preset NAME, or both --small SRC and --large SRC"))
-    pipeline = pipeline_src
+    small_src, large_src, pipeline = _local(small_src), _local(large_src), _local(pipeline_src)
     if pipeline is None and (Path(large_src) / "model_index.json").is_file():
         pipeline = large_src
-    return ModelSelection(small_src, large_src, pipeline, 1024, 1024, 256, clip_tokens=clip_length(pipeline))
+    return ModelSelection(small_src, large_src, pipeline, 1024, 1024, 256, clip_tokens=clip_length(pipeline), pipeline_given=pipeline_src is not None)
+
+
+def _local(source: str | None) -> str | None:
+    """An existing local path made absolute (the manifest, verify and the rebuild command then
+    name the same files from any folder); a hub id as given."""
+    if source is None or not Path(source).exists():
+        return source
+    return str(Path(source).resolve())
+
+
+def check_pipeline(pipeline: str | None) -> None:
+    """Refuses a ``--pipeline`` that names a local path holding no diffusers pipeline (a hub id
+    passes): caught at build time rather than at the first prompt → image."""
+    if pipeline is None:
+        return
+    path = Path(pipeline)
+    looks_local = path.is_absolute() or pipeline.startswith(".") or path.exists()
+    if looks_local and not (path / "model_index.json").is_file():
+        found = "no such folder" if not path.exists() else "no model_index.json in it"
+        raise ConfigError(describe(f"--pipeline {pipeline} is not a diffusers pipeline folder", got=found, fix="pass a StableDiffusion3Pipeline folder (with model_index.json), or leave --pipeline out"))
 
 
 def clip_length(pipeline: str | None) -> int:
