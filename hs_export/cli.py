@@ -240,7 +240,7 @@ def build(preset, small_src, large_src, pipeline_src, out, dry_run, **options):
         return
     if preset:  # a host too small is refused before the preset's random weights are made (SD3.5: ~40 GiB)
         check_room(selection, config)
-        selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log)
+        selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log, force=config.force)
     run_build(selection, config, log=_log)
 
 
@@ -472,7 +472,7 @@ def quality(engine_dir, preset, small_src, large_src, pipeline_src, backend, dev
 @click.option("--small-steps", type=int, default=_TRAIN_DEFAULTS.small_steps, show_default=True)
 @click.option("--large-steps", type=int, default=_TRAIN_DEFAULTS.large_steps, show_default=True)
 @click.option("--batch", type=int, default=_TRAIN_DEFAULTS.batch, show_default=True)
-@click.option("--budget-minutes", type=float, default=_TRAIN_DEFAULTS.budget_minutes, show_default=True, help="A phase still running past this stops early (and says so); a run whose transformers get no step writes nothing.")
+@click.option("--budget-minutes", type=float, default=_TRAIN_DEFAULTS.budget_minutes, show_default=True, help="A phase still running past this stops early (and says so); a run cut short before both transformers train writes nothing.")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Cache the trained VAE and encoded scenes here (safetensors; one it cannot read is rebuilt), to retrain only the transformers.")
 @_one_line_errors

@@ -59,11 +59,19 @@ def bench_engines(preset, backend, device, dtype, prompts, height, width, mask_r
         small = random_transformer(spec.small, spec.seed + 1, weights, device)
         large = random_transformer(spec.large, spec.seed + 2, weights, device)
         return torch_engines(small, large, torch.device(device), weights), (height // 8, width // 8), spec.text_tokens
+    import shutil
+
     from .build import BuildConfig, build
+    from .build.builder import ForeignFolderError
 
     selection = resolve_models(preset, None, None, None, log=log)
     out = Path("engines") / f"{preset}-{backend}"
     config = BuildConfig(out=out, backend=backend, precision=dtype, height=height, width=width, prompts=prompts, mask_ratio=mask_ratio)
-    build(selection, config, log=log)
+    try:
+        build(selection, config, log=log)
+    except ForeignFolderError:  # bench's own folder, of other settings or an older version: remade
+        log(f"{out} holds engines of other settings: rebuilding it (bench's own engine folder)")
+        shutil.rmtree(out)
+        build(selection, config, log=log)
     runtime = HybridStitchRuntime.from_dir(out, device=device)
     return runtime.engines, (height // 8, width // 8), spec.text_tokens

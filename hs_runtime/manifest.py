@@ -74,7 +74,9 @@ class Manifest:
         except ValueError:
             return command
         if "--out" in words[:-1]:
-            words[words.index("--out") + 1] = str(self.folder.resolve())
+            start = words.index("--out") + 1
+            end = next((i for i in range(start, len(words)) if words[i].startswith("--")), len(words))
+            words[start:end] = [str(self.folder.resolve())]  # older commands held the path unquoted
         return shlex.join(words)
 
     @property

@@ -173,3 +173,9 @@ def test_tensorrt_plan_of_right_size_but_wrong_bytes(tiny_paths, tmp_path):
     plan.write_bytes(b"\0" * plan.stat().st_size)
     with pytest.raises(EngineLoadError, match=r"TensorRT .* cannot load large engine .*rebuild with: hs-export build"):
         HybridStitchRuntime.from_dir(out, device="cuda")
+
+
+def test_the_rebuild_hint_names_this_folder_even_for_an_unquoted_older_command(copy):
+    """Commands recorded before 2026-12-07 held --out unquoted: a path with a space spans words."""
+    _edit_manifest(copy, lambda d: d["build"].update(command="hs-export build --preset tiny --out /old/my engines/tiny --backend onnxruntime"))
+    assert Manifest.load(copy).rebuild_command == f"hs-export build --preset tiny --out {copy.resolve()} --backend onnxruntime"

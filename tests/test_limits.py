@@ -117,6 +117,9 @@ def test_a_preset_too_big_for_the_host_is_refused_before_its_weights_are_made(tm
     result = CliRunner().invoke(main, ["build", "--preset", "sd3.5-large", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "this host lacks the memory the build needs" in result.output, result.output
     assert not (tmp_path / "presets").exists() and not (tmp_path / "out").exists()
+    monkeypatch.chdir(tmp_path)
+    here = CliRunner().invoke(main, ["build", "--preset", "sd3.5-large", "--out", "."])  # refused before any weight is made
+    assert here.exit_code == 1 and "is the current folder or holds it" in here.output and not (tmp_path / "presets").exists(), here.output
 
 
 def test_a_preset_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path, monkeypatch):
@@ -126,3 +129,4 @@ def test_a_preset_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path, monk
     with pytest.raises(BuildError, match=r"preset 'tiny' needs ~.* of memory for its random fp32 weights \| got 0\.00 MiB available"):
         ensure_preset("tiny", tmp_path / "presets", log=lambda *_: None)
     assert not (tmp_path / "presets").exists()
+    assert ensure_preset("tiny", tmp_path / "presets", log=lambda *_: None, check_room=False).small.is_dir()  # build --force tries anyway

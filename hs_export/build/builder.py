@@ -10,8 +10,8 @@ exported files themselves; TensorRT builds delete the ONNX files once the plans 
 The engine folder is assembled in a sibling work folder and swapped in only when complete, so a
 folder is never half-overwritten. A build interrupted by SIGINT removes its work folder; one killed
 outright leaves only the work folder, which the next build removes (its pid is gone). A second
-build with the same inputs (weights, configs, flags, library versions) finds the same fingerprint
-and skips.
+build with the same inputs (weights, configs, pipeline, flags, library versions) finds the same
+fingerprint and skips.
 """
 
 from __future__ import annotations
@@ -196,6 +196,10 @@ class _Phases:
         self.log(f"[{phase}] {what} ({elapsed:.1f} s, peak memory {peak_rss() / 2**30:.2f} GiB)")
 
 
+class ForeignFolderError(BuildError):
+    """``--out`` holds a complete build of other inputs (or of an earlier fingerprint)."""
+
+
 def check_out_folder(out: Path, fingerprint: str, force: bool, log=print) -> Manifest | None:
     """Returns a complete, up-to-date manifest to skip with; raises for foreign folders."""
     if not out.exists():
@@ -220,9 +224,9 @@ def check_out_folder(out: Path, fingerprint: str, force: bool, log=print) -> Man
             log(f"{out} is damaged, rebuilding it: {exc}")
             return None
     if not same and not force:
-        raise BuildError(
+        raise ForeignFolderError(
             describe(
-                f"--out {out} holds engines built for something else (other weights, flags or library versions; or a build before 2026-12-07, whose fingerprint also held the rebuild command)",
+                f"--out {out} holds engines built for something else (other weights, pipeline, flags or library versions; or a build by hs-export before the fingerprint changed on 2026-12-07)",
                 got=f"fingerprint {str(data.get('fingerprint'))[:12]}", expected=fingerprint[:12], fix="pass --force to replace them, or choose another --out",
             )
         )
@@ -293,9 +297,20 @@ def dry_run(selection: ModelSelection, config: BuildConfig, log=print) -> BuildP
     return plan
 
 
+def check_out(selection: ModelSelection, config: BuildConfig) -> Path:
+    """``--out`` resolved (``.`` and a symlinked folder: the swap renames the real folder), refused
+    where it is the current folder or holds it; a ``--pipeline`` that is no pipeline refused."""
+    check_pipeline(selection.pipeline)
+    out = Path(config.out).resolve()
+    if Path.cwd().resolve().is_relative_to(out):
+        raise ConfigError(describe(f"--out {config.out} is the current folder or holds it", got=str(out), fix="a build replaces --out whole: choose a folder below the current one, e.g. --out engines/NAME"))
+    return out
+
+
 def check_room(selection: ModelSelection, config: BuildConfig) -> None:
-    """The build's limits from the model configs alone (no weight made or loaded): run before a
-    preset's weights are made, so a host too small for the build is refused first."""
+    """``--out`` and the build's limits from the model configs alone (no weight made or loaded):
+    run before a preset's weights are made, so a host too small for the build is refused first."""
+    check_out(selection, config)
     check_limits(plan_build(selection, config).needs, config.backend, Path(config.out), config.force)
 
 
@@ -309,10 +324,7 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         ExportError / ToleranceError / NumericalError: export or the engine check failed.
     """
     plan = plan_build(selection, config)
-    check_pipeline(selection.pipeline)
-    out = Path(config.out).resolve()  # "." and a symlinked folder: the swap renames the real folder
-    if Path.cwd().resolve().is_relative_to(out):
-        raise ConfigError(describe(f"--out {config.out} is the current folder or holds it", got=str(out), fix="a build replaces --out whole: choose a folder below the current one, e.g. --out engines/NAME"))
+    out = check_out(selection, config)
     _ensure_writable(out)
     remove_stale_work(out, log)
     phases = _Phases(log)
@@ -342,7 +354,7 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         "command": rebuild_command(selection, config, height, width, text_tokens),
     }
     fingerprint = hashlib.sha256(
-        # Not the rebuild command: it spells the sources and --out as typed (./e and e are one folder).
+        # Not the rebuild command: it names the folder, which a copied folder does not change.
         json.dumps({"schema": SCHEMA_VERSION, "models": {r: (m["sha256"], m["config"]) for r, m in records.items()}, "pipeline": selection.pipeline, "build": {k: v for k, v in build_section.items() if k != "command"}, "versions": versions}, sort_keys=True, default=str).encode()
     ).hexdigest()
     existing = check_out_folder(out, fingerprint, config.force, log)

@@ -41,9 +41,9 @@ class ModelSelection:
         return RunDefaults(self.height, self.width, self.steps, self.guidance_scale, self.preset)
 
 
-def resolve_models(preset, small_src, large_src, pipeline_src, log=print, materialize: bool = True) -> ModelSelection:
-    """``--preset`` (materialised on disk unless ``materialize`` is false) or an explicit
-    ``--small`` + ``--large`` pair."""
+def resolve_models(preset, small_src, large_src, pipeline_src, log=print, materialize: bool = True, force: bool = False) -> ModelSelection:
+    """``--preset`` (materialised on disk unless ``materialize`` is false; ``force``: even on a host
+    that looks too small for its weights) or an explicit ``--small`` + ``--large`` pair."""
     if preset and (small_src or large_src):
         raise ConfigError(describe("pass either --preset or --small/--large, not both"))
     if preset:
@@ -53,7 +53,7 @@ def resolve_models(preset, small_src, large_src, pipeline_src, log=print, materi
         small = large = pipeline = None
         pipeline_src = _local(pipeline_src)
         if materialize:
-            paths = ensure_preset(preset, log=log)
+            paths = ensure_preset(preset, log=log, check_room=not force)
             small, large = str(paths.small), str(paths.large)
             pipeline = pipeline_src if pipeline_src is not None else (str(paths.pipeline) if paths.pipeline else None)
         return ModelSelection(

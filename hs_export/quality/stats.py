@@ -16,7 +16,8 @@ image by image, which cancels most of the spread between images (±7 dB in PSNR 
   (:data:`RESAMPLES` resamples, fixed seed, so a rerun gives the same numbers).
 - **Verdict**: ``above`` (better than the front) when the whole 95% interval is on the better
   side of 0, ``below`` when it is on the worse side, else ``level``; ``front`` for the points
-  that make the front. "Better" is higher for PSNR, SSIM, MS-SSIM and CLIP score, lower for LPIPS.
+  that make the front; ``too few images`` under :data:`MIN_VERDICT_IMAGES` images. "Better" is
+  higher for PSNR, SSIM, MS-SSIM and CLIP score, lower for LPIPS.
 """
 
 from __future__ import annotations

@@ -357,12 +357,17 @@ def train_shapes(config: ShapesTrainConfig, log=print) -> dict:
         vae_report, latents, prompts = cached["vae_report"], cached["latents"], cached["prompts"]
     else:
         vae, vae_report, latents, prompts = _vae_and_data(config, size, deadline, log, phase)
-        complete = vae_report["steps"] == vae_report["planned_steps"] and len(prompts["train"]) == config.scenes
-        if cache and complete:
+        if vae_report["steps"] < vae_report["planned_steps"] or len(prompts["train"]) < config.scenes:
+            # one deadline for the run: past it, no later phase trains a step. Nothing is cached
+            # either, so a later run with the whole budget does not inherit a VAE or data cut short.
+            raise ConfigError(describe(
+                "the time budget ran out before the transformers' phases; nothing written or cached",
+                got=f"VAE {vae_report['steps']} of {vae_report['planned_steps']} steps, {len(prompts['train'])} of {config.scenes} scenes encoded",
+                fix="raise --budget-minutes (56 min on 2 cores for the defaults)",
+            ))
+        if cache:
             scale = {"shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor}
             write_cache(cache, config.data_key(), vae.state_dict(), scale, vae_report, latents, prompts)
-        elif cache:  # a later run with the whole budget must not inherit a VAE or data cut short
-            log(f"note: not caching in {cache}: the time budget cut the VAE or the encoding short")
     began = time.monotonic()
     text_report = train_text_encoders(
         text, prompts["train"], prompts["held"], config.text_steps, seed=config.seed + 5, clip_length=spec.clip_tokens,
@@ -382,7 +387,8 @@ def train_shapes(config: ShapesTrainConfig, log=print) -> dict:
         began = time.monotonic()
         models[role], reports[role] = train_transformer(role, model_config, train_data, steps, config, deadline, log)
         if reports[role]["steps"] == 0:  # writing it would ship (or overwrite a pair with) random weights
-            raise ConfigError(describe(f"the time budget ran out before the {role} model trained a step; nothing written", got=f"--budget-minutes {config.budget_minutes:g}", fix="raise --budget-minutes (56 min on 2 cores for the defaults), or pass --work-dir to reuse the VAE and data"))
+            reuse = "" if cache else ", or pass --work-dir so that a rerun reuses this run's VAE and data"
+            raise ConfigError(describe(f"the time budget ran out before the {role} model trained a step; nothing written", got=f"--budget-minutes {config.budget_minutes:g}", fix=f"raise --budget-minutes (56 min on 2 cores for the defaults){reuse}"))
         reports[role]["held_out_loss"] = held_out_losses(models[role], held_data, config.seed + 41)
         bands = ", ".join(f"σ {k}: {v:.3f}" for k, v in reports[role]["held_out_loss"].items())
         log(f"[{role}] held-out loss per band: {bands}")
@@ -518,7 +524,7 @@ def _vae_and_data(config, size, deadline, log, phase):
         prompts += chunk_prompts
         log(f"[encode] {i + len(chunk_prompts)}/{config.scenes} scenes")
         if time.monotonic() > deadline and len(prompts) < config.scenes:
-            log(f"[encode] time budget reached after {len(prompts)} of {config.scenes} scenes: training on those")
+            log(f"[encode] time budget reached after {len(prompts)} of {config.scenes} scenes")
             break
     raw = torch.cat(raw_chunks)
     held_raw = encode_images(vae, held_images)
