@@ -73,14 +73,15 @@ def nearest_existing(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
-def check_writable_folder(folder: Path, what: str) -> None:
+def check_writable_folder(folder: Path, what: str, named: Path | None = None) -> None:
     """Refuses a folder to be written (existing or not) that lies under a file or where nothing can
-    be written, before any work."""
+    be written, before any work; messages name ``named`` (a file to be written there) if given."""
+    named = folder if named is None else named
     existing = nearest_existing(folder.absolute())
     if not existing.is_dir():
-        raise ConfigError(describe(f"{what} {folder}: {existing} is a file, not a folder", fix=f"choose another {what}"))
+        raise ConfigError(describe(f"{what} {named}: {existing} is a file, not a folder", fix=f"choose another {what}"))
     if not os.access(existing, os.W_OK | os.X_OK):  # a read-only folder or file system
-        raise ConfigError(describe(f"{what} {folder} cannot be written", got=f"no write permission on {existing}", fix=f"choose another {what}"))
+        raise ConfigError(describe(f"{what} {named} cannot be written", got=f"no write permission on {existing} (or a read-only file system)", fix=f"choose another {what}"))
 
 
 def check_output_file(path, what: str, suffixes: tuple[str, ...] | None = None) -> Path:
@@ -89,11 +90,7 @@ def check_output_file(path, what: str, suffixes: tuple[str, ...] | None = None) 
     path = Path(path).expanduser()
     if path.is_dir():
         raise ConfigError(describe(f"{what} {path} is a folder, not a file", fix=f"name a file, e.g. {path / ('out' + (suffixes[0] if suffixes else path.suffix))}"))
-    parent = nearest_existing(path.parent)
-    if not parent.is_dir():
-        raise ConfigError(describe(f"{what} {path}: {parent} is a file, not a folder", fix=f"choose another {what}"))
-    if not os.access(parent, os.W_OK | os.X_OK):  # a read-only folder or file system
-        raise ConfigError(describe(f"{what} {path}: cannot write in {parent}", got="no write permission (or a read-only file system)", fix=f"choose another {what}"))
+    check_writable_folder(path.parent, what, named=path)
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise ConfigError(describe(f"{what} needs an image file name", got=repr(path.name), expected="a name ending in " + ", ".join(suffixes[:6])))
     return path

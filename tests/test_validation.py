@@ -100,7 +100,7 @@ def test_an_output_where_nothing_can_be_written_is_refused_before_any_work(tmp_p
     import os
 
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
-    with pytest.raises(ConfigError, match=re.escape(f"--out {tmp_path}/sub/out.png: cannot write in {tmp_path} | got no write permission")):
+    with pytest.raises(ConfigError, match=re.escape(f"--out {tmp_path}/sub/out.png cannot be written | got no write permission on {tmp_path}")):
         check_output_file(tmp_path / "sub" / "out.png", "--out", (".png",))
 
 
