@@ -13,6 +13,7 @@ from hs_runtime.backends.onnxruntime_backend import THREAD_POOLS
 from hs_runtime.errors import ConfigError, HybridStitchError, describe, first_line, out_of_memory
 from hs_runtime.plans import MASK_SIGNALS, PLAN_NAMES, MaskConfig, PlanConfig
 from hs_runtime.presets import PRESET_NAMES
+from hs_runtime.validation import check_seed
 
 from .bench import VERSUS_TOOLS, BenchConfig
 from .build import BuildConfig
@@ -167,7 +168,7 @@ def _quiet_libraries() -> None:
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default=None, help="Default: torch for models, the built backend for an engine folder.")
 @click.option("--plan", "plan_name", type=click.Choice(PLAN_NAMES), default="hybrid", show_default=True)
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Repeat for several prompts.")
-@click.option("--negative-prompt", default=None)
+@click.option("--negative-prompt", "negative_prompts", multiple=True, help="Once for every prompt, or once per --prompt in the same order.")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the preset's or the build's, else 28).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--seeds", "seed_count", type=int, default=1, show_default=True, help="Render seeds SEED … SEED+K−1 (with --compare: one row per image).")
@@ -181,7 +182,7 @@ def _quiet_libraries() -> None:
 @click.option("--compare", is_flag=True, help="Also write large-only | this plan | mask overlay side by side.")
 @plan_options
 @_one_line_errors
-def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, plan_name, prompts, negative_prompt, steps, seed, seed_count, height, width, guidance_scale, device, dtype, text_dtype, out, compare, **plan_kwargs):
+def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, plan_name, prompts, negative_prompts, steps, seed, seed_count, height, width, guidance_scale, device, dtype, text_dtype, out, compare, **plan_kwargs):
     """Generate an image with any plan.
 
     Runs on an engine folder (ENGINE_DIR) or on PyTorch models (--preset or --small/--large) and
@@ -193,6 +194,11 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
     plan_config = plan_config_from(plan_kwargs, engine_dir)
     if seed_count < 1:
         raise ConfigError(describe("--seeds must be >= 1", got=seed_count))
+    check_seed(seed)
+    check_seed(seed + seed_count - 1)  # before minutes of loading, not after the earlier seeds ran
+    if len(negative_prompts) not in (0, 1, len(prompts)):  # a second one used to replace the first for every prompt
+        raise ConfigError(describe("--negative-prompt given neither once nor once per --prompt", got=f"{len(negative_prompts)} negative, {len(prompts)} prompts", fix="give one for every prompt, or one per --prompt in the same order"))
+    negative_prompt = None if not negative_prompts else negative_prompts[0] if len(negative_prompts) == 1 else list(negative_prompts)
     runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype, text_dtype)
     run_generate(
         runtime, plan_name, plan_config, list(prompts), negative_prompt,
