@@ -17,6 +17,7 @@ from .errors import ConfigError, ModelLoadError, ShapeError, describe, first_lin
 from .numerics import check_finite
 from .sampler import Conditioning, DenoiseResult, StitchedSampler
 from .plans import Plan
+from .schedule import DEFAULT_SHIFT
 from .validation import check_folder_path, check_int, check_seed
 
 
@@ -50,6 +51,22 @@ class TextAndVae:
     @property
     def vae_scale_factor(self) -> int:
         return self.pipe.vae_scale_factor
+
+    @property
+    def shift(self) -> float:
+        """The flow-matching time shift of the folder's scheduler (SD3 and SD3.5: 3.0), so that a
+        fine-tune with another shift draws what diffusers draws from the same folder.
+
+        Raises:
+            ConfigError: a scheduler that shifts by resolution (``use_dynamic_shifting``), which
+                the sampler's fixed schedule does not do.
+        """
+        config = getattr(getattr(self.pipe, "scheduler", None), "config", None)
+        if config is None:
+            return DEFAULT_SHIFT
+        if config.get("use_dynamic_shifting"):
+            raise ConfigError(describe("the pipeline's scheduler shifts by resolution (use_dynamic_shifting)", fix="use a pipeline folder whose scheduler_config.json has a fixed shift, as SD3 and SD3.5 do"))
+        return float(config.get("shift", DEFAULT_SHIFT))
 
     @torch.inference_mode()
     def encode(self, prompts: list[str], negative_prompts: list[str] | None, cfg: bool, max_sequence_length: int) -> Conditioning:

@@ -137,7 +137,8 @@ class HybridStitchRuntime:
         """
         from .pipeline import HybridStitchPipeline
 
-        return HybridStitchPipeline(self.batching_sampler(guidance_scale), text_and_vae or self.text_and_vae(), self.max_sequence_length)
+        text_and_vae = text_and_vae or self.text_and_vae()
+        return HybridStitchPipeline(self.batching_sampler(guidance_scale, text_and_vae.shift), text_and_vae, self.max_sequence_length)
 
 
 class PromptBatchingSampler:

@@ -474,3 +474,22 @@ def test_dynamic_shape_build_serves_other_resolutions(tiny_paths, tiny_condition
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["latent"] == [24, 12]
+
+
+def test_prompt_to_image_takes_the_shift_of_the_pipelines_scheduler(tiny_paths, tmp_path):
+    """A fine-tune whose scheduler shifts by another amount draws what diffusers draws from the same
+    folder (the shift was fixed at SD3's 3.0); a resolution-dependent shift is refused in one line."""
+    from hs_runtime.pipeline import TextAndVae
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(tiny_paths.pipeline, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    assert TextAndVae.from_pretrained(folder).shift == 3.0
+    config_path.write_text(json.dumps({**config, "shift": 6.0}))
+    text_and_vae = TextAndVae.from_pretrained(folder)
+    runtime = HybridStitchRuntime.from_models(tiny_paths.small, tiny_paths.large, str(folder))
+    assert runtime.pipeline(7.0, text_and_vae=text_and_vae).sampler.sampler.shift == 6.0
+    config_path.write_text(json.dumps({**config, "use_dynamic_shifting": True}))
+    with pytest.raises(ConfigError, match="shifts by resolution"):
+        TextAndVae.from_pretrained(folder).shift
