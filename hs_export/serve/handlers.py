@@ -107,6 +107,10 @@ class TimedTextAndVae:
     def vae_scale_factor(self) -> int:
         return self.inner.vae_scale_factor
 
+    @property
+    def shift(self) -> float:
+        return self.inner.shift
+
     @contextmanager
     def _timed(self, stage: str):
         start = time.perf_counter()
