@@ -107,10 +107,11 @@ class HybridStitchRuntime:
         sampler = self.sampler(guidance_scale, shift)
         return PromptBatchingSampler(sampler, self.prompt_range(sampler.cfg))
 
-    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, guidance_scale: float = 7.0, profile: bool = False, should_stop=None) -> DenoiseResult:
+    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, guidance_scale: float = 7.0, profile: bool = False, should_stop=None, shift: float = 3.0) -> DenoiseResult:
         """Prompt embeddings → latents for any number of prompts (padded or split to what the
-        engines were built for). See :meth:`StitchedSampler.denoise` and :class:`PromptBatchingSampler`."""
-        return self.batching_sampler(guidance_scale).denoise(plan, latents, conditioning, profile, should_stop)
+        engines were built for); ``shift``: the scheduler's (``TextAndVae.shift`` for a pipeline
+        folder's). See :meth:`StitchedSampler.denoise` and :class:`PromptBatchingSampler`."""
+        return self.batching_sampler(guidance_scale, shift).denoise(plan, latents, conditioning, profile, should_stop)
 
     def text_and_vae(self):
         from .pipeline import TextAndVae

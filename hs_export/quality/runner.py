@@ -163,7 +163,7 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
         for start in range(0, len(prompts), batch):
             chunk = slice(start, start + batch)
             part = _slice_conditioning(conditioning, chunk)
-            result = runtime.denoise(variant.plan, noise[seed][chunk], part, guidance_scale=guidance)
+            result = runtime.denoise(variant.plan, noise[seed][chunk], part, guidance_scale=guidance, shift=text_and_vae.shift)
             latents.append(result.latents)
             if result.masks:
                 masks.append(refined_grid(result.masks, grid_h, grid_w).cpu())
@@ -209,7 +209,7 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
         log(f"timing {len(variants)} plans round-robin ({config.warmup} warm-up + {config.repeat} timed rounds, {min(batch, len(prompts))} prompt(s) per call)")
         timing_prompts = slice(0, min(batch, len(prompts)))
         runs = time_plans(
-            lambda plan, latents, cond, profile: runtime.denoise(plan, latents, cond, guidance_scale=guidance, profile=profile),
+            lambda plan, latents, cond, profile: runtime.denoise(plan, latents, cond, guidance_scale=guidance, profile=profile, shift=text_and_vae.shift),
             {v.name: v.plan for v in variants}, noise[seeds[0]][timing_prompts], _slice_conditioning(conditioning, timing_prompts),
             config.warmup, config.repeat, engines.device, log,
         )
