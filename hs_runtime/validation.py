@@ -84,6 +84,17 @@ def check_writable_folder(folder: Path, what: str, named: Path | None = None) ->
         raise ConfigError(describe(f"{what} {named} cannot be written", got=f"no write permission on {existing} (or a read-only file system)", fix=f"choose another {what}"))
 
 
+def check_pipeline(pipeline: str | None) -> None:
+    """Refuses a ``--pipeline`` that is not a diffusers SD3 folder on this host (the runtime loads
+    text encoders and VAE from a local folder only); ``None`` passes."""
+    if pipeline is None:
+        return
+    path = Path(pipeline)
+    if not (path / "model_index.json").is_file():
+        found = "no model_index.json in it" if path.is_dir() else "a file" if path.exists() else "no such folder"
+        raise ConfigError(describe(f"--pipeline {pipeline} is not an SD3 pipeline folder", got=found, expected="a diffusers StableDiffusion3Pipeline folder (text encoders + VAE)", fix="pass --pipeline DIR, or leave it out"))
+
+
 def check_output_file(path, what: str, suffixes: tuple[str, ...] | None = None) -> Path:
     """Refuses an output path that is a folder, lies under a file, or (with ``suffixes``) has an
     extension no writer knows. Checked before any work, so a long run never fails at the end."""

@@ -233,7 +233,7 @@ def test_sources_and_rebuild_command_name_the_same_files_from_anywhere(tiny_path
     shutil.copytree(work / "out", tmp_path / "copy")
     assert f"--out {tmp_path / 'copy'} " in Manifest.load(tmp_path / "copy").rebuild_command
     missing = CliRunner().invoke(main, args[:5] + ["--pipeline", str(tmp_path / "nope")] + args[7:] + ["--force"])
-    assert missing.exit_code == 1 and "is not a diffusers pipeline folder | got no such folder" in missing.output, missing.output
+    assert missing.exit_code == 1 and "is not an SD3 pipeline folder | got no such folder" in missing.output, missing.output
     here = CliRunner().invoke(main, ["build", "--preset", "tiny", "--out", "."])
     assert here.exit_code == 1 and "is the current folder or holds it" in here.output, here.output
 

@@ -45,12 +45,12 @@ from hs_runtime.models import check_pair, load_transformer, resolve_transformer_
 from hs_runtime.pipeline import check_image_size
 from hs_runtime.plans import PlanConfig
 from hs_runtime.profiles import BuildShape, graph_profiles
-from hs_runtime.validation import check_folder_path, check_int
+from hs_runtime.validation import check_folder_path, check_int, check_pipeline
 
 from . import export as onnx_export
 from .limits import BuildNeeds, build_needs, check_limits, format_run_needs, format_table, run_needs
 from .precision import apply_precision_plan, precision_plan
-from .sources import ModelSelection, check_pipeline, model_configs
+from .sources import ModelSelection, model_configs
 
 BACKENDS = ("onnxruntime", "tensorrt")
 OPSETS = (14, 20)  # scaled_dot_product_attention exports from opset 14; torch's TorchScript exporter stops at 20
@@ -211,11 +211,7 @@ def check_out_folder(out: Path, fingerprint: str, force: bool, log=print) -> Man
         if any(out.iterdir()):
             raise BuildError(describe(f"--out {out} is not empty and holds no {MANIFEST_NAME}", fix="refusing to overwrite it: choose a new or empty folder"))
         return None
-    try:
-        data = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        data = {}
-    data = data if isinstance(data, dict) else {}
+    data = _manifest_data(out)
     same = data.get("fingerprint") == fingerprint
     if same and data.get("complete") and not force:
         try:
@@ -366,7 +362,7 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
     shutil.rmtree(work, ignore_errors=True)
     # A TensorRT build that fails keeps its exported ONNX in --out, unless --out holds a complete
     # build (rebuilt with --force): that one stays as it was.
-    keep_onnx = config.backend == "tensorrt" and not _holds_complete_build(out)
+    keep_onnx = config.backend == "tensorrt" and _manifest_data(out).get("complete") is not True
     manifest = {
         "schema_version": SCHEMA_VERSION, "complete": False, "fingerprint": fingerprint,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -444,11 +440,14 @@ def _parity_sizes(shape: BuildShape, backend: str) -> dict:
     return {"batch": shape.batch, "height": min(shape.latent_height, cap), "width": min(shape.latent_width, cap), "text_tokens": shape.text_tokens}
 
 
-def _holds_complete_build(out: Path) -> bool:
+def _manifest_data(out: Path) -> dict:
+    """``out``'s manifest as JSON, ``{}`` where there is none or it cannot be read (no checks:
+    only what an earlier build left there)."""
     try:
-        return json.loads((out / MANIFEST_NAME).read_text()).get("complete") is True
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False
+        data = json.loads((out / MANIFEST_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Phases, kept_onnx: Path | None) -> None:

@@ -76,18 +76,6 @@ def _local(source: str | None) -> str | None:
     return str(Path(source).resolve())
 
 
-def check_pipeline(pipeline: str | None) -> None:
-    """Refuses a ``--pipeline`` that names a local path holding no diffusers pipeline (a hub id
-    passes): caught at build time rather than at the first prompt → image."""
-    if pipeline is None:
-        return
-    path = Path(pipeline)
-    looks_local = path.is_absolute() or pipeline.startswith(".") or path.exists()
-    if looks_local and not (path / "model_index.json").is_file():
-        found = "no such folder" if not path.exists() else "no model_index.json in it"
-        raise ConfigError(describe(f"--pipeline {pipeline} is not a diffusers pipeline folder", got=found, fix="pass a StableDiffusion3Pipeline folder (with model_index.json), or leave --pipeline out"))
-
-
 def clip_length(pipeline: str | None) -> int:
     """The CLIP tokenizer length of a pipeline folder (SD3's is 77)."""
     import json

@@ -25,7 +25,7 @@ from hs_runtime import __version__
 from hs_runtime.backends.base import torch_dtype
 from hs_runtime.backends.loading import check_backend
 from hs_runtime.errors import ConfigError, describe
-from hs_runtime.validation import check_writable_folder
+from hs_runtime.validation import check_pipeline, check_writable_folder
 
 from .protocol import GENERATE, LATENTS, ModelSpec
 
@@ -116,15 +116,6 @@ class RepositoryConfig:
         if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
             raise ConfigError(describe("unknown device", got=repr(self.device), expected="cpu or cuda:N", fix="Triton's CPU instances take no device index: pass --device cpu" if device is not None and device.type == "cpu" else None))
         return ("KIND_CPU", None) if device.type == "cpu" else ("KIND_GPU", device.index or 0)
-
-
-def check_pipeline(pipeline: str) -> None:
-    """Refuses a ``--pipeline`` that is not a diffusers SD3 folder on this host, as every instance
-    would while loading."""
-    path = Path(pipeline)
-    if not (path / "model_index.json").is_file():
-        found = "no model_index.json in it" if path.is_dir() else "a file" if path.exists() else "no such folder"
-        raise ConfigError(describe(f"--pipeline {pipeline} is not an SD3 pipeline folder", got=found, expected="a diffusers StableDiffusion3Pipeline folder (text encoders + VAE)", fix="pass --pipeline DIR, or leave it out for the engine folder's"))
 
 
 @dataclass(frozen=True)
