@@ -29,6 +29,7 @@ import torch
 from hs_runtime.backends import BACKENDS, EngineSet
 from hs_runtime.contract import LARGE, SMALL
 from hs_runtime.flops import ideal_speedup, plan_flops
+from hs_runtime.mask import used_shares
 from hs_runtime.errors import ConfigError, ShapeError, describe
 from hs_runtime.manifest import Manifest
 from hs_runtime.pipeline import check_image_size
@@ -416,7 +417,7 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
             result = sampler.denoise(plan, latents, cond, profile=True, profile_calls=config.calls)
             times = result.times
             # the share of tokens the masks held (an adaptive mask picks it at each capture)
-            share = statistics.mean(float(m.counts().float().mean()) / n_img for m in result.masks) if result.masks else None
+            share = float(used_shares(result.masks).mean()) if result.masks else None
             return {**times.as_dict(), **{f"step:{a}": s for a, s in times.step_seconds.items()}, "peak": _peak_memory(device)[0], "calls": dict(times.calls), "mask_share": share}
 
         return call

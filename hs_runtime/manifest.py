@@ -164,17 +164,17 @@ class Manifest:
             if isinstance(build.get(key), bool) or not isinstance(build.get(key), int) or build[key] < 1:
                 raise refuse(f"build.{key} is not a positive integer", repr(build.get(key)))
         try:
-            self.shape
+            shape = self.shape
         except (TypeError, ValueError) as exc:  # BuildShape's own checks raise ConfigError (a ValueError)
             raise refuse("build.shape is not a build shape", str(exc).split(" | ")[0]) from None
-        shape = self.shape
         if min(shape.latent_height, shape.latent_width, shape.prompts, shape.text_tokens) < 1:
             raise refuse("build.shape has a size below 1", repr(self.build["shape"])[:120])
         graphs = self.data["graphs"]
         if not isinstance(graphs, dict) or not all(isinstance(g, dict) and isinstance((g.get("engine") or {}).get("path"), str) for g in graphs.values()):
             raise refuse("graphs lack their engine paths", type(graphs).__name__)
+        models = self.data.get("models") if isinstance(self.data.get("models"), dict) else {}
         for name in GRAPH_NAMES:  # what loading, inspect and verify read of each graph and model
-            graph, model = graphs.get(name), (self.data.get("models") or {}).get(name) if isinstance(self.data.get("models"), dict) else None
+            graph, model = graphs.get(name), models.get(name)
             if not isinstance(graph, dict) or not isinstance(graph.get("profiles"), list) or not isinstance(graph.get("onnx"), dict) or not isinstance(graph.get("parity"), dict):
                 raise refuse(f"graphs.{name} lacks its profiles, onnx or parity record", repr(sorted(graph) if isinstance(graph, dict) else graph)[:120])
             if not isinstance(model, dict) or not isinstance(model.get("source"), str) or not isinstance(model.get("sha256"), str) or not isinstance(model.get("dims"), dict):

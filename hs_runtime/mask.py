@@ -56,6 +56,13 @@ def refined_grid(masks, grid_h: int, grid_w: int) -> torch.Tensor:
     return torch.stack([m.as_grid(grid_h, grid_w) for m in masks]).any(dim=0)
 
 
+def used_shares(masks) -> torch.Tensor:
+    """``[P]`` share of the image tokens a run's masks held per prompt, averaged over its masks
+    (from :meth:`TokenMask.counts`, not the index width, which repeats pad where one result joins
+    several calls): what an adaptive mask costs."""
+    return torch.stack([m.counts() for m in masks]).float().mean(0) / masks[0].scores.shape[1]
+
+
 def disagreement_scores(v_large: torch.Tensor, v_small: torch.Tensor, patch_size: int) -> torch.Tensor:
     """‖v_large − v_small‖₂ per token of the guided velocities: ``[P, C, H, W]`` → ``[P, N]``."""
     return patchify((v_large - v_small).float(), patch_size).norm(dim=-1)

@@ -94,8 +94,7 @@ def test_refined_tokens_are_every_mask_of_a_run_and_shares_count_each_token_once
     """A plan with refreshes picks a new mask at each capture: the tokens the large model refined
     (overlays, PSNR inside/outside, the served mask) are their union. A row padded with repeats
     (one result joined from calls of different mask widths) counts each token once."""
-    from hs_export.quality.runner import used_shares
-    from hs_runtime.mask import TokenMask, refined_grid
+    from hs_runtime.mask import TokenMask, refined_grid, used_shares
 
     scores = torch.zeros(2, 8)
     first = TokenMask(torch.tensor([[0, 1, 2], [3, 4, 4]]), torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 5, 6]]), scores)
@@ -103,4 +102,4 @@ def test_refined_tokens_are_every_mask_of_a_run_and_shares_count_each_token_once
     grid = refined_grid([first, second], 2, 4)
     assert grid.shape == (2, 2, 4)
     assert grid.reshape(2, 8).nonzero().tolist() == [[0, 0], [0, 1], [0, 2], [0, 6], [0, 7], [1, 3], [1, 4], [1, 5]]
-    assert used_shares([first, second]) == pytest.approx([(3 + 2) / 2 / 8, (2 + 3) / 2 / 8])
+    assert used_shares([first, second]).tolist() == pytest.approx([(3 + 2) / 2 / 8, (2 + 3) / 2 / 8])

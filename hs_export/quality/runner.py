@@ -24,7 +24,7 @@ from hs_runtime.backends.base import precision_name
 from hs_runtime.contract import LARGE, SMALL, ModelDims
 from hs_runtime.errors import ConfigError, describe
 from hs_runtime.flops import ideal_speedup, plan_flops
-from hs_runtime.mask import refined_grid
+from hs_runtime.mask import refined_grid, used_shares
 from hs_runtime.pipeline import initial_latents
 from hs_runtime.plans import PlanConfig, with_mask
 from hs_runtime.presets import MODEL_CONFIGS
@@ -115,12 +115,6 @@ def sd35_ideal_speedup(plan) -> float:
     return ideal_speedup(plan, small, large, SD35_IMAGE_TOKENS, SD35_TEXT_TOKENS)
 
 
-def used_shares(masks) -> list[float]:
-    """Per prompt, the share of image tokens a run's masks held, averaged over its masks; from
-    ``counts()``, not the index width, which repeats pad where one result joins several calls."""
-    return (torch.stack([m.counts() for m in masks]).float().mean(0) / masks[0].scores.shape[1]).tolist()
-
-
 def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, plan_config: PlanConfig | None = None, log=print, progress=None) -> dict:
     """Renders, compares and times every plan; returns the JSON-ready report.
 
@@ -167,7 +161,7 @@ def run_quality(runtime, defaults, prompts: list[str], config: QualityConfig, pl
             latents.append(result.latents)
             if result.masks:
                 masks.append(refined_grid(result.masks, grid_h, grid_w).cpu())
-                mask_shares[variant.name] += used_shares(result.masks)
+                mask_shares[variant.name] += used_shares(result.masks).tolist()
         images = text_and_vae.decode(torch.cat(latents))
         advance(f"{variant.name} · seed {seed}")
         return images, (torch.cat(masks) if masks else None)
