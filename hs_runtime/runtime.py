@@ -13,6 +13,7 @@ from .errors import ShapeError, describe
 from .mask import TokenMask
 from .plans import Plan
 from .sampler import Conditioning, DenoiseResult, StageTimes, StitchedSampler
+from .schedule import DEFAULT_SHIFT
 from .validation import check_device
 
 
@@ -78,7 +79,7 @@ class HybridStitchRuntime:
         pipeline_source = manifest.data.get("pipeline") if pipeline_source is None else pipeline_source
         return cls(engines, pipeline_source, manifest.build["max_sequence_length"], manifest, text_dtype)
 
-    def sampler(self, guidance_scale: float = 7.0, shift: float = 3.0) -> StitchedSampler:
+    def sampler(self, guidance_scale: float = 7.0, shift: float = DEFAULT_SHIFT) -> StitchedSampler:
         return StitchedSampler(self.engines, guidance_scale, shift)
 
     def prompt_range(self, cfg: bool = True) -> tuple[int, int] | None:
@@ -102,12 +103,12 @@ class HybridStitchRuntime:
             )
         return prompts
 
-    def batching_sampler(self, guidance_scale: float = 7.0, shift: float = 3.0) -> "PromptBatchingSampler":
+    def batching_sampler(self, guidance_scale: float = 7.0, shift: float = DEFAULT_SHIFT) -> "PromptBatchingSampler":
         """A sampler that takes any number of prompts: pads or splits them to :meth:`prompt_range`."""
         sampler = self.sampler(guidance_scale, shift)
         return PromptBatchingSampler(sampler, self.prompt_range(sampler.cfg))
 
-    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, guidance_scale: float = 7.0, profile: bool = False, should_stop=None, shift: float = 3.0) -> DenoiseResult:
+    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, guidance_scale: float = 7.0, profile: bool = False, should_stop=None, shift: float = DEFAULT_SHIFT) -> DenoiseResult:
         """Prompt embeddings → latents for any number of prompts (padded or split to what the
         engines were built for); ``shift``: the scheduler's (``TextAndVae.shift`` for a pipeline
         folder's). See :meth:`StitchedSampler.denoise` and :class:`PromptBatchingSampler`."""
