@@ -198,6 +198,9 @@ def generate(engine_dir, preset, small_src, large_src, pipeline_src, backend, pl
     check_seed(seed + seed_count - 1)  # before minutes of loading, not after the earlier seeds ran
     if len(negative_prompts) not in (0, 1, len(prompts)):  # a second one used to replace the first for every prompt
         raise ConfigError(describe("--negative-prompt given neither once nor once per --prompt", got=f"{len(negative_prompts)} negative, {len(prompts)} prompts", fix="give one for every prompt, or one per --prompt in the same order"))
+    blank = [p for p in prompts if not p.strip()]
+    if blank:  # as the client and the server refuse it; often an unset shell variable
+        raise ConfigError(describe("empty --prompt", got=repr(blank[0]), fix="pass the text to draw"))
     negative_prompt = None if not negative_prompts else negative_prompts[0] if len(negative_prompts) == 1 else list(negative_prompts)
     runtime, defaults = open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend, device, dtype, text_dtype)
     run_generate(

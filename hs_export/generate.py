@@ -63,20 +63,25 @@ def image_suffixes() -> tuple[str, ...]:
 
 def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, steps, seeds, height, width, guidance_scale, out: Path, compare: bool):
     """Every prompt at every seed of ``seeds``; images in seed-major order (``out_0``, ``out_1`` …
-    when more than one)."""
+    when more than one), each seed's written as soon as it has run."""
     out = check_output_file(out, "--out", image_suffixes())
     plan = make_plan(plan_name, steps, plan_config)
     pipe = runtime.pipeline(guidance_scale)
     mask_note = f", mask {plan.mask.ratio * 100:g}% of the tokens" if plan.count("hybrid") else ""
     console.print(f"[bold]{plan.name}[/]: {plan.stages()}{mask_note} on {runtime.engines.backend} ({runtime.engines.device})")
-    runs = [pipe(prompts, plan, height, width, seed, negative_prompt) for seed in _progress(seeds, plan.name)]
+    conditioning = pipe.encode(prompts, negative_prompt)  # once: every seed and --compare render the same prompts
+    paths = _image_paths(out, len(prompts) * len(seeds))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for k, seed in enumerate(_progress(seeds, plan.name)):
+        runs.append(pipe(prompts, plan, height, width, seed, negative_prompt, conditioning=conditioning))
+        for image, path in zip(runs[-1][0], paths[k * len(prompts):]):
+            image.save(path)
     seed_note = f", seed {seeds[0]}" + (f" (of {len(seeds)})" if len(seeds) > 1 else "")
     console.print(timing_table(f"{plan.name}: {steps} steps, {len(prompts)} prompt(s), {width}×{height}{seed_note}", runs[0][1].times.as_dict(), steps))
-    if compare:  # every run before any file is written: a run that fails leaves nothing behind
-        baselines = [pipe(prompts, make_plan("large", steps, plan_config), height, width, seed, negative_prompt) for seed in _progress(seeds, "large (--compare)")]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = _save([image for images, _ in runs for image in images], out)
     if compare:
+        large = make_plan("large", steps, plan_config)
+        baselines = [pipe(prompts, large, height, width, seed, negative_prompt, conditioning=conditioning) for seed in _progress(seeds, "large (--compare)")]
         rows, diffs = [], []
         p = runtime.engines["large"].dims.patch_size
         scale = pipe.text_and_vae.vae_scale_factor
@@ -88,7 +93,7 @@ def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, step
                 rows.append(join(panels))
             diffs.append((baseline.latents - result.latents).abs().mean().item())
         compare_path = out.with_name(out.stem + "_compare" + out.suffix)
-        _save([join(rows, vertical=True, gap=4)], compare_path)
+        join(rows, vertical=True, gap=4).save(compare_path)
         console.print(f"compare: large-only | {plan.name} | mask overlay, one row per image → {compare_path} (mean |Δlatent| {sum(diffs) / len(diffs):.4f})")
     for path in paths:
         print(path)
@@ -96,8 +101,7 @@ def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, step
 
 
 def _progress(seeds, what: str):
-    """``seeds`` with a progress bar on stderr when there are several (the files are written once
-    every run has finished)."""
+    """``seeds`` with a progress bar on stderr when there are several."""
     if len(seeds) < 2:
         return seeds
     from rich.progress import track
@@ -105,11 +109,8 @@ def _progress(seeds, what: str):
     return track(seeds, description=f"{what}: {len(seeds)} seeds", console=console, transient=True)
 
 
-def _save(images, out: Path) -> list[Path]:
-    if len(images) == 1:
-        images[0].save(out)
+def _image_paths(out: Path, count: int) -> list[Path]:
+    """``out`` for one image, else ``out_0`` … ``out_{count-1}`` beside it."""
+    if count == 1:
         return [out]
-    paths = [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
-    for image, path in zip(images, paths):
-        image.save(path)
-    return paths
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]

@@ -137,26 +137,44 @@ class HybridStitchPipeline:
         self.text_and_vae = text_and_vae
         self.max_sequence_length = max_sequence_length
 
-    def __call__(self, prompts, plan: Plan, height: int, width: int, seed: int | Sequence[int] = 0, negative_prompts=None, profile=True, should_stop=None):
+    def __call__(self, prompts, plan: Plan, height: int, width: int, seed: int | Sequence[int] = 0, negative_prompts=None, profile=True, should_stop=None, conditioning: Conditioning | None = None):
         """Returns ``(images, DenoiseResult)``.
 
         Args:
             seed: one int for all prompts, or one per prompt (see :func:`initial_latents`).
             should_stop: checked before every denoising step; see :meth:`StitchedSampler.denoise`.
+            conditioning: these prompts' :meth:`encode` from an earlier call, so that several
+                seeds or plans of the same prompts run the text encoders once (T5-XXL on a CPU
+                takes seconds).
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ConfigError(describe("no prompts given", fix="pass at least one prompt"))
-        if negative_prompts is not None and isinstance(negative_prompts, str):
-            negative_prompts = [negative_prompts] * len(prompts)
-        for what, texts in (("prompts", prompts), ("negative prompts", negative_prompts or [])):
-            odd = [t for t in texts if not isinstance(t, str)]
-            if odd:
-                raise ConfigError(describe(f"{what} must be strings", got=repr(odd[0])))
-        if negative_prompts is not None and len(negative_prompts) != len(prompts):
-            raise ConfigError(describe("one negative prompt per prompt", got=f"{len(negative_prompts)} for {len(prompts)} prompt(s)", fix="pass one string, or a list as long as the prompts"))
+        prompts, negative_prompts = _prompt_lists(prompts, negative_prompts)
         # Noise first: seeds and sizes are refused before the text encoders run (no RNG there).
         latents = initial_latents(len(prompts), height, width, seed, self.text_and_vae.vae_scale_factor)
-        conditioning = self.text_and_vae.encode(prompts, negative_prompts, self.sampler.cfg, self.max_sequence_length)
+        if conditioning is None:
+            conditioning = self.text_and_vae.encode(prompts, negative_prompts, self.sampler.cfg, self.max_sequence_length)
+        elif conditioning.prompts != len(prompts):
+            raise ConfigError(describe("the conditioning was encoded for other prompts", got=f"{conditioning.prompts} encoded, {len(prompts)} prompt(s)", fix="pass the encode() of these prompts, or none"))
         result: DenoiseResult = self.sampler.denoise(plan, latents, conditioning, profile=profile, should_stop=should_stop)
         return self.text_and_vae.decode(result.latents), result
+
+    def encode(self, prompts, negative_prompts=None) -> Conditioning:
+        """The text encoders' output for ``prompts``, to pass as ``conditioning`` to calls that
+        render the same prompts again."""
+        prompts, negative_prompts = _prompt_lists(prompts, negative_prompts)
+        return self.text_and_vae.encode(prompts, negative_prompts, self.sampler.cfg, self.max_sequence_length)
+
+
+def _prompt_lists(prompts, negative_prompts) -> tuple[list[str], list[str] | None]:
+    """Checked prompts and negative prompts as lists (one negative string goes to every prompt)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ConfigError(describe("no prompts given", fix="pass at least one prompt"))
+    if negative_prompts is not None and isinstance(negative_prompts, str):
+        negative_prompts = [negative_prompts] * len(prompts)
+    for what, texts in (("prompts", prompts), ("negative prompts", negative_prompts or [])):
+        odd = [t for t in texts if not isinstance(t, str)]
+        if odd:
+            raise ConfigError(describe(f"{what} must be strings", got=repr(odd[0])))
+    if negative_prompts is not None and len(negative_prompts) != len(prompts):
+        raise ConfigError(describe("one negative prompt per prompt", got=f"{len(negative_prompts)} for {len(prompts)} prompt(s)", fix="pass one string, or a list as long as the prompts"))
+    return prompts, (None if negative_prompts is None else list(negative_prompts))

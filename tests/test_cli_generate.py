@@ -43,6 +43,7 @@ def test_generate_several_seeds_stacks_one_compare_row_per_image(tiny_paths, tmp
         (["--mask-reselect-every", "2", "--mask-signal", "disagreement"], "mask re-selection needs the detail signal"),
         (["--negative-prompt", "a", "--negative-prompt", "b"], "--negative-prompt given neither once nor once per --prompt | got 2 negative, 1 prompts"),
         (["--seed", str(2**64 - 1), "--seeds", "2"], "seed out of range"),  # the last seed, before any model loads
+        (["--prompt", " "], "empty --prompt | got ' '"),  # as the client and the server refuse it
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(tiny_paths, tmp_path, extra, message):
@@ -82,3 +83,34 @@ def test_each_prompt_gets_its_own_negative_prompt(tiny_paths, tmp_path):
         return int(np.abs(first.astype(int) - np.asarray(Image.open(path)).astype(int)).max())
 
     assert diff(alone) <= 2 < 20 < diff(other), (diff(alone), diff(other))  # batch of 2 vs 1: float rounding only
+
+
+def test_generate_encodes_the_prompts_once_and_writes_each_seed_as_it_runs(tiny_paths, tmp_path, monkeypatch):
+    """Several seeds and --compare render the same prompts: the text encoders run once (they ran
+    per seed and again for --compare). A seed's images are on disk before the next seed runs, so
+    a long run that fails keeps what it finished."""
+    from hs_runtime.errors import NumericalError
+    from hs_runtime.pipeline import HybridStitchPipeline, TextAndVae
+
+    counts = {"encode": 0, "render": 0}
+    encode, render = TextAndVae.encode, HybridStitchPipeline.__call__
+
+    def counted_encode(self, *args, **kwargs):
+        counts["encode"] += 1
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(TextAndVae, "encode", counted_encode)
+    result = CliRunner().invoke(main, [*ARGS, "--seeds", "2", "--out", str(tmp_path / "ok.png"), "--compare"])
+    assert result.exit_code == 0, result.output
+    assert counts["encode"] == 1
+
+    def second_fails(self, *args, **kwargs):
+        counts["render"] += 1
+        if counts["render"] == 2:
+            raise NumericalError("the second seed went non-finite")
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(HybridStitchPipeline, "__call__", second_fails)
+    result = CliRunner().invoke(main, [*ARGS, "--seeds", "2", "--out", str(tmp_path / "cut.png")])
+    assert result.exit_code == 1 and "the second seed went non-finite" in result.output
+    assert (tmp_path / "cut_0.png").is_file() and not (tmp_path / "cut_1.png").exists()

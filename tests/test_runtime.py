@@ -493,3 +493,20 @@ def test_prompt_to_image_takes_the_shift_of_the_pipelines_scheduler(tiny_paths, 
     config_path.write_text(json.dumps({**config, "use_dynamic_shifting": True}))
     with pytest.raises(ConfigError, match="shifts by resolution"):
         TextAndVae.from_pretrained(folder).shift
+
+
+def test_encoded_prompts_render_as_the_prompts_do(tiny_paths):
+    """``pipe.encode`` once and ``conditioning=`` per seed gives the images the prompts give; an
+    encoding of other prompts is refused in one line, not a shape error in the first engine call."""
+    import numpy as np
+
+    from hs_runtime.plans import make_plan
+
+    pipe = HybridStitchRuntime.from_models(tiny_paths.small, tiny_paths.large, str(tiny_paths.pipeline)).pipeline(7.0)
+    plan = make_plan("hybrid", 3)
+    prompts = ["a red cat", "a blue dog"]
+    direct, _ = pipe(prompts, plan, 128, 128, 1, "blurry")
+    encoded, _ = pipe(prompts, plan, 128, 128, 1, "blurry", conditioning=pipe.encode(prompts, "blurry"))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(direct, encoded))
+    with pytest.raises(ConfigError, match=re.escape("the conditioning was encoded for other prompts | got 1 encoded, 2 prompt(s)")):
+        pipe(prompts, plan, 128, 128, 1, conditioning=pipe.encode(prompts[:1]))
