@@ -105,11 +105,14 @@ def adaptive_token_count(scores: torch.Tensor, config: MaskConfig) -> int:
 
 
 def select_tokens(scores: torch.Tensor, ratio: float, count: int | None = None) -> TokenMask:
-    """Top ``count`` (default ``ceil(ratio · N)``) tokens by score (exact ties as ``torch.topk``
-    breaks them) and their complement."""
+    """Top ``count`` (default ``ceil(ratio · N)``) tokens by score and their complement.
+
+    Exact ties (a flat region's equal scores) go to the lower token index on every device: a
+    stable sort, where ``torch.topk`` breaks them one way on the CPU and another on CUDA.
+    """
     n = scores.shape[1]
     k = complex_token_count(ratio, n) if count is None else count
-    complex_idx = torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values
+    complex_idx = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
     chosen = torch.zeros_like(scores, dtype=torch.int8).scatter_(1, complex_idx, 1)
     # Stable sort puts the unchosen (0) positions first, in index order.
     context_idx = torch.sort(chosen, dim=1, stable=True).indices[:, : n - k]

@@ -103,3 +103,11 @@ def test_refined_tokens_are_every_mask_of_a_run_and_shares_count_each_token_once
     assert grid.shape == (2, 2, 4)
     assert grid.reshape(2, 8).nonzero().tolist() == [[0, 0], [0, 1], [0, 2], [0, 6], [0, 7], [1, 3], [1, 4], [1, 5]]
     assert used_shares([first, second]).tolist() == pytest.approx([(3 + 2) / 2 / 8, (2 + 3) / 2 / 8])
+
+
+def test_tied_scores_go_to_the_lower_token_index():
+    """A flat region's equal scores are split by token index, the same on every device
+    (``torch.topk`` picked positions 42–44 here on the CPU, others on CUDA)."""
+    scores = torch.zeros(2, 64)
+    scores[0, 40], scores[1, 5] = 1.0, 2.0
+    assert select_tokens(scores, 4 / 64).complex_idx.tolist() == [[0, 1, 2, 40], [0, 1, 2, 5]]
