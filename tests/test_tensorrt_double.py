@@ -269,6 +269,42 @@ def test_a_refused_address_or_enqueue_names_this_calls_reason(world, tmp_path, m
         engine(feeds_for(DENSE))
 
 
+def test_infer_shapes_failure_is_one_line(world, tmp_path, monkeypatch):
+    """The binding raises ``RuntimeError("infer_shapes error code: -1")`` when a dimension comes out
+    negative (pyCore.cpp); it reaches the host as the toolkit's ShapeError, not a bare RuntimeError."""
+    engine = make_engine(tmp_path)
+
+    def refuse(self):
+        raise RuntimeError("infer_shapes error code: -1")
+
+    monkeypatch.setattr(type(engine.context), "infer_shapes", refuse)
+    with pytest.raises(ShapeError, match=r"large: TensorRT cannot infer the shapes of this call in profile 0 \| got infer_shapes error code: -1"):
+        engine(feeds_for(DENSE))
+
+
+def test_a_shared_block_is_allocated_on_the_engines_stream(world, tmp_path, monkeypatch):
+    """Made on the caller's stream, the block could be memory that stream's queued kernels still
+    use while the engines' stream writes activations into it (setDeviceMemoryV2)."""
+    stream, caller = torch.cuda.Stream(torch.device("cuda:0")), torch.cuda.Stream(torch.device("cuda:0"))
+    small, large = _small_engine(tmp_path, device_memory=1000, stream=stream), make_engine(tmp_path, stream=stream)
+    made_on, empty = [], torch.empty
+
+    def recording_empty(*args, **kwargs):
+        made_on.append(torch.cuda.current_stream(0).cuda_stream)
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    with torch.cuda.stream(caller):
+        tensorrt_backend.share_activation_memory([small, large])
+    assert made_on == [stream.cuda_stream]
+
+
+def test_the_backend_aligns_addresses_as_tensorrt_documents():
+    """256 bytes (NvInferRuntime.h, setTensorAddress); the double's CPU tests run at 64, so this
+    is where a change of the backend's constant would show."""
+    assert tensorrt_backend.ADDRESS_ALIGNMENT == 256
+
+
 def test_engines_sharing_a_block_must_share_a_stream(world, tmp_path):
     small, large = _small_engine(tmp_path, device_memory=1000), make_engine(tmp_path)
     with pytest.raises(ConfigError, match="one CUDA stream"):

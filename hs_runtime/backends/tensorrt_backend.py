@@ -351,7 +351,10 @@ class TrtEngine:
             self._profile = profile
         # Held through the enqueue; record_stream keeps their memory until the stream is past it.
         bound = [self._bind_input(name, feeds[name], stream) for name in self.spec.input_names]
-        missing = self.context.infer_shapes()
+        try:  # the binding raises RuntimeError("infer_shapes error code: -1") for a negative dimension
+            missing = self.context.infer_shapes()
+        except RuntimeError as exc:
+            raise ShapeError(describe(f"{self.spec.name}: TensorRT cannot infer the shapes of this call in profile {profile}", got=self._reason(first_line(exc)), fix=REBUILD_HINT)) from exc
         if missing:
             raise ShapeError(describe(f"{self.spec.name}: TensorRT input shapes not fully specified", got=list(missing), fix="feed every input of the contract"))
         results = {name: self._bind_output(name) for name in self.spec.output_names}  # all need an address
@@ -378,7 +381,10 @@ def share_activation_memory(engines: Iterable[TrtEngine]) -> torch.Tensor | None
     streams = {e.stream.cuda_stream for e in engines}
     if len(streams) > 1:
         raise ConfigError(describe("engines sharing activation memory must run on one CUDA stream", got=f"{len(streams)} streams", fix="make them with the same stream=torch.cuda.Stream(device)"))
-    with torch.cuda.device(device):
+    # Allocated on the stream that uses it: the caching allocator may hand out memory another
+    # stream's queued kernels still use, which only that stream's order makes safe (setDeviceMemoryV2:
+    # "the memory is in use from the invocation of enqueueV3() until network execution is complete").
+    with torch.cuda.device(device), torch.cuda.stream(engines[0].stream):
         block = torch.empty(max(e.activation_bytes for e in engines), dtype=torch.uint8, device=_memory_device(device))
     for engine in engines:
         engine.use_activation_memory(block)
