@@ -177,7 +177,9 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, profiles: list[
         try:
             data = engine_bytes_from_network(network_from_onnx_path(str(onnx_path), **network_kwargs()), config=config, save_timing_cache=str(timing_cache))
         except Exception as exc:
-            raise BuildError(describe(f"TensorRT build of {onnx_path.name} failed", got=first_line(exc))) from exc
+            # Polygraphy's own message ("Invalid Engine…") names no cause: TensorRT's errors go
+            # through Polygraphy's TensorRT logger, printed above at this verbosity.
+            raise BuildError(describe(f"TensorRT build of {onnx_path.name} failed", got=first_line(exc), fix="TensorRT's own reason is the [E] line logged above")) from exc
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     # The plan is an IHostMemory (Polygraphy's EngineBytesFromNetwork returns what
     # build_serialized_network made), which exports the buffer protocol (pyFoundationalTypes.cpp):
