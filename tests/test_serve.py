@@ -224,6 +224,23 @@ def test_engine_call_errors_stay_with_their_requests(instance, caplog):
     assert "Traceback" in caplog.text and "no such key" in caplog.text
 
 
+def test_a_sent_default_batches_with_requests_that_leave_it_out(instance):
+    """A mask ratio or guidance scale travels as FP32: a client that sends the folder's default
+    (0.02 arrives as 0.0199999995…) shares the engine call of requests that send nothing, and a
+    sent 0.3 is the 0.3 ``generate`` takes."""
+    seen = []
+
+    class Recording(GenerateHandler):
+        def run(self, items, should_stop=None):
+            seen.append([(i.prompt, i.settings.mask_ratio, i.settings.guidance_scale) for i in items])
+            return _placeholders(items)
+
+    d = instance.defaults.settings
+    out = Recording(instance)([_request("a", 1), _request("b", 2, mask_ratio=d.mask_ratio), _request("c", 3, guidance_scale=d.guidance_scale), _request("d", 4, mask_ratio=0.3)])
+    assert [o.code for o in out] == [""] * 4
+    assert seen == [[("a", d.mask_ratio, d.guidance_scale), ("b", d.mask_ratio, d.guidance_scale), ("c", d.mask_ratio, d.guidance_scale)], [("d", 0.3, d.guidance_scale)]]
+
+
 def test_cancelled_requests_never_reach_an_engine(instance):
     """Cancelled before the batch runs, or while an earlier engine call of the same batch runs:
     CANCELLED, and no engine call for it."""
@@ -619,6 +636,7 @@ def test_client_without_a_server_says_how_to_start_one(tmp_path):
         (["--timeout", "-1"], "--timeout must be > 0 | got -1.0"),
         (["--timeout", "0"], "--timeout must be > 0 | got 0.0"),
         (["--timeout", "nan"], "--timeout must be a finite number | got nan"),
+        (["--negative-prompt", "\udcff"], "input negative_prompt is not UTF-8 text | got '\\udcff'"),  # undecodable argv bytes, as click hands them on
     ]
     for args, message in cases:
         done = CliRunner().invoke(main, ["client", "--url", url, "--prompt", "x", "--out", str(tmp_path / "x.png"), *args])
@@ -680,6 +698,24 @@ def test_a_server_that_is_not_triton_is_named_in_one_line(tmp_path):
     finally:
         web.shutdown()
         web.server_close()
+
+
+def test_a_silent_grpc_port_answers_within_the_client_timeout():
+    """A port that takes the connection and never answers: every gRPC call gives up at the
+    client's timeout (reading the config waited for gRPC's own 20 s, and bench-serve with it)."""
+    import socket
+    import time
+
+    from hs_export.serve.client import HybridStitchClient
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"grpc://127.0.0.1:{silent.getsockname()[1]}"
+        with HybridStitchClient(url, timeout_s=1) as remote:
+            began = time.monotonic()
+            assert remote.ready() is False
+            with pytest.raises(ServingError, match="took longer than the client timeout|cannot reach"):
+                remote.model_config()
+            assert time.monotonic() - began < 10
 
 
 def test_serve_refuses_bad_setups_in_one_line(tiny4_engine_dir, tmp_path):

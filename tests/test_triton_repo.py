@@ -56,6 +56,10 @@ def test_triton_repo_writes_both_models(tiny4_engine_dir, tmp_path, monkeypatch)
     assert "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 1 ] } ]" in config and "dynamic_batching" not in config
     assert 'string_value: "hybridstitch/1/engines"' in config and (repo / GENERATE.name / "1" / "engines" / "manifest.json").is_file()
     assert 'string_value: "hybridstitch/1/engines"' in (repo / LATENTS.name / "config.pbtxt").read_text()
+    copied = repo / GENERATE.name / "1" / "engines"  # rewriting from the copy would remove it before reading it
+    done = _write(str(copied), "--out", str(repo))
+    assert done.exit_code == 1 and f"the engine folder {copied} lies inside --out {repo / GENERATE.name}, which rewriting" in done.output, done.output
+    assert (copied / "manifest.json").is_file()
 
     # a relative --pipeline is written absolute, like the engine folder (Triton does not run where this command ran)
     pipeline = Path(json.loads((tiny4_engine_dir / "manifest.json").read_text())["pipeline"]).resolve()
@@ -146,6 +150,41 @@ def test_a_model_that_fails_to_load_is_named_in_one_line():
     output = _Output(io.BytesIO(b"I... loading\nerror: creating server: Internal - failed to load all models\nbye\n"), io.StringIO())
     output.thread.join(timeout=5)
     assert output.reason() == "error: creating server: Internal - failed to load all models"
+
+
+def test_tritons_log_is_read_to_its_end_when_our_stdout_breaks():
+    """``serve | head`` closes our stdout: the copy stops, the reading goes on (a pipe nobody reads
+    fills and blocks every Triton thread that logs)."""
+    import io
+
+    from hs_export.serve.server import _Output
+
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    output = _Output(io.BytesIO(b"".join(b"line %d\n" % i for i in range(1000))), Closed())
+    output.thread.join(timeout=5)
+    assert not output.thread.is_alive() and output.lines[-1] == "line 999"
+
+
+def test_a_triton_that_outlives_the_drain_is_killed_and_said_so(monkeypatch):
+    """Killed after --exit-timeout-secs and the margin, ``serve`` says it killed it (its last log
+    line used to stand in as the reason)."""
+    import os
+    import subprocess
+    import threading
+
+    from hs_export.serve import server
+
+    monkeypatch.setattr(server, "EXIT_MARGIN_S", 0.5)
+    stubborn = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: os.setpgid(0, 0))
+    stopping = threading.Event()
+    stopping.set()
+    assert server._wait_exit(SimpleNamespace(exit_timeout_s=0), stubborn, stopping) is True
+    assert stubborn.returncode == -signal.SIGKILL
+    quick = subprocess.Popen(["true"], preexec_fn=lambda: os.setpgid(0, 0))
+    assert server._wait_exit(SimpleNamespace(exit_timeout_s=0), quick, stopping) is False
 
 
 # ----------------------------------------------------------------------------- the repository on tritonserver itself

@@ -184,8 +184,11 @@ def _int(inputs, name: str, row: int) -> int | None:
 
 
 def _float(inputs, name: str, row: int) -> float | None:
+    """The number the client was given, not its FP32 wire value widened (0.3, not
+    0.30000001192…): so a sent default batches with requests that leave it out, and a mask ratio
+    picks the tokens ``generate`` picks for it."""
     value = _value(inputs, name, row)
-    return None if value is None else float(value)
+    return None if value is None else float(np.format_float_positional(np.float32(value), unique=True))
 
 
 def _required(value, name: str, model: str):

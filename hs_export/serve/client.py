@@ -132,13 +132,18 @@ class HybridStitchClient:
         """Whether ``model`` is loaded and warmed up (its own ready endpoint: the server's
         ``/v2/health/ready`` speaks for all models, and for none on a server without them)."""
         try:
-            return bool(self._client.is_model_ready(model))
+            return bool(self._client.is_model_ready(model, **self._grpc_timeout()))
         except Exception:  # not reachable yet: not ready
             return False
 
     def model_config(self, model: str = GENERATE.name) -> dict:
-        config = self._call("reading the model config", self._client.get_model_config, model, **({"as_json": True} if self.protocol == "grpc" else {}))
+        config = self._call("reading the model config", self._client.get_model_config, model, **({"as_json": True, **self._grpc_timeout()} if self.protocol == "grpc" else {}))
         return config.get("config", config)
+
+    def _grpc_timeout(self) -> dict:
+        """gRPC calls wait as long as their own ``client_timeout`` (none: gRPC's 20 s connect
+        attempt, or for ever on a stalled server); HTTP clients take the timeout at construction."""
+        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
 
     def dynamic_batching(self, model: str = GENERATE.name) -> bool:
         """Whether Triton's dynamic batcher is on for ``model``."""
@@ -155,8 +160,7 @@ class HybridStitchClient:
         """
         inputs = infer_inputs(self._module, spec, {k: v for k, v in values.items() if v is not None})
         outputs = [self._module.InferRequestedOutput(name) for name in spec.output_names]
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        response = self._call(f"{spec.name} request", self._client.infer, spec.name, inputs, outputs=outputs, **kwargs)
+        response = self._call(f"{spec.name} request", self._client.infer, spec.name, inputs, outputs=outputs, **self._grpc_timeout())
         return {name: response.as_numpy(name) for name in spec.output_names}
 
     def generate(self, prompt: str, seed: int = 0, negative_prompt: str | None = None, plan: str | None = None, steps: int | None = None,

@@ -131,7 +131,10 @@ MODELS = {spec.name: spec for spec in (GENERATE, LATENTS)}
 def as_array(spec: IOSpec, value) -> np.ndarray:
     """One request's value → the ``[1, *shape]`` array a client sends for ``spec``."""
     if spec.dtype is np.bytes_:
-        text = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        try:  # click hands on undecodable argv bytes as lone surrogates, which UTF-8 cannot hold
+            text = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        except UnicodeEncodeError:
+            raise ServingError(describe(f"input {spec.name} is not UTF-8 text", got=ascii(value)[:60], fix="pass the text in UTF-8")) from None
         return np.array([[text]], dtype=np.object_)
     try:
         array = np.asarray(value, dtype=spec.dtype)

@@ -178,6 +178,7 @@ def check_repository(config: RepositoryConfig, out: str | Path | None = None, fl
         raise ConfigError(describe("--max-queue is below the batch size", got=f"{config.max_queue} < {max_batch}", expected=f">= {max_batch}, or 0 for no bound", fix="a smaller queue would refuse requests before a batch can fill"))
     if out is not None:
         _check_folder(Path(out), flag)
+        _check_sources_outside(Path(out), config, flag)
     return specs, max_batch
 
 
@@ -221,6 +222,20 @@ def _check_folder(out: Path, flag: str) -> None:
         if foreign:
             raise ConfigError(describe(f"{flag} {out} holds other files", got=foreign[:5], fix="choose an empty folder, or one written by hs-export triton-repo"))
     check_writable_folder(out, flag)
+
+
+def _check_sources_outside(out: Path, config: RepositoryConfig, flag: str) -> None:
+    """Refuses an engine or pipeline folder inside a model folder of ``out`` (where
+    ``--copy-engines`` puts the engines): rewriting the repository removes those folders first."""
+    for what, source in (("engine folder", config.engine_dir), ("--pipeline", config.pipeline)):
+        if source is None or not Path(source).exists():
+            continue
+        inside = [name for name in _OURS if Path(source).resolve().is_relative_to((out / name).resolve())]
+        if inside:
+            raise ConfigError(describe(
+                f"the {what} {source} lies inside {flag} {out / inside[0]}, which rewriting the repository removes first",
+                fix="pass the engine folder the repository was made from, or write the repository elsewhere",
+            ))
 
 
 def _clear(out: Path) -> None:

@@ -254,11 +254,18 @@ class _Output:
         self.thread.start()
 
     def _pump(self, stream, sink) -> None:
+        """Reads Triton's pipe to its end whatever happens to ``sink``: a pipe nobody reads fills
+        (~64 KiB) and blocks every Triton thread that logs, requests and health checks included."""
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace")
             self.lines.append(line.rstrip())
-            sink.write(line)
-            sink.flush()
+            if sink is None:
+                continue
+            try:
+                sink.write(line)
+                sink.flush()
+            except (OSError, ValueError):  # `serve | head` closed, a full disk, a closed file
+                sink = None
 
     def reason(self) -> str:
         """Why Triton stopped: the first model that failed to load and its one-line reason, else
@@ -274,6 +281,9 @@ class _Output:
     def says(self, text: str) -> bool:
         return any(text in line for line in self.lines)
 
+
+#: Seconds past ``--exit-timeout-secs`` that ``serve`` waits for Triton to exit before killing it.
+EXIT_MARGIN_S = 30
 
 #: What Triton logs when a stop outlasts ``--exit-timeout-secs`` (``core/src/server.cc``); it then exits 1.
 EXIT_TIMEOUT = "Exit timeout expired"
@@ -337,11 +347,13 @@ def serve(config: ServeConfig, log=None) -> None:
         previous = {s: signal.signal(s, _forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             _wait_ready(config, repository, proc, output, stopping, log)
-            _wait_exit(config, proc, stopping)
+            killed = _wait_exit(config, proc, stopping)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         output.thread.join(timeout=5)
+        if killed:  # its last log line would be a bystander, not the reason
+            raise ServingError(describe(f"tritonserver did not exit within --exit-timeout-secs {config.exit_timeout_s} + {EXIT_MARGIN_S} s of the stop signal: killed", fix="see its log above for what it was waiting on"))
         if proc.returncode != 0 and stopping.is_set() and output.says(EXIT_TIMEOUT):
             log(
                 f"stopped at --exit-timeout-secs {config.exit_timeout_s}: Triton waits for every open HTTP connection (clients that keep "
@@ -379,15 +391,17 @@ def _wait_ready(config: ServeConfig, repository: Repository, proc, output: _Outp
         )
 
 
-def _wait_exit(config: ServeConfig, proc, stopping: threading.Event) -> None:
+def _wait_exit(config: ServeConfig, proc, stopping: threading.Event) -> bool:
     """Waits for Triton to exit; after a stop signal, at most the drain timeout plus a margin,
-    then kills it."""
+    then kills it. Returns whether it had to."""
     while proc.poll() is None and not stopping.is_set():
         time.sleep(0.25)
     try:
-        proc.wait(timeout=config.exit_timeout_s + 30)
+        proc.wait(timeout=config.exit_timeout_s + EXIT_MARGIN_S)
     except subprocess.TimeoutExpired:
         _kill(proc)
+        return True
+    return False
 
 
 def _kill(proc) -> None:
