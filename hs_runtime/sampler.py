@@ -277,9 +277,9 @@ class StitchedSampler:
         if getattr(self.engines, "check_size", None) is not None:
             self.engines.check_size(height, width)
         p = self.large_dims.patch_size
-        positions = position_ids(height, width, p, self.large_dims.pos_embed_max_size, device=device)
         batch = embeds.shape[0]
-        run = _RunInputs(self.engines, embeds, pooled, positions.expand(batch, -1), cfg, dtype)
+        positions = {role: position_ids(height, width, p, self.engines[role].dims.pos_embed_max_size, device=device).expand(batch, -1) for role in (SMALL, LARGE)}
+        run = _RunInputs(self.engines, embeds, pooled, positions, cfg, dtype)
         finite = self._finite = FiniteMonitor(plan.actions, device, getattr(self.engines, "precision", None), self.engines.backend, self.check_finite)
         finite.record_inputs(x, embeds, pooled)
 
@@ -379,13 +379,16 @@ class StitchedSampler:
         count = hybrid.complex_idx.shape[1]
         mask = compute_mask(plan.mask, x, unpatchify(v_tokens, channels, height, width, p), None, sigma, p, count=count)
         both = mask.for_batch(self.cfg)
-        large = run.regather(hybrid.large, both.complex_idx, both.context_idx)
-        small = run.regather(hybrid.small, both.context_idx, both.complex_idx) if hybrid.small is not None else None
+        large = run.regather(LARGE, hybrid.large, both.complex_idx, both.context_idx)
+        small = run.regather(SMALL, hybrid.small, both.context_idx, both.complex_idx) if hybrid.small is not None else None
         return mask, replace(hybrid, complex_idx=mask.complex_idx, context_idx=mask.context_idx, large=large, small=small)
 
 
 class _RunInputs:
     """Builds graph feeds for one denoise: conditioning, positions and the empty contexts.
+
+    ``positions`` holds each model's own token positions (``{role: [B, N]}``): they index that
+    model's position table, whose size differs within a pair (SD3.5-medium 384, SD3.5-large 192).
 
     An empty context is one ``[B, 0, D]`` tensor per model, shared by every context input (a
     zero-volume tensor; the TensorRT backend binds a dummy address for it).
@@ -423,7 +426,7 @@ class _RunInputs:
 
     def dense(self, role, patches, t) -> dict:
         """All image tokens, no image context, text recomputed."""
-        return self.feeds(role, self._batch(patches), self.positions, t)
+        return self.feeds(role, self._batch(patches), self.positions[role], t)
 
     def subset(self, role, patches, context: _Context, t) -> dict:
         """``context``'s query tokens (CFG batch) with its cached K/V of the other tokens."""
@@ -442,19 +445,19 @@ class _RunInputs:
         image_kv = [tuple(gather_tokens(t, other_idx) for t in kv) for kv in image]
         query_kv = [tuple(gather_tokens(t, query_idx) for t in kv) for kv in image] if keep_queries else None
         text_kv = self.text_kv(role, out) if reuse_text else None
-        return self._context(query_idx, other_idx, image_kv, text_kv, query_kv)
+        return self._context(role, query_idx, other_idx, image_kv, text_kv, query_kv)
 
-    def _context(self, query_idx, other_idx, image_kv, text_kv, query_kv) -> _Context:
-        return _Context(query_idx, torch.gather(self.positions, 1, query_idx), image_kv, text_kv, other_idx, query_kv)
+    def _context(self, role, query_idx, other_idx, image_kv, text_kv, query_kv) -> _Context:
+        return _Context(query_idx, torch.gather(self.positions[role], 1, query_idx), image_kv, text_kv, other_idx, query_kv)
 
-    def regather(self, ctx: _Context, query_idx, other_idx) -> _Context:
+    def regather(self, role, ctx: _Context, query_idx, other_idx) -> _Context:
         """``ctx`` for a re-selected mask: each module's K/V of every token is put back together
         from the context and query parts (one module at a time, so the transient peak is one
         module's K and V, not the whole cache) and split again at the new indices."""
-        tokens = self.positions.shape[1]
+        tokens = self.positions[role].shape[1]
         image_kv, query_kv = [], []
         for context_pair, query_pair in zip(ctx.image_kv, ctx.query_kv):
             full = [join_tokens(tokens, (ctx.context_idx, c), (ctx.query_idx, q)) for c, q in zip(context_pair, query_pair)]
             image_kv.append(tuple(gather_tokens(t, other_idx) for t in full))
             query_kv.append(tuple(gather_tokens(t, query_idx) for t in full))
-        return self._context(query_idx, other_idx, image_kv, ctx.text_kv, query_kv)
+        return self._context(role, query_idx, other_idx, image_kv, ctx.text_kv, query_kv)

@@ -41,6 +41,29 @@ def test_hybrid_full_ratio_same_model_equals_large(tiny_models, tiny_conditionin
     assert result.masks[0].complex_idx.shape == (2, 64)
 
 
+def test_each_model_reads_its_own_position_table(tiny_models, tiny_conditioning):
+    """SD3.5-medium's position table is 384 patches wide, SD3.5-large's 192: each model's token
+    positions index its own table's centre (both used to get the large model's indices). A copy
+    of ``large`` whose twice-as-wide table holds large's table in its centre draws what large draws,
+    as the small model of every plan."""
+    import copy
+
+    _, large = tiny_models
+    m, hidden = large.config.pos_embed_max_size, large.config.num_attention_heads * large.config.attention_head_dim
+    wide = copy.deepcopy(large)
+    table = torch.randn(2 * m, 2 * m, hidden, generator=torch.Generator().manual_seed(0))
+    table[m // 2 : m // 2 + m, m // 2 : m // 2 + m] = large.pos_embed.pos_embed.view(m, m, hidden)
+    wide.pos_embed.pos_embed = table.view(1, 4 * m * m, hidden)
+    wide.pos_embed.pos_embed_max_size = 2 * m
+    wide.register_to_config(pos_embed_max_size=2 * m)
+    latents = initial_latents(2, 128, 128, seed=5)
+    same, stretched = StitchedSampler(torch_engines(large, large), 7.0), StitchedSampler(torch_engines(wide, large), 7.0)
+    plans = [make_plan("small", STEPS), make_plan("hybrid", STEPS, PlanConfig(large_fraction=0.2, hybrid_end=0.8, mask=MaskConfig(ratio=0.3, reselect_every=1)))]
+    for plan in plans:
+        expected = same.denoise(plan, latents, tiny_conditioning).latents
+        assert (stretched.denoise(plan, latents, tiny_conditioning).latents - expected).abs().max() <= 1e-5, plan.name
+
+
 @pytest.mark.parametrize("name", PLAN_NAMES)
 def test_every_plan_runs_and_times_its_stages(name, tiny_torch_engines, tiny_conditioning):
     plan = make_plan(name, STEPS, PlanConfig(refresh_every=1))
