@@ -37,7 +37,8 @@ class _Graphs:
 
     def __init__(self, small, large, latent):
         self.graphs, self.latent = build_graphs(small, large), latent
-        self.positions = position_ids(latent, latent, 2, large.config.pos_embed_max_size)
+        # each model's own table (their sizes may differ: SD3.5-medium 384, SD3.5-large 192)
+        self.positions = {role: position_ids(latent, latent, 2, model.config.pos_embed_max_size) for role, model in (("small", small), ("large", large))}
 
     def _run(self, role, patches, pos, embeds, pooled, t, context=None):
         graph = self.graphs[role]
@@ -51,7 +52,7 @@ class _Graphs:
         return dict(zip(graph.spec.output_names, graph(*[feeds[n] for n in graph.spec.input_names])))
 
     def full(self, role, xin, embeds, pooled, t):
-        pos = self.positions[None].expand(xin.shape[0], -1)
+        pos = self.positions[role][None].expand(xin.shape[0], -1)
         out = self._run(role, patchify(xin, 2), pos, embeds, pooled, t)
         kv = [tuple(out[n] for n in kv_names(i)) for i in range(self.graphs[role].dims.kv_entries)]
         return unpatchify(out[VELOCITY], xin.shape[1], self.latent, self.latent, 2), kv
@@ -73,7 +74,7 @@ class Diagnosis:
         self.steps, self.scale, self.size = spec.steps, spec.guidance_scale, spec.height
         self.sigmas, self.timesteps = flow_match_sigmas(self.steps)
         self.latent = self.size // 8
-        self.positions = self.graphs.positions
+        self.positions = self.graphs.positions["large"]  # the token calls run the large model
         self.seeds = list(range(seeds))
         self.reference = {s: self.decode(self.sample(self.steps, self.steps, seed=s)) for s in self.seeds}
 
