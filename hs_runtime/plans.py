@@ -22,6 +22,9 @@ PLAN_NAMES = ("large", "small", "tstitch", "srdiff", "hybrid")
 MASK_SIGNALS = ("disagreement", "detail")
 
 
+_RATIO, _MIN_RATIO = 0.02, 0.05  # MaskConfig's defaults, named in its messages
+
+
 @dataclass(frozen=True)
 class MaskConfig:
     """Which tokens the large model refines in the hybrid stage.
@@ -49,11 +52,11 @@ class MaskConfig:
     # The default hybrid's mask (docs/quality.md: chosen on the paired front of the shapes pair
     # with the default PlanConfig, and confirmed on 64 fresh prompts): 2% of the tokens, so the
     # hybrid steps stay cheap enough for two refreshes within 1.72x ideal at SD3.5 1024².
-    ratio: float = 0.02
+    ratio: float = _RATIO
     signal: str = "detail"
     dilate: bool = False
     energy: float = 0.0
-    min_ratio: float = 0.05
+    min_ratio: float = _MIN_RATIO
     reselect_every: int = 0
 
     def __post_init__(self):
@@ -68,7 +71,10 @@ class MaskConfig:
         # min_ratio bounds the adaptive mask only: a fixed mask below its default is a plain setting.
         if self.energy and self.min_ratio > self.ratio:
             raise ConfigError(
-                describe("mask min_ratio out of range", got=self.min_ratio, expected=f"a value in (0, ratio={self.ratio}] with the adaptive mask", fix="lower --mask-min-ratio or raise --mask-ratio")
+                describe(
+                    "mask min_ratio out of range", got=self.min_ratio, expected=f"a value in (0, ratio={self.ratio}] with the adaptive mask",
+                    fix=f"the adaptive mask chooses between --mask-min-ratio (default {_MIN_RATIO}) and --mask-ratio (default {_RATIO}): raise --mask-ratio, or lower --mask-min-ratio",
+                )
             )
         if self.signal not in MASK_SIGNALS:
             raise ConfigError(describe("unknown mask signal", got=repr(self.signal), expected=" | ".join(MASK_SIGNALS)))
