@@ -91,12 +91,13 @@ class ModelDims:
         """Raises :class:`ShapeError` unless a ``height × width`` latent fits this model's patches
         and position table."""
         grid = max(height, width) // self.patch_size
-        if height % self.patch_size or width % self.patch_size or grid > self.pos_embed_max_size:
+        uneven = [side for side in (height, width) if side % self.patch_size or side < self.patch_size]
+        if uneven or grid > self.pos_embed_max_size:
             raise ShapeError(
                 describe(
                     f"latent {height}×{width} does not fit the {role} model",
-                    got=f"{grid} patches per side",
-                    expected=f"a multiple of {self.patch_size} with at most {self.pos_embed_max_size} patches per side (image <= {self.pos_embed_max_size * self.patch_size * 8} px)",
+                    got=f"a side of {uneven[0]}" if uneven else f"{grid} patches per side",
+                    expected=f"a positive multiple of {self.patch_size} with at most {self.pos_embed_max_size} patches per side (image <= {self.pos_embed_max_size * self.patch_size * 8} px)",
                 )
             )
 

@@ -99,7 +99,7 @@ def self_attention(attn, img, context_kv=None):
     return attn.to_out[1](attn.to_out[0](out)), k, v
 
 
-# linear → (the tensor the folded bias was made from, its in-place version, scales, width, folded bias)
+# linear → (the tensor the folded bias was made from, (its in-place version, address, dtype, device, scales, width), folded bias)
 _FOLDED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -110,8 +110,10 @@ def _folded_bias(linear: nn.Module, width: int, scales: tuple[int, ...]) -> torc
     ``[parts·D]`` constant in the graph file; the runtimes fold it at load). Run eagerly under
     ``torch.inference_mode`` (the torch backend) it is made once per weights and reused, instead
     of a split, an add per scale and a concatenation per norm on every call (~100 small kernels
-    per SD3.5-large call). The cache holds the bias tensor it was made from and that tensor's
-    in-place version, so replaced, moved, cast or reloaded weights make a new one."""
+    per SD3.5-large call). The cache holds the bias tensor it was made from, that tensor's
+    in-place version and its storage (address, dtype, device), so replaced, moved, cast (in place
+    too: ``module.to`` swaps ``param.data``) or reloaded weights make a new one. In-place edits
+    through ``param.data`` bump no version: after those, ``_FOLDED.clear()``."""
     bias = linear.bias
     if not scales:
         return bias
@@ -120,13 +122,14 @@ def _folded_bias(linear: nn.Module, width: int, scales: tuple[int, ...]) -> torc
     eager = torch.is_inference_mode_enabled() and not (source.is_inference() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
     if eager:
         cached = _FOLDED.get(linear)
-        if cached is not None and cached[0] is source and cached[1:4] == (source._version, scales, width):
-            return cached[4]
+        key = (source._version, source.data_ptr(), source.dtype, source.device, scales, width)
+        if cached is not None and cached[0] is source and cached[1] == key:
+            return cached[2]
     if bias is None:
         bias = torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
     folded = torch.cat([b + 1 if i in scales else b for i, b in enumerate(bias.split(width))])
     if eager:
-        _FOLDED[linear] = (source, source._version, scales, width, folded)
+        _FOLDED[linear] = (source, key, folded)
     return folded
 
 

@@ -168,6 +168,7 @@ class PromptBatchingSampler:
 
     def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False, should_stop=None) -> DenoiseResult:
         """Denoises ``latents [P, C, H, W]`` for any ``P >= 1``; see :meth:`StitchedSampler.denoise`."""
+        self.sampler.check_request(plan, latents)
         n = latents.shape[0]
         if n < 1:
             raise ShapeError(describe("no prompts to denoise", got=tuple(latents.shape), expected="latents [P >= 1, C, H, W]"))

@@ -18,7 +18,7 @@ import torch
 
 from .backends.base import EngineSet
 from .contract import LARGE, SMALL, VELOCITY, context_names, kv_names, text_context_names, text_kv_names
-from .errors import CancelledError, ShapeError, describe
+from .errors import CancelledError, ConfigError, ShapeError, describe
 from .flops import transformer_flops
 from .mask import TokenMask, compute_mask
 from .numerics import FiniteMonitor
@@ -260,10 +260,21 @@ class StitchedSampler:
         with self.engines.exclusive(), self.engines.host_work():
             return self._denoise(plan, latents, conditioning, profile, should_stop, profile_calls)
 
-    def _denoise(self, plan, latents, conditioning, profile, should_stop=None, profile_calls=False) -> DenoiseResult:
-        device, dtype, cfg = self.engines.device, self.engines.dtype, self.cfg
+    def check_request(self, plan, latents) -> None:
+        """Refuses, in one line, a plan that is not a :class:`Plan` and latents that are not a
+        ``[P, C, H, W]`` tensor with the models' channels (before they reach a tensor op)."""
+        if not isinstance(plan, Plan):
+            raise ConfigError(describe("plan must be a Plan", got=type(plan).__name__, fix='make one with hs_runtime.make_plan("hybrid", steps)'))
+        if not isinstance(latents, torch.Tensor):
+            raise ShapeError(describe("latents must be a torch tensor [P, C, H, W]", got=type(latents).__name__, fix="torch.from_numpy(latents)"))
         if latents.dim() != 4:
             raise ShapeError(describe("latents must be [P, C, H, W]", got=tuple(latents.shape)))
+        if latents.shape[1] != self.large_dims.in_channels:
+            raise ShapeError(describe("latents have the wrong channel count", got=latents.shape[1], expected=f"{self.large_dims.in_channels} (the models' in_channels)"))
+
+    def _denoise(self, plan, latents, conditioning, profile, should_stop=None, profile_calls=False) -> DenoiseResult:
+        device, dtype, cfg = self.engines.device, self.engines.dtype, self.cfg
+        self.check_request(plan, latents)
         if latents.shape[0] != conditioning.prompts:
             raise ShapeError(describe("latents and prompt embeddings disagree on prompt count", got=(latents.shape[0], conditioning.prompts)))
         sigmas, timesteps = flow_match_sigmas(plan.steps, self.shift)

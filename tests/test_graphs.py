@@ -142,8 +142,8 @@ def test_a_call_without_text_queries_skips_the_text_modulation(setup, monkeypatc
 
 def test_the_eager_graph_folds_the_adaln_bias_once_per_weights(setup):
     """Under inference mode (the torch backend) each AdaLN bias with its ``1 +`` is made once and
-    reused with the values of the per-call form (the export's); an in-place weight update makes
-    a new one."""
+    reused with the values of the per-call form (the export's); an in-place weight update or a
+    swapped storage makes a new one."""
     _, graphs, full = setup
     graph = graphs["large"]
     feeds = _feeds(graph.dims, patchify(full["hidden_states"], 2), position_ids(H, W, 2, graph.dims.pos_embed_max_size)[None].expand(2, -1), full)
@@ -165,6 +165,11 @@ def test_the_eager_graph_folds_the_adaln_bias_once_per_weights(setup):
             cached = _run(graph, feeds)[VELOCITY]
         assert _FOLDED[linear][-1] is not folded
         assert torch.equal(cached, changed) and not torch.equal(changed, expected)
+        with torch.no_grad():
+            linear.bias.data = linear.bias.data * 2  # as module.to(dtype) casts: the same Parameter, new storage
+            swapped = _run(graph, feeds)[VELOCITY]
+        with torch.inference_mode():
+            assert torch.equal(_run(graph, feeds)[VELOCITY], swapped) and not torch.equal(swapped, changed)
     finally:
         with torch.no_grad():
             linear.bias.copy_(original)

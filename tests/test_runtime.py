@@ -53,6 +53,16 @@ def test_prompt_count_outside_profiles(tiny_engine_dir, tiny_conditioning):
         runtime.sampler().denoise(make_plan("small", 2), initial_latents(2, 128, 128, 0), _conditioning(tiny_conditioning, prompts=2))
 
 
+def test_runtime_denoise_refuses_what_is_not_a_plan_or_a_tensor(tiny_engine_dir, tiny_conditioning):
+    """Before its prompt padding (an index_select on numpy used to be the first to fail)."""
+    runtime, cond = _runtime_and_inputs(tiny_engine_dir, tiny_conditioning)
+    latents = initial_latents(3, 128, 128, 0)
+    with pytest.raises(ShapeError, match=re.escape("latents must be a torch tensor [P, C, H, W] | got ndarray | torch.from_numpy(latents)")):
+        runtime.denoise(make_plan("large", 2), latents.numpy(), cond)
+    with pytest.raises(ConfigError, match=re.escape("plan must be a Plan | got str")):
+        runtime.denoise("large", latents[:1], cond)
+
+
 def test_wrong_embedding_width(tiny_engine_dir, tiny_conditioning):
     runtime, cond = _runtime_and_inputs(tiny_engine_dir, tiny_conditioning)
     wide = Conditioning(torch.zeros(1, 85, 4096), cond.pooled_prompt_embeds, torch.zeros(1, 85, 4096), cond.negative_pooled_prompt_embeds)

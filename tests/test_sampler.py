@@ -1,3 +1,4 @@
+import re
 from dataclasses import replace
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 
 from hs_runtime.backends.torch_backend import torch_engines
 from hs_runtime.contract import LARGE, VELOCITY
-from hs_runtime.errors import ShapeError
+from hs_runtime.errors import ConfigError, ShapeError
 from hs_runtime.pipeline import initial_latents
 from hs_runtime.plans import PLAN_NAMES, MaskConfig, PlanConfig, make_plan
 from hs_runtime.sampler import StitchedSampler
@@ -152,6 +153,17 @@ def test_bad_sizes(tiny_torch_engines, tiny_conditioning):
         StitchedSampler(tiny_torch_engines).denoise(make_plan("large", 2), initial_latents(2, 512, 128, 0), tiny_conditioning)
     with pytest.raises(ShapeError, match="prompt count"):
         StitchedSampler(tiny_torch_engines).denoise(make_plan("large", 2), initial_latents(1, 128, 128, 0), tiny_conditioning)
+    sampler, latents = StitchedSampler(tiny_torch_engines), initial_latents(2, 128, 128, 0)
+    for bad, message in (
+        (latents[:, :, :15], "latent 15×16 does not fit the small model | got a side of 15"),  # not "8 patches per side"
+        (latents[:, :, :0], "latent 0×16 does not fit the small model | got a side of 0"),  # not a torch error deep in the mask
+        (latents[:, :4], "latents have the wrong channel count | got 4 | expected 16"),
+        (latents.numpy(), "latents must be a torch tensor [P, C, H, W] | got ndarray"),
+    ):
+        with pytest.raises(ShapeError, match=re.escape(message)):
+            sampler.denoise(make_plan("large", 2), bad, tiny_conditioning)
+    with pytest.raises(ConfigError, match=re.escape("plan must be a Plan | got str")):
+        sampler.denoise("hybrid", latents, tiny_conditioning)
 
 
 @pytest.mark.parametrize("mask", [MaskConfig(0.3, "detail"), MaskConfig(0.3, "disagreement", dilate=True)])
