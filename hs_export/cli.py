@@ -71,7 +71,7 @@ def plan_options(fn):
     options = [
         click.option("--mask-ratio", type=float, default=None, help=f"Share of image tokens the large model refines [default: an engine folder's build ratio (its profiles are tuned for it, its server's default), else {_MASK_DEFAULTS.ratio}]."),
         click.option("--mask-signal", type=click.Choice(MASK_SIGNALS), default=_MASK_DEFAULTS.signal, show_default=True),
-        click.option("--dilate/--no-dilate", default=_MASK_DEFAULTS.dilate, show_default=True, help="Grow the mask by one token."),
+        click.option("--dilate/--no-dilate", default=_MASK_DEFAULTS.dilate, show_default=True, help="Spread each token's score to its 8 neighbours before the top-k (a more contiguous mask, same token count)."),
         click.option("--mask-energy", type=float, default=_MASK_DEFAULTS.energy, show_default=True, help="Adaptive mask: per prompt, the fewest tokens holding this share of the score energy, up to --mask-ratio (0: fixed mask)."),
         click.option("--mask-min-ratio", type=float, default=_MASK_DEFAULTS.min_ratio, show_default=True, help="Adaptive mask: the fewest tokens, as a share of the image's."),
         click.option("--mask-reselect-every", type=int, default=_MASK_DEFAULTS.reselect_every, show_default=True, help="Choose the mask again after every k hybrid steps from their merged velocity (detail signal; 0: never)."),

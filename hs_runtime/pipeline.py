@@ -35,7 +35,7 @@ class TextAndVae:
         path = check_folder_path(source, "pipeline", ModelLoadError, fix="pass --pipeline DIR, a diffusers StableDiffusion3Pipeline folder")
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(
-                describe(f"no SD3 pipeline (text encoders + VAE) at {source}", expected="a diffusers StableDiffusion3Pipeline folder with model_index.json", fix="pass --pipeline DIR or use a preset that has one (tiny, bench)")
+                describe(f"no SD3 pipeline (text encoders + VAE) at {source}", expected="a diffusers StableDiffusion3Pipeline folder with model_index.json", fix="pass --pipeline DIR or use a preset that has one (tiny, bench, shapes)")
             )
         if not (path / "vae" / "config.json").is_file():
             raise ModelLoadError(describe(f"the pipeline folder {source} has no VAE", expected="vae/config.json beside model_index.json", fix="pass --pipeline DIR with a complete StableDiffusion3Pipeline (text encoders + VAE)"))
