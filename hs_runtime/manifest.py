@@ -13,10 +13,10 @@ import json
 import shlex
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .contract import GRAPH_NAMES, ModelDims
+from .contract import GRAPH_NAMES, ModelDims, graph_spec
 from .errors import ManifestError, describe
 from .profiles import BuildShape
 from .validation import check_folder_path
@@ -163,12 +163,20 @@ class Manifest:
         for key in ("height", "width"):
             if isinstance(build.get(key), bool) or not isinstance(build.get(key), int) or build[key] < 1:
                 raise refuse(f"build.{key} is not a positive integer", repr(build.get(key)))
+        if not _is_int(build.get("max_sequence_length")) or build["max_sequence_length"] < 0:
+            raise refuse("build.max_sequence_length is not an integer >= 0", repr(build.get("max_sequence_length")))
+        if "io_dtype" in self.data and self.data["io_dtype"] != build["precision"]:
+            raise refuse("io_dtype is not the build's precision", f"{self.data['io_dtype']!r} for {build['precision']} engines")
         try:
             shape = self.shape
         except (TypeError, ValueError) as exc:  # BuildShape's own checks raise ConfigError (a ValueError)
             raise refuse("build.shape is not a build shape", str(exc).split(" | ")[0]) from None
-        if min(shape.latent_height, shape.latent_width, shape.prompts, shape.text_tokens) < 1:
-            raise refuse("build.shape has a size below 1", repr(self.build["shape"])[:120])
+        for f in fields(BuildShape):  # JSON holds any type: "16" or 1.5 would fail far from here
+            value, kind = getattr(shape, f.name), {"int": int, "float": float, "bool": bool}[str(f.type)]
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+                raise refuse(f"build.shape.{f.name} is not {'an' if kind is int else 'a'} {kind.__name__}", repr(value))
+        if min(shape.latent_height, shape.latent_width, shape.prompts, shape.text_tokens) < 1 or not 0 < shape.mask_ratio <= 1:
+            raise refuse("build.shape has a size below 1 or a mask ratio outside (0, 1]", repr(self.build["shape"])[:120])
         graphs = self.data["graphs"]
         if not isinstance(graphs, dict) or not all(isinstance(g, dict) and isinstance((g.get("engine") or {}).get("path"), str) for g in graphs.values()):
             raise refuse("graphs lack their engine paths", type(graphs).__name__)
@@ -180,9 +188,15 @@ class Manifest:
             if not isinstance(model, dict) or not isinstance(model.get("source"), str) or not isinstance(model.get("sha256"), str) or not isinstance(model.get("dims"), dict):
                 raise refuse(f"models.{name} lacks its source, sha256 or dims", repr(sorted(model) if isinstance(model, dict) else model)[:120])
             try:
-                self.dims(name)
+                dims = self.dims(name)
             except (TypeError, ValueError) as exc:
                 raise refuse(f"models.{name}.dims are not model dimensions", str(exc).split(" | ")[0]) from None
+            odd = [f.name for f in fields(ModelDims) if not _is_int(getattr(dims, f.name)) or getattr(dims, f.name) < 1]
+            if odd:
+                raise refuse(f"models.{name}.dims.{odd[0]} is not a positive integer", repr(getattr(dims, odd[0])))
+            inputs = graph_spec(name, dims).input_names
+            if not graph["profiles"] or not all(isinstance(p, dict) and all(_is_range(p.get(i)) for i in inputs) for p in graph["profiles"]):
+                raise refuse(f"graphs.{name}.profiles are not [min, opt, max] shapes of every input", repr(graph["profiles"])[:120])
         if not isinstance(self.data.get("versions"), dict):
             raise refuse("versions is not an object", type(self.data.get("versions")).__name__)
         artifacts = self.data.get("artifacts", [])
@@ -247,3 +261,13 @@ def write_manifest(folder: Path, data: dict) -> Path:
         handle.write("\n")
     os.replace(tmp, folder / MANIFEST_NAME)
     return folder / MANIFEST_NAME
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_range(shapes) -> bool:
+    """``[min, opt, max]``: three shapes of one rank, of non-negative integers."""
+    return (isinstance(shapes, list) and len(shapes) == 3 and all(isinstance(s, list) for s in shapes)
+            and len({len(s) for s in shapes}) == 1 and all(_is_int(d) and d >= 0 for s in shapes for d in s))

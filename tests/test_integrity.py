@@ -9,6 +9,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from hs_export.build import remove_stale_work
 from hs_export.build.verify import failure_message, verify
@@ -69,6 +70,18 @@ def test_truncated_engine_is_named_before_onnxruntime_sees_it(copy):
     (lambda d: d["models"]["small"].update(dims={"width": 3}), "models.small.dims are not model dimensions"),
     (lambda d: d.pop("versions"), "versions is not an object"),
     (lambda d: d["build"]["shape"].update(latent_height=0), "build.shape has a size below 1"),
+    # found by a review: each reached a KeyError, TypeError, ZeroDivisionError or ONNX Runtime's own error, or ran
+    (lambda d: d["build"].pop("max_sequence_length"), "build.max_sequence_length is not an integer >= 0 | got None"),
+    (lambda d: d.update(io_dtype="fp16"), "io_dtype is not the build's precision | got 'fp16' for fp32 engines"),
+    (lambda d: d["build"]["shape"].update(latent_height="16"), "build.shape.latent_height is not an int | got '16'"),
+    (lambda d: d["build"]["shape"].update(prompts=1.5), "build.shape.prompts is not an int | got 1.5"),
+    (lambda d: d["build"]["shape"].update(mask_ratio="x"), "build.shape.mask_ratio is not a float | got 'x'"),
+    (lambda d: d["build"]["shape"].update(mask_ratio=0), "a mask ratio outside (0, 1]"),
+    (lambda d: d["graphs"]["large"].update(profiles=[]), "graphs.large.profiles are not [min, opt, max] shapes of every input"),
+    (lambda d: d["graphs"]["large"].update(profiles=[1]), "graphs.large.profiles are not [min, opt, max] shapes of every input"),
+    (lambda d: d["graphs"]["small"]["profiles"][0].pop("patches"), "graphs.small.profiles are not [min, opt, max] shapes of every input"),
+    (lambda d: d["models"]["small"]["dims"].update(hidden="32"), "models.small.dims.hidden is not a positive integer | got '32'"),
+    (lambda d: d["models"]["large"]["dims"].update(patch_size=0), "models.large.dims.patch_size is not a positive integer | got 0"),
 ])
 def test_a_hand_edited_manifest_names_its_fault(copy, change, message):
     """Fields every command reads, of the wrong type or value, and paths outside the folder: one
@@ -76,6 +89,20 @@ def test_a_hand_edited_manifest_names_its_fault(copy, change, message):
     _edit_manifest(copy, change)
     with pytest.raises(ManifestError, match=re.escape(message)):
         Manifest.load(copy)
+
+
+def test_an_engine_of_other_dims_is_named_when_its_session_opens(copy):
+    """An ONNX file whose tensors are not the ones its dims make (another model's graph) is named
+    when ONNX Runtime opens it, as TensorRT's loader does, not by ONNX Runtime's 'required inputs
+    are missing' at the first call. (A manifest edited alone is caught earlier, by its profiles.)"""
+    from hs_runtime.backends.onnxruntime_backend import OrtEngine
+
+    manifest = Manifest.load(copy)
+    with pytest.raises(EngineLoadError, match=re.escape(f"{copy / 'engines' / 'small.onnx'} is not a large engine of this contract | got tensors differ: ")):
+        OrtEngine(copy / "engines" / "small.onnx", "large", manifest.dims("large"), torch.device("cpu"))
+    _edit_manifest(copy, lambda d: d["models"]["large"]["dims"].update(kv_entries=d["models"]["large"]["dims"]["kv_entries"] + 1))
+    with pytest.raises(ManifestError, match=re.escape("graphs.large.profiles are not [min, opt, max] shapes of every input")):
+        HybridStitchRuntime.from_dir(copy)
 
 
 def test_recorded_size_that_disagrees(copy):

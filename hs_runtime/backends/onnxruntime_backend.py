@@ -129,6 +129,11 @@ class OrtEngine:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except load_errors() as exc:
             raise EngineLoadError(describe(f"ONNX Runtime cannot load {graph} engine {path}", got=first_line(exc), fix=fix)) from exc
+        names = {i.name for i in self.session.get_inputs()} | {o.name for o in self.session.get_outputs()}
+        expected = {*self.spec.input_names, *self.spec.output_names}
+        if names != expected:  # as TrtEngine._check_io: a graph of other dims than the manifest's
+            odd = sorted(names ^ expected)
+            raise EngineLoadError(describe(f"{path} is not a {graph} engine of this contract", got=f"tensors differ: {odd[:4]}", expected=f"{len(expected)} tensors from graph_spec('{graph}')", fix=fix))
         # A CUDA provider that fails to start (a missing cuDNN or CUDA library) leaves the session
         # on the CPU with only an error in ONNX Runtime's log; get_providers() tells (ONNX Runtime
         # maintainers, microsoft/onnxruntime#23059; disable_fallback() does not stop it, #23647).
