@@ -18,7 +18,7 @@ import torch
 
 from .backends.base import EngineSet
 from .contract import LARGE, SMALL, VELOCITY, context_names, kv_names, text_context_names, text_kv_names
-from .errors import CancelledError, ConfigError, ShapeError, describe
+from .errors import CancelledError, ConfigError, NumericalError, ShapeError, describe
 from .flops import transformer_flops
 from .mask import TokenMask, compute_mask
 from .numerics import FiniteMonitor
@@ -70,7 +70,12 @@ class Conditioning:
         if cfg:
             embeds = torch.cat([self.negative_prompt_embeds, embeds])
             pooled = torch.cat([self.negative_pooled_prompt_embeds, pooled])
-        return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+        cast = embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+        if dtype == torch.float16:  # finite fp32 past 65504 turns inf here, not in the text encoders
+            for name, source, narrowed in (("prompt embeddings", embeds, cast[0]), ("pooled prompt embeddings", pooled, cast[1])):
+                if not bool(torch.isfinite(narrowed).all()) and bool(torch.isfinite(source).all()):
+                    raise NumericalError(describe(f"the {name} exceed fp16's range", got=f"largest |value| {source.abs().max().item():.4g}", expected="<= 65504 for fp16 engines", fix="build the engines in bf16 or fp32 (--precision)"))
+        return cast
 
 
 @dataclass(frozen=True)

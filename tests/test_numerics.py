@@ -67,6 +67,19 @@ def test_nan_conditioning_is_blamed_on_the_input(tiny_torch_engines, tiny_condit
         StitchedSampler(tiny_torch_engines).denoise(make_plan("small", 2), initial_latents(1, 128, 128, 0), cond)
 
 
+def test_embeddings_past_fp16s_range_are_blamed_on_the_engines_precision(tiny_models, tiny_conditioning):
+    """Finite fp32 embeddings past 65504 turn inf in the cast to fp16 engines: the message names
+    that cast and its way out (it blamed T5 in fp16, which had run in fp32)."""
+    import copy
+
+    small, large = (copy.deepcopy(m) for m in tiny_models)  # cast in place: not the session's models
+    cond = _cond(tiny_conditioning)
+    cond.prompt_embeds = cond.prompt_embeds.clone()
+    cond.prompt_embeds[0, 0, 0] = 1e5
+    with pytest.raises(NumericalError, match=r"^the prompt embeddings exceed fp16's range \| got largest \|value\| 1e\+05 .* build the engines in bf16 or fp32"):
+        StitchedSampler(torch_engines(small, large, dtype=torch.float16)).denoise(make_plan("small", 2), initial_latents(1, 128, 128, 0), cond)
+
+
 def test_nan_weights_stop_denoise_with_step_and_graph(tiny_models, nan_large, tiny_conditioning):
     from hs_runtime.models import load_transformer
 
