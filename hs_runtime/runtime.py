@@ -108,11 +108,11 @@ class HybridStitchRuntime:
         sampler = self.sampler(guidance_scale, shift)
         return PromptBatchingSampler(sampler, self.prompt_range(sampler.cfg))
 
-    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, guidance_scale: float = 7.0, profile: bool = False, should_stop=None, shift: float = DEFAULT_SHIFT) -> DenoiseResult:
+    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, guidance_scale: float = 7.0, profile: bool = False, should_stop=None, shift: float = DEFAULT_SHIFT, profile_calls: bool = False) -> DenoiseResult:
         """Prompt embeddings → latents for any number of prompts (padded or split to what the
         engines were built for); ``shift``: the scheduler's (``TextAndVae.shift`` for a pipeline
         folder's). See :meth:`StitchedSampler.denoise` and :class:`PromptBatchingSampler`."""
-        return self.batching_sampler(guidance_scale, shift).denoise(plan, latents, conditioning, profile, should_stop)
+        return self.batching_sampler(guidance_scale, shift).denoise(plan, latents, conditioning, profile, should_stop, profile_calls)
 
     def text_and_vae(self):
         from .pipeline import TextAndVae
@@ -166,14 +166,14 @@ class PromptBatchingSampler:
     def __getattr__(self, name):  # cfg, guidance_scale, engines, … of the wrapped sampler
         return getattr(self.sampler, name)
 
-    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False, should_stop=None) -> DenoiseResult:
+    def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, profile: bool = False, should_stop=None, profile_calls: bool = False) -> DenoiseResult:
         """Denoises ``latents [P, C, H, W]`` for any ``P >= 1``; see :meth:`StitchedSampler.denoise`."""
         self.sampler.check_request(plan, latents)
         n = latents.shape[0]
         if n < 1:
             raise ShapeError(describe("no prompts to denoise", got=tuple(latents.shape), expected="latents [P >= 1, C, H, W]"))
         if self.prompt_range is None or n != conditioning.prompts or self.prompt_range[0] <= n <= self.prompt_range[1]:
-            return self.sampler.denoise(plan, latents, conditioning, profile, should_stop)
+            return self.sampler.denoise(plan, latents, conditioning, profile, should_stop, profile_calls)
         low, high = self.prompt_range
         parts = []
         with self.sampler.engines.exclusive():  # reentrant: each chunk's denoise takes it again
@@ -181,7 +181,7 @@ class PromptBatchingSampler:
                 rows = list(range(start, min(start + high, n)))
                 real = len(rows)
                 rows += [rows[-1]] * (low - real)
-                result = self.sampler.denoise(plan, _take(latents, rows), _take_conditioning(conditioning, rows), profile, should_stop)
+                result = self.sampler.denoise(plan, _take(latents, rows), _take_conditioning(conditioning, rows), profile, should_stop, profile_calls)
                 parts.append((result, real))
         return _concat_results(parts)
 
@@ -230,5 +230,7 @@ def _concat_results(parts: list[tuple[DenoiseResult, int]]) -> DenoiseResult:
             times.seconds[stage] += seconds
         for action, seconds in r.times.step_seconds.items():
             times.step_seconds[action] += seconds
+        for shape, seconds in r.times.calls.items():
+            times.calls[shape].extend(seconds)
         times.total += r.times.total
     return DenoiseResult(latents=latents, masks=masks, times=times)

@@ -114,6 +114,16 @@ def test_runtime_pads_and_splits_prompts(tiny4_runtime, tiny_conditioning, promp
         assert all(torch.equal(m.complex_idx[i], a.complex_idx[0]) for m, a in zip(result.masks, alone.masks, strict=True))
 
 
+def test_split_requests_keep_every_calls_timing(tiny4_runtime, tiny_conditioning):
+    """``profile_calls`` reaches every engine call of a request split into calls of the built count
+    (5 prompts: 4 + 1 padded), and the joined result keeps them all."""
+    c = tiny_conditioning
+    rows = [i % c.prompts for i in range(5)]
+    cond = Conditioning(*(t[rows] for t in (c.prompt_embeds, c.pooled_prompt_embeds, c.negative_prompt_embeds, c.negative_pooled_prompt_embeds)))
+    result = tiny4_runtime.denoise(make_plan("small", 2), initial_latents(5, 128, 128, 0), cond, profile_calls=True)
+    assert sum(len(times) for times in result.times.calls.values()) == 2 * 2  # two engine calls × two steps
+
+
 # ----------------------------------------------------------------------------- validation and grouping
 
 
