@@ -75,7 +75,8 @@ def test_dense_call_binds_empty_contexts_to_the_dummy(world, tmp_path):
     feeds = feeds_for(DENSE)
     assert feeds["k_context_0"].numel() == 0 and feeds["k_context_0"].data_ptr() == 0  # what torch gives
     assert_outputs(engine(feeds), feeds, DENSE)
-    assert engine.context.addresses["k_context_0"] == engine._dummy.data_ptr() != 0
+    assert engine.context.addresses["k_context_0"] == engine.dummy_address("k_context_0") != 0
+    assert engine.context.addresses["v_context_0"] == engine.dummy_address("v_context_0") != engine.dummy_address("k_context_0")
     assert engine.context.active_optimization_profile == 0
 
 
@@ -92,7 +93,8 @@ def test_text_reuse_call_has_empty_text_queries_and_outputs(world, tmp_path):
     got = engine(feeds)
     assert_outputs(got, feeds, SUBSET_REUSE)
     assert got["text_k_0"].shape == (2, 0, DIMS.hidden)
-    assert engine.context.addresses["encoder_hidden_states"] == engine.context.addresses["text_k_0"] == engine._dummy.data_ptr()
+    assert engine.context.addresses["encoder_hidden_states"] == engine.dummy_address("encoder_hidden_states")
+    assert engine.context.addresses["text_k_0"] == engine.dummy_address("text_k_0") != engine.dummy_address("encoder_hidden_states")  # an output of its own
 
 
 def test_full_ratio_call_with_no_context_in_a_subset_profile(world, tmp_path):
@@ -394,9 +396,18 @@ def test_shapes_outside_every_profile_are_refused_before_tensorrt(world, tmp_pat
 
 def test_null_address_for_empty_tensors_is_caught(world, tmp_path, monkeypatch):
     engine = make_engine(tmp_path)
-    monkeypatch.setattr(TrtEngine, "_address", lambda self, tensor: tensor.data_ptr())  # the old binding
+    monkeypatch.setattr(TrtEngine, "_address", lambda self, tensor, name=None: tensor.data_ptr())  # the old binding
     with pytest.raises(trt_double.PreconditionViolation, match="k_context_0.*null address"):
         engine(feeds_for(DENSE))
+
+
+def test_an_output_sharing_an_address_is_caught(world, tmp_path, monkeypatch):
+    """One dummy for every empty tensor (the old binding) put the empty text outputs of a
+    text-reuse call on the address of its empty text input."""
+    engine = make_engine(tmp_path)
+    monkeypatch.setattr(TrtEngine, "dummy_address", lambda self, name: self._dummies.data_ptr())
+    with pytest.raises(trt_double.PreconditionViolation, match="output text_k_0: bound to the address of encoder_hidden_states"):
+        engine(feeds_for(SUBSET_REUSE))
 
 
 def test_legacy_default_stream_is_caught(world, tmp_path):
@@ -594,6 +605,6 @@ def test_real_cuda_fp16_engine_and_misaligned_views(real_world, tmp_path):
 @pytest.mark.gpu
 def test_real_cuda_null_address_is_caught(real_world, tmp_path, monkeypatch):
     engine = make_engine(tmp_path)
-    monkeypatch.setattr(TrtEngine, "_address", lambda self, tensor: tensor.data_ptr())
+    monkeypatch.setattr(TrtEngine, "_address", lambda self, tensor, name=None: tensor.data_ptr())
     with pytest.raises(trt_double.PreconditionViolation, match="null address"):
         engine({n: f.cuda() for n, f in feeds_for(DENSE).items()})

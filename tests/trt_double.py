@@ -445,6 +445,10 @@ class IExecutionContext:
                 raise PreconditionViolation(f"tensor {name} {shapes[name]}: null address (every I/O tensor needs a non-null address, zero-element ones too)")
             if address % ALIGNMENT:
                 raise PreconditionViolation(f"tensor {name}: address {address:#x} not {ALIGNMENT}-byte aligned")
+        for name in engine.outputs:  # TensorRT documents no aliasing of I/O; trtexec gives each tensor its own buffer
+            shared = [other for other in engine.tensors if other != name and self.addresses.get(other) == self.addresses[name]]
+            if shared:
+                raise PreconditionViolation(f"output {name}: bound to the address of {shared[0]} (an output must have memory of its own)")
         for name in engine.inputs:
             if math.prod(shapes[name]) and stream_handle not in world.recorded.get(self.addresses[name], ()):
                 raise PreconditionViolation(f"input {name}: memory not record_stream-ed on the enqueue stream (it may be freed and reused while TensorRT reads it)")

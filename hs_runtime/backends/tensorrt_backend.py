@@ -235,8 +235,11 @@ class TrtEngine:
             self._activations: torch.Tensor | None = None
             self.dtypes = {name: torch_dtype_of(trt, self.engine.get_tensor_dtype(name)) for name in (*self.spec.input_names, *self.spec.output_names)}
             with torch.cuda.stream(self.stream):  # persistent memory, owned by this stream
-                # setTensorAddress needs a non-null, 256-byte-aligned address even for zero-element tensors.
-                self._dummy = torch.empty(ADDRESS_ALIGNMENT, dtype=torch.uint8, device=memory)
+                # setTensorAddress needs a non-null, 256-byte-aligned address even for zero-element
+                # tensors: one aligned slot each (and one for empty activation memory), as trtexec
+                # gives every tensor its own buffer, so no empty input shares an output's address.
+                self._dummy_slots = {name: i for i, name in enumerate((*self.spec.input_names, *self.spec.output_names))}
+                self._dummies = torch.empty(ADDRESS_ALIGNMENT * (len(self._dummy_slots) + 1), dtype=torch.uint8, device=memory)
                 self._buffers = {
                     name: torch.empty(max(1, n), dtype=self.dtypes[name], device=memory) for name, n in output_capacity(self.spec, profiles).items()
                 }
@@ -256,8 +259,13 @@ class TrtEngine:
         if self.engine.num_optimization_profiles != len(self.profiles):
             raise EngineLoadError(describe(f"{plan_path} does not match its manifest", got=f"{self.engine.num_optimization_profiles} optimization profiles", expected=len(self.profiles), fix=fix))
 
-    def _address(self, tensor: torch.Tensor) -> int:
-        return tensor.data_ptr() if tensor.numel() else self._dummy.data_ptr()
+    def _address(self, tensor: torch.Tensor, name: str | None = None) -> int:
+        """``tensor``'s address, or for a zero-element one the dummy slot of ``name`` (``None``:
+        activation memory's)."""
+        return tensor.data_ptr() if tensor.numel() else self.dummy_address(name)
+
+    def dummy_address(self, name: str | None) -> int:
+        return self._dummies.data_ptr() + ADDRESS_ALIGNMENT * self._dummy_slots.get(name, len(self._dummy_slots))
 
     def use_activation_memory(self, block: torch.Tensor) -> None:
         """Gives the context ``block`` (bytes on this engine's device, at least
@@ -305,8 +313,8 @@ class TrtEngine:
     def _set_address(self, name: str, tensor: torch.Tensor) -> None:
         # setTensorAddress: "\return True on success, false if error occurred" (NvInferRuntime.h);
         # ignored, the context would keep the previous call's address and use that memory.
-        if not self.context.set_tensor_address(name, self._address(tensor)):
-            raise BuildError(describe(f"{self.spec.name}: TensorRT refused the address of {name}", got=f"{self._reason('set_tensor_address returned False')} ({hex(self._address(tensor))})", expected=f"a {ADDRESS_ALIGNMENT}-byte aligned device address on {self.device}"))
+        if not self.context.set_tensor_address(name, self._address(tensor, name)):
+            raise BuildError(describe(f"{self.spec.name}: TensorRT refused the address of {name}", got=f"{self._reason('set_tensor_address returned False')} ({hex(self._address(tensor, name))})", expected=f"a {ADDRESS_ALIGNMENT}-byte aligned device address on {self.device}"))
 
     def _reason(self, default: str) -> str:
         """TensorRT's last error since this call began (the log is cleared at each call's start;
