@@ -417,6 +417,9 @@ class IExecutionContext:
     def set_tensor_address(self, name: str, memory: int) -> bool:
         if name not in self.engine.tensors:
             return False
+        if memory % ALIGNMENT:  # NvInferRuntime.h: "false if ... the address does not meet alignment requirements"
+            self.engine.logger.log(ILogger.ERROR, f"IExecutionContext::setTensorAddress: Error Code 3: API Usage Error (address {memory:#x} of {name} is not {ALIGNMENT}-byte aligned)")
+            return False
         self.addresses[name] = int(memory)  # nullptr is accepted here; enqueue refuses it
         return True
 
