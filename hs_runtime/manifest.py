@@ -163,8 +163,8 @@ class Manifest:
         for key in ("height", "width"):
             if isinstance(build.get(key), bool) or not isinstance(build.get(key), int) or build[key] < 1:
                 raise refuse(f"build.{key} is not a positive integer", repr(build.get(key)))
-        if not _is_int(build.get("max_sequence_length")) or build["max_sequence_length"] < 0:
-            raise refuse("build.max_sequence_length is not an integer >= 0", repr(build.get("max_sequence_length")))
+        if not _is_int(build.get("max_sequence_length")):  # negative in folders built without a pipeline before 2026-12-07: unused there
+            raise refuse("build.max_sequence_length is not an integer", repr(build.get("max_sequence_length")))
         if "io_dtype" in self.data and self.data["io_dtype"] != build["precision"]:
             raise refuse("io_dtype is not the build's precision", f"{self.data['io_dtype']!r} for {build['precision']} engines")
         try:

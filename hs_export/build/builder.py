@@ -343,7 +343,7 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
         versions["build_device"] = _trt_device()
     build_section = {
         "backend": config.backend, "precision": config.precision, "height": height, "width": width,
-        "shape": shape.to_dict(), "max_sequence_length": text_tokens - selection.clip_tokens,
+        "shape": shape.to_dict(), "max_sequence_length": max(0, text_tokens - selection.clip_tokens),  # below 0 without a pipeline (no text encoders to feed)
         "clip_tokens": selection.clip_tokens, "preset": selection.preset, "opset": config.opset,
         "builder_optimization_level": config.builder_optimization_level if config.backend == "tensorrt" else None, "keep_onnx": config.keep_onnx,
         "ort_thread_pool": config.ort_thread_pool if config.backend == "onnxruntime" else None,
