@@ -33,7 +33,7 @@ baseline = psutil.Process().memory_info().rss
 start = time.perf_counter()
 args = json.loads(sys.argv[1])
 selection = resolve_models(None, args["small"], args["large"], None, log=lambda *_: None)
-build(selection, BuildConfig(out=args["out"], height=args["height"], width=args["height"], text_tokens=args["text_tokens"], force=True), log=print)
+build(selection, BuildConfig(out=args["out"], height=args["height"], width=args["height"], text_tokens=args["text_tokens"], precision=args["precision"], force=True), log=print)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print("RESULT " + json.dumps({"baseline": baseline, "peak": peak, "seconds": time.perf_counter() - start}))
 """
@@ -84,7 +84,19 @@ def _result(output: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def measure(size_name: str, work: Path, bench: bool = True, log=print) -> dict:
+def estimate(small: Path, large: Path, out: Path, size: dict, precision: str) -> dict:
+    """What ``hs-export build --dry-run`` says the same build needs (host memory, folder)."""
+    from hs_export.build import BuildConfig, resolve_models
+    from hs_export.build.builder import plan_build
+
+    selection = resolve_models(None, str(small), str(large), None, log=lambda *_: None)
+    needs = plan_build(selection, BuildConfig(out=out, height=size["height"], width=size["height"], text_tokens=size["text_tokens"], precision=precision)).needs
+    return {"estimate_host_bytes": needs.host_bytes, "estimate_folder_bytes": needs.folder_bytes}
+
+
+def measure(size_name: str, work: Path, bench: bool = True, log=print, precision: str = "fp32") -> dict:
+    """Builds the ``size_name`` pair in ``precision`` (ONNX Runtime) in a fresh process and
+    measures it, beside the build's own estimate of the same build."""
     size = SIZES[size_name]
     work.mkdir(parents=True, exist_ok=True)
     # In a process of its own: Linux carries the parent's resident size into a child's ru_maxrss
@@ -92,7 +104,7 @@ def measure(size_name: str, work: Path, bench: bool = True, log=print) -> dict:
     subprocess.run([sys.executable, __file__, "--make-pair", "--size", size_name, "--work", str(work)], check=True)
     small, large, weights = make_pair(work, size)  # already saved: only reads sizes
     out = work / "engines"
-    args = json.dumps({"small": str(small), "large": str(large), "out": str(out), "height": size["height"], "text_tokens": size["text_tokens"]})
+    args = json.dumps({"small": str(small), "large": str(large), "out": str(out), "height": size["height"], "text_tokens": size["text_tokens"], "precision": precision})
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, args], capture_output=True, text=True)
     if proc.returncode:
@@ -103,7 +115,7 @@ def measure(size_name: str, work: Path, bench: bool = True, log=print) -> dict:
     built = _result(proc.stdout)
     folder = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     result = {
-        "size": size_name, "weights_bytes_fp32": weights, "build_peak_rss": built["peak"], "build_baseline_rss": built["baseline"],
+        "size": size_name, "precision": precision, "weights_bytes_fp32": weights, **estimate(small, large, out, size, precision), "build_peak_rss": built["peak"], "build_baseline_rss": built["baseline"],
         "build_seconds": built["seconds"], "build_wall_seconds": time.perf_counter() - start, "folder_bytes": folder,
     }
     result["build_peak_over_weights"] = built["peak"] / weights
@@ -119,8 +131,9 @@ def measure(size_name: str, work: Path, bench: bool = True, log=print) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--size", choices=sorted(SIZES), default="445m")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="export precision (the parity check still loads each model in fp32)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/hs-build-memory"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-bench", action="store_true")
@@ -130,11 +143,12 @@ def main() -> None:
     if args.make_pair:
         make_pair(args.work, SIZES[args.size])
         return
-    result = measure(args.size, args.work, bench=not args.no_bench)
+    result = measure(args.size, args.work, bench=not args.no_bench, precision=args.precision)
     gib = 2**30
     print(f"weights (fp32, both models) {result['weights_bytes_fp32'] / gib:.2f} GiB")
     print(f"build: peak RSS {result['build_peak_rss'] / gib:.2f} GiB = {result['build_peak_over_weights']:.2f}× weights "
           f"(growth over the {result['build_baseline_rss'] / gib:.2f} GiB after imports: {result['build_growth_over_weights']:.2f}×), {result['build_seconds']:.0f} s")
+    print(f"estimate (build --dry-run): host memory {result['estimate_host_bytes'] / gib:.2f} GiB (measured peak {result['build_peak_rss'] / gib:.2f}), folder {result['estimate_folder_bytes'] / gib:.2f} GiB")
     print(f"folder: {result['folder_bytes'] / gib:.2f} GiB = {result['folder_over_weights']:.2f}× weights")
     if "bench_peak_rss" in result:
         print(f"bench: peak RSS {result['bench_peak_rss'] / gib:.2f} GiB = weights + {(result['bench_peak_rss'] - result['weights_bytes_fp32']) / gib:.2f} GiB")

@@ -31,6 +31,24 @@ def test_engine_folder_holds_the_weights_once(measured):
     assert measured["folder_over_weights"] <= 1.2, measured
 
 
+def test_the_builds_own_estimate_covers_what_it_measured(measured):
+    """``build --dry-run`` and the host check before a build use the estimate: it must not fall
+    below the measured peak, and the folder must be what it says."""
+    assert measured["build_peak_rss"] <= measured["estimate_host_bytes"], measured
+    assert abs(measured["folder_bytes"] / measured["estimate_folder_bytes"] - 1) < 0.1, measured
+
+
+def test_a_half_precision_build_is_estimated_with_its_fp32_check(tmp_path_factory):
+    """The parity check loads each PyTorch model in fp32 beside the fp16 session it checks: the
+    fp16 build of the 445M pair peaked at 4.98 GiB against an estimate of 2.67 GiB before."""
+    spec = importlib.util.spec_from_file_location("measure_build_memory", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    half = module.measure("test", tmp_path_factory.mktemp("build-memory-fp16"), bench=False, log=lambda *_: None, precision="fp16")
+    assert half["build_peak_rss"] <= half["estimate_host_bytes"], half
+    assert abs(half["folder_bytes"] / half["estimate_folder_bytes"] - 1) < 0.1, half
+
+
 def test_runtime_holds_each_model_once(measured):
     growth = measured["bench_peak_rss"] - measured["bench_baseline_rss"]
     assert growth <= 1.5 * measured["weights_bytes_fp32"] + 200 * 2**20, measured

@@ -71,12 +71,25 @@ def weight_count(config: dict) -> int:
 
 
 @lru_cache(maxsize=16)
-def _weight_count(config_json: str) -> int:
+def _weight_count(config_json: str, module: str = "") -> int:
     from diffusers import SD3Transformer2DModel
 
     with torch.device("meta"):
         model = SD3Transformer2DModel.from_config(json.loads(config_json))
-    return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    part = model.get_submodule(module) if module else model
+    return sum(t.numel() for t in part.parameters()) + sum(t.numel() for t in part.buffers())
+
+
+def weight_bytes(config: dict, precision: str) -> int:
+    """What a model's engine holds at ``precision``: every weight in it, except the modules
+    :func:`~hs_export.build.precision.precision_plan` keeps in fp32 (SD3.5-large's block 35 at
+    fp16/bf16: 0.4 GiB)."""
+    from .precision import precision_plan
+
+    element = ELEMENT_BYTES[precision]
+    key = json.dumps(dict(config), sort_keys=True, default=list)
+    kept = sum(_weight_count(key, entry["module"]) for entry in precision_plan(config, precision))
+    return weight_count(config) * element + kept * (ELEMENT_BYTES["fp32"] - element)
 
 
 def _element_bytes(dtype_kind: str, precision: str) -> int:
@@ -103,16 +116,19 @@ def io_limits(shape: BuildShape, dims: dict[str, ModelDims], precision: str) -> 
 def build_needs(shape: BuildShape, dims: dict[str, ModelDims], configs: dict[str, dict], precision: str, backend: str) -> BuildNeeds:
     """The limits table and the build's host memory and disk needs.
 
-    Host memory: both models loaded for the export, then per graph one model and the engine
-    library's copy of it (ONNX Runtime session for the parity check; TensorRT builder), + 1 GiB.
-    Disk: the ONNX files and the engines (TensorRT: both until the ONNX files are deleted).
+    Host memory, the largest of its phases, + 1 GiB: both models loaded for the export; per graph
+    one model and the TensorRT builder's copy of it; per graph the parity check's PyTorch model,
+    always loaded in fp32 on the host (then moved to the GPU for TensorRT), beside the ONNX
+    Runtime session it checks. Disk: the ONNX files and the engines (TensorRT: both until the ONNX
+    files are deleted).
     """
     tensors = io_limits(shape, dims, precision)
-    weights = {name: weight_count(configs[name]) * ELEMENT_BYTES[precision] for name in GRAPH_NAMES}
+    weights = {name: weight_bytes(configs[name], precision) for name in GRAPH_NAMES}
     io_bytes = {name: sum(t.bytes for t in tensors if t.graph == name) for name in GRAPH_NAMES}
     total, largest = sum(weights.values()), max(weights.values())
-    engine_copy = TRT_BUILD_FACTOR * largest if backend == "tensorrt" else largest
-    host = int(max(total, largest + engine_copy) + HOST_OVERHEAD)
+    build_phase = largest + TRT_BUILD_FACTOR * largest if backend == "tensorrt" else 0
+    check_phase = max(weight_count(configs[name]) * ELEMENT_BYTES["fp32"] + (weights[name] if backend == "onnxruntime" else 0) for name in GRAPH_NAMES)
+    host = int(max(total, build_phase, check_phase) + HOST_OVERHEAD)
     disk = 2 * total if backend == "tensorrt" else total
     return BuildNeeds(tensors, weights, io_bytes, host, disk, total)
 
