@@ -38,7 +38,7 @@ from hs_runtime.runtime import HybridStitchRuntime
 from hs_runtime.sampler import STAGES, Conditioning, StitchedSampler
 from hs_runtime.validation import check_device, check_int, check_number, check_seed
 
-from .bootstrap import bootstrap_mean
+from .bootstrap import ratio_interval
 from .call_profile import call_rows, calls_table, dense_large_reference, markdown_calls
 from .build import library_versions
 from .reports import append_section, versions_line
@@ -458,7 +458,7 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
                 "speedup_vs_large": speedup,
                 "ideal_speedup": ideal,
                 "efficiency": speedup / ideal,
-                "efficiency_paired": bootstrap_mean([r / ideal for r in paired[(name, b)]], unit="rounds"),
+                "efficiency_paired": ratio_interval([r / ideal for r in paired[(name, b)]]),
                 "overhead_fraction": med["overhead"] / med["total"],
                 "hybrid_overhead_fraction": (hybrid_wall - med["hybrid"]) / hybrid_wall if hybrid_wall else None,
                 "stage_seconds": {s: med[s] for s in (*STAGES, "overhead")},
@@ -498,7 +498,7 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
             {"name": name, "latency_s_median": {b: medians[(name, b)] for b in backends},
              "ratios": {f"{a}/{b}": medians[(name, a)] / medians[(name, b)] for i, a in enumerate(backends) for b in backends[i + 1:]},
              "ratios_paired": {
-                 f"{a}/{b}": bootstrap_mean([x["total"] / y["total"] for x, y in zip(runs[(name, a)], runs[(name, b)])], unit="rounds")
+                 f"{a}/{b}": ratio_interval([x["total"] / y["total"] for x, y in zip(runs[(name, a)], runs[(name, b)])])
                  for i, a in enumerate(backends) for b in backends[i + 1:]
              }}
             for name in plans
@@ -525,8 +525,8 @@ def _mib(value: int | None) -> str:
 
 
 def _with_paired(value: float, paired: dict | None, digits: int = 2) -> str:
-    """A ratio of medians, then the paired rounds' mean and 95% interval where there are
-    several rounds."""
+    """A ratio of medians, then the paired rounds' geometric mean and 95% t interval where there
+    are several rounds."""
     if not paired or paired["rounds"] < 2:
         return f"{value:.{digits}f}"
     low, high = paired["ci95"]
@@ -545,7 +545,7 @@ def summary_table(report: dict):
     table = Table(title=f"{what} on {report['device']} — denoise, {report['steps']} steps, "
                         f"{report['image_tokens']} image + {report['text_tokens']} text tokens, median of {report['repeat']}")
     memory_column = "added MiB" if several else "peak MiB"
-    columns = ("plan", *(("backend",) if several else ()), "latency s (min–max)", "speedup", "ideal", "eff. (paired, 95% CI)", *STAGES, "overhead", memory_column)
+    columns = ("plan", *(("backend",) if several else ()), "latency s (min–max)", "speedup", "ideal", "eff. (paired geo. mean, 95% CI)", *STAGES, "overhead", memory_column)
     for column in columns:
         table.add_column(column, justify="left" if column in ("plan", "backend") else "right")
     for p in report["plans"]:
@@ -580,7 +580,7 @@ def backends_table(report: dict):
         return None
     backends = [b["name"] for b in report["backends"]]
     pairs = list(report["side_by_side"][0]["ratios"])
-    table = Table(title=f"backends side by side — denoise latency, median of {report['repeat']} (same rounds); a/b < 1: a is faster; (paired mean [95% CI])")
+    table = Table(title=f"backends side by side — denoise latency, median of {report['repeat']} (same rounds); a/b < 1: a is faster; (paired geometric mean [95% CI])")
     for column in ("plan", *map(_backend_column, report["backends"]), *pairs):
         table.add_column(column, justify="left" if column == "plan" else "right")
     for row in report["side_by_side"]:
@@ -604,7 +604,7 @@ def markdown_table(report: dict) -> str:
     several = len(report["backends"]) > 1
     memory = "added MiB" if several else "peak MiB"
     backend_head = "backend | " if several else ""
-    head = f"| plan | {backend_head}stages | latency s median (min–max) | speedup vs large | ideal | efficiency (paired, 95% CI) | overhead | {memory} |\n|---|---|---|---|---|---|---|---|{'---|' if several else ''}\n"
+    head = f"| plan | {backend_head}stages | latency s median (min–max) | speedup vs large | ideal | efficiency (paired geo. mean, 95% CI) | overhead | {memory} |\n|---|---|---|---|---|---|---|---|{'---|' if several else ''}\n"
     rows = "".join(
         f"| {_plan_label(p)} | {p['backend'] + ' | ' if several else ''}{p['stages']} | {p['latency_s_median']:.3f} ({p['latency_s_min']:.3f}–{p['latency_s_max']:.3f}) | "
         f"{p['speedup_vs_large']:.2f}× | {p['ideal_speedup']:.2f}× | {_efficiency(p)} | {100 * p['overhead_fraction']:.1f}% | "

@@ -23,6 +23,8 @@ SIZES = {
     # issue 15: SD3Transformer2DModel(num_layers=12, attention_head_dim=64, num_attention_heads=16, ...)
     "445m": dict(large=(12, 16), small=(4, 8), height=256, text_tokens=32, bench_steps=4),
     "test": dict(large=(6, 8), small=(2, 4), height=128, text_tokens=16, bench_steps=4),
+    # the largest pair measured on the 24 GiB development host: 16 layers × D 1280 (~0.7 B), with the 445m small one
+    "1b": dict(large=(16, 20), small=(4, 8), height=256, text_tokens=32, bench_steps=4),
 }
 
 CHILD = r"""

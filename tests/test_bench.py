@@ -260,3 +260,20 @@ def test_unguided_bench_on_an_engine_folder_counts_one_row_per_prompt(tiny_engin
     assert refused.exit_code == 1 and "--prompts outside what the engine build takes | got 1 | expected 2 | pass --prompts 2" in refused.output, refused.output
     result = CliRunner().invoke(main, args + ["--prompts", "2"])
     assert result.exit_code == 0, result.output
+
+
+def test_paired_ratios_are_geometric_means_with_a_t_interval():
+    """a/b and b/a give reciprocal figures (an arithmetic mean made both 1.17 for rounds
+    a = [1, 1, 1], b = [0.5, 2, 1]), and three rounds get a t interval, not a bootstrap's
+    interval that covered the true value 74% of the time."""
+    from hs_export.bootstrap import ratio_interval
+
+    a, b = [1.0, 1.0, 1.0], [0.5, 2.0, 1.0]
+    ab, ba = ratio_interval([x / y for x, y in zip(a, b)]), ratio_interval([y / x for x, y in zip(a, b)])
+    assert ab["mean"] == pytest.approx(1.0) == ba["mean"] and ab["rounds"] == 3
+    assert ab["ci95"][0] == pytest.approx(1 / ba["ci95"][1]) and ab["ci95"][1] == pytest.approx(1 / ba["ci95"][0])
+    spread = ratio_interval([0.9, 1.0, 1.1])  # logs' sd 0.1003 over 3 rounds, t(2) = 4.303: ±0.249 around log 0.99666
+    assert spread["mean"] == pytest.approx(0.99666, rel=1e-4)
+    assert spread["ci95"] == [pytest.approx(0.77670, rel=1e-4), pytest.approx(1.27890, rel=1e-4)]
+    assert ratio_interval([1.2]) == {"mean": pytest.approx(1.2), "ci95": [pytest.approx(1.2), pytest.approx(1.2)], "rounds": 1}
+    assert ratio_interval([float("nan"), 0.0]) is None
