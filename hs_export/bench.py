@@ -15,6 +15,7 @@ adds a prompt → image comparison under ``versus`` and diffusers' own row (``ba
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -85,6 +86,9 @@ class BenchConfig:
         check_number("guidance scale", self.guidance_scale, minimum=0.0)
         for ratio in self.sweep_ratios:
             MaskConfig(ratio=ratio)  # raises ConfigError outside (0, 1]
+        labels = [f"{ratio:g}" for ratio in self.sweep_ratios]  # each names a row: hybrid@<ratio>
+        if len(set(labels)) < len(labels):
+            raise ConfigError(describe("a mask ratio repeated in --sweep-ratio", got=",".join(labels), fix="name each ratio once"))
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown:
             raise ConfigError(describe("unknown backend in --backends", got=", ".join(map(repr, unknown)), expected=" | ".join(BACKENDS), fix="e.g. --backends onnxruntime,torch"))
@@ -453,6 +457,7 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
                 "stages": plan.stages(),
                 "mask_ratio": plan.mask.ratio if plan.count("hybrid") else None,
                 "latency_s_median": medians[(name, b)],
+                "latency_s_rounds": totals,
                 "latency_s_min": min(totals),
                 "latency_s_max": max(totals),
                 "speedup_vs_large": speedup,
@@ -485,8 +490,12 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
         "prompts": config.prompts,
         "steps": config.steps,
         "guidance_scale": config.guidance_scale,
+        "seed": config.seed,
         "warmup": config.warmup,
         "repeat": config.repeat,
+        "check_finite": config.check_finite,
+        "calls_timed": config.calls,
+        "plan_config": dataclasses.asdict(plan_config),
         "load_average_1min": {"start": load_before, "end": load_after},
         "peak_memory_kind": _peak_memory(device)[1],
         "memory_note": MEMORY_NOTE_CUDA if device.type == "cuda" else MEMORY_NOTE_CPU if len(backends) > 1 else MEMORY_NOTE_CPU_PEAK,
@@ -668,9 +677,10 @@ def load_note(load: dict | None) -> str:
 def append_markdown(report: dict, path: Path, title: str) -> Path:
     """Appends one dated section (device, versions, tables) to a Markdown file."""
     several = len(report["backends"]) > 1
+    guidance = f"{'with' if report['guidance_scale'] > 1.0 else 'without'} CFG (guidance {report['guidance_scale']:g})"
     section = (
         f"\n### {title} — {report['date'][:10]}\n\n"
-        f"Device: {report['device']}. {report['steps']} steps, {report['prompts']} prompt(s) with CFG, "
+        f"Device: {report['device']}. {report['steps']} steps, {report['prompts']} prompt(s) {guidance}, "
         f"latent {report['latent'][0]}×{report['latent'][1]} ({report['image_tokens']} image + {report['text_tokens']} text tokens), "
         f"median of {report['repeat']} after {report['warmup']} warm-up"
         f"{', every (plan, backend) in the same round-robin rounds' if several else ''}{load_note(report.get('load_average_1min'))}. "

@@ -51,6 +51,10 @@ def test_bench_reports_efficiency_paired_by_round(tiny_engine_dir, tmp_path):
     paired = hybrid["efficiency_paired"]
     assert paired["rounds"] == 3 and paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1]
     assert f"[{paired['ci95'][0]:.2f}, {paired['ci95'][1]:.2f}]" in result.output
+    report = json.loads(out.read_text())  # what the timings depend on, and the rounds themselves
+    assert len(hybrid["latency_s_rounds"]) == 3 and hybrid["latency_s_median"] == sorted(hybrid["latency_s_rounds"])[1]
+    assert report["seed"] == 0 and report["check_finite"] is True and report["calls_timed"] is False
+    assert report["plan_config"]["mask"]["ratio"] == 0.02 and "refreshes" in report["plan_config"]
 
 
 def test_bench_calls_says_which_graph_calls_the_time_goes_to(tiny_engine_dir, tmp_path):
@@ -252,14 +256,16 @@ def test_bench_costs_an_adaptive_mask_at_the_share_it_used(tiny_engine_dir, tmp_
     assert row["ideal_speedup"] == pytest.approx(ideal_speedup(used, small, large, 64, manifest.shape.text_tokens))
 
 
-def test_unguided_bench_on_an_engine_folder_counts_one_row_per_prompt(tiny_engine_dir):
+def test_unguided_bench_on_an_engine_folder_counts_one_row_per_prompt(tiny_engine_dir, tmp_path):
     """`--guidance-scale 1` makes one row per prompt: the folder's batch-2 profile takes 2 prompts
-    then, and 1 prompt is refused naming the count that fits (it used to fail inside the engine)."""
+    then, and 1 prompt is refused naming the count that fits (it used to fail inside the engine).
+    Its Markdown says it ran without CFG (it said "with CFG" for every run)."""
     args = ["bench", str(tiny_engine_dir), "--plans", "large", "--steps", "2", "--warmup", "0", "--repeat", "1", "--guidance-scale", "1"]
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 1 and "--prompts outside what the engine build takes | got 1 | expected 2 | pass --prompts 2" in refused.output, refused.output
-    result = CliRunner().invoke(main, args + ["--prompts", "2"])
+    result = CliRunner().invoke(main, args + ["--prompts", "2", "--markdown", str(tmp_path / "notes.md")])
     assert result.exit_code == 0, result.output
+    assert "2 prompt(s) without CFG (guidance 1)," in (tmp_path / "notes.md").read_text()
 
 
 def test_paired_ratios_are_geometric_means_with_a_t_interval():

@@ -101,6 +101,7 @@ TABLE: dict[str, list[tuple[list[str], int, str]]] = {
         ([*BENCH, "--plans", ""], ERROR, "unknown plan in --plans"),
         ([*BENCH, "--sweep-ratio", "0,0.5"], ERROR, "mask ratio out of range"),
         ([*BENCH, "--sweep-ratio", "a,b"], ERROR, "--sweep-ratio takes comma-separated numbers"),
+        ([*BENCH, "--sweep-ratio", "0.2,0.20"], ERROR, "a mask ratio repeated in --sweep-ratio | got 0.2,0.2"),  # one row would silently replace the other
         ([*BENCH, "--json", "{empty}"], ERROR, "--json {empty} is a folder, not a file"),
         ([*BENCH, "--sweep-ratio", "0.5", "--plot", "{empty}/sweep.txt"], ERROR, "--plot needs an image file name | got 'sweep.txt'"),  # before the run
         ([*BENCH, "--device", "bogus"], ERROR, "unknown device"),
