@@ -276,11 +276,6 @@ class BenchTarget:
         return {name: runtime.engines for name, runtime in self.runtimes.items()}
 
 
-def preset_engine_dir(preset: str, backend: str) -> Path:
-    """Where ``bench --preset NAME --backend B`` builds (and ``--backends`` looks for) engines."""
-    return Path("engines") / f"{preset}-{backend}"
-
-
 def _refuse_versus(what: str, got: str) -> ConfigError:
     from hs_runtime.presets import PRESETS
 
@@ -335,14 +330,6 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
     if manifest is not None and dtype is None and "torch" in named and len(named) > 1:  # like for like
         dtype = manifest.build.get("precision")
         log(f"--backends: torch runs in {dtype}, the precision the engines were built in (--dtype to change)")
-    if spec is not None and len(named) > 1:  # --backends: no builds mid-comparison (one --backend builds its folder first)
-        for backend in named:
-            folder = preset_engine_dir(preset, backend)
-            if backend != "torch" and not (folder / "manifest.json").is_file():
-                raise ConfigError(describe(
-                    f"--backends {backend} with --preset {preset} needs its engine folder", got=f"no {folder}/manifest.json",
-                    fix=f"build it with: hs-export build --preset {preset} --backend {backend} --out {folder} (or pass an engine folder instead of --preset)",
-                ))
     selection = None
     if spec is not None and spec.text_pipeline:
         from .build import resolve_models

@@ -59,19 +59,73 @@ def bench_engines(preset, backend, device, dtype, prompts, height, width, mask_r
         small = random_transformer(spec.small, spec.seed + 1, weights, device)
         large = random_transformer(spec.large, spec.seed + 2, weights, device)
         return torch_engines(small, large, torch.device(device), weights), (height // 8, width // 8), spec.text_tokens
+    out = preset_engine_dir(preset, backend)
+    _in_child(build_bench_folder, dict(preset=preset, backend=backend, out=str(out), precision=dtype, height=height, width=width, prompts=prompts, mask_ratio=mask_ratio), log)
+    runtime = HybridStitchRuntime.from_dir(out, device=device)
+    return runtime.engines, (height // 8, width // 8), spec.text_tokens
+
+
+def preset_engine_dir(preset: str, backend: str) -> Path:
+    """Where ``bench --preset NAME --backend B`` builds its engines."""
+    return Path("engines") / f"{preset}-{backend}"
+
+
+def build_bench_folder(preset: str, backend: str, out: str, precision: str, height: int, width: int, prompts: int, mask_ratio: float, log=print) -> None:
+    """Builds bench's own ``engines/<preset>-<backend>`` (skipped when up to date; remade when it
+    holds engines of other settings or an older version)."""
     import shutil
 
     from .build import BuildConfig, build
     from .build.builder import ForeignFolderError
 
     selection = resolve_models(preset, None, None, None, log=log)
-    out = Path("engines") / f"{preset}-{backend}"
-    config = BuildConfig(out=out, backend=backend, precision=dtype, height=height, width=width, prompts=prompts, mask_ratio=mask_ratio)
+    config = BuildConfig(out=Path(out), backend=backend, precision=precision, height=height, width=width, prompts=prompts, mask_ratio=mask_ratio)
     try:
         build(selection, config, log=log)
     except ForeignFolderError:  # bench's own folder, of other settings or an older version: remade
         log(f"{out} holds engines of other settings: rebuilding it (bench's own engine folder)")
         shutil.rmtree(out)
         build(selection, config, log=log)
-    runtime = HybridStitchRuntime.from_dir(out, device=device)
-    return runtime.engines, (height // 8, width // 8), spec.text_tokens
+
+
+_CHILD = """
+import json, sys
+from hs_runtime import errors
+from hs_export import runs
+try:
+    getattr(runs, sys.argv[1])(**json.loads(sys.argv[2]), log=lambda line: print(line, flush=True))
+except errors.HybridStitchError as exc:
+    print(runs.CHILD_ERROR, type(exc).__name__, str(exc), flush=True)
+    sys.exit(2)
+"""
+CHILD_ERROR = "HYBRIDSTITCH-ERROR"
+
+
+def _in_child(function, kwargs: dict, log) -> None:
+    """Runs ``function(**kwargs)`` of this module in a fresh Python process, its log lines relayed
+    to ``log``: a bench's build (or its up-to-date check, which reads both models' weights) leaves
+    nothing in this process's memory, so its loaded and peak figures count the run alone.
+
+    Raises:
+        HybridStitchError: the child's own one-line error, of its class.
+    """
+    import json
+    import subprocess
+    import sys
+
+    from hs_runtime import errors
+
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, function.__name__, json.dumps(kwargs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    failure, tail = None, []
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        if line.startswith(CHILD_ERROR + " "):
+            name, _, message = line[len(CHILD_ERROR) + 1:].partition(" ")
+            failure = getattr(errors, name, errors.BuildError)(message)
+        else:
+            log(line)
+            tail = (tail + [line])[-5:]
+    if proc.wait() and failure is None:
+        failure = errors.BuildError(describe(f"{function.__name__.replace('_', ' ')} failed", got=f"exit code {proc.returncode}: {tail[-1] if tail else 'no output'}", fix="see its output above"))
+    if failure is not None:
+        raise failure

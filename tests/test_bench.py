@@ -210,8 +210,8 @@ def test_bench_backends_errors(tiny_engine_dir, preset_root, tmp_path, monkeypat
 
 
 def test_bench_preset_with_one_engine_backend_builds_its_folder_first(preset_root, tmp_path, monkeypatch):
-    """The README's `bench --preset bench --backend onnxruntime …`: one backend builds the preset's
-    engines (only a side-by-side --backends run refuses to build mid-comparison)."""
+    """The README's `bench --preset bench --backend onnxruntime …` builds the preset's engines, and
+    remakes its own folder when it holds engines of other settings."""
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["bench", "--preset", "tiny", "--backend", "onnxruntime", "--plans", "large", "--steps", "2", "--warmup", "0", "--repeat", "1"])
     assert result.exit_code == 0, result.output
@@ -220,6 +220,22 @@ def test_bench_preset_with_one_engine_backend_builds_its_folder_first(preset_roo
     manifest.write_text(json.dumps({**data, "fingerprint": "0" * 64}))  # built by other settings or an older hs-export
     again = CliRunner().invoke(main, ["bench", "--preset", "tiny", "--backend", "onnxruntime", "--plans", "large", "--steps", "2", "--warmup", "0", "--repeat", "1"])
     assert again.exit_code == 0 and "rebuilding it (bench's own engine folder)" in again.output, again.output
+
+
+def test_bench_preset_backends_side_by_side_build_in_a_child_process(preset_root, tmp_path, monkeypatch):
+    """`--backends` with `--preset` builds each engine backend's folder first, in a process of its
+    own (the build and its up-to-date check read both models: this process's loaded and peak
+    memory figures count the run alone); a build's refusal comes back as its own one line."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "tiny-onnxruntime").write_text("not a folder")
+    args = ["bench", "--preset", "tiny", "--backends", "onnxruntime,torch", "--plans", "large", "--steps", "2", "--warmup", "0", "--repeat", "1"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and refused.output.strip().splitlines()[-1].startswith("Error: --out engines/tiny-onnxruntime is a file"), refused.output
+    (tmp_path / "engines" / "tiny-onnxruntime").unlink()
+    done = CliRunner().invoke(main, [*args, "--json", str(tmp_path / "b.json")])
+    assert done.exit_code == 0 and "[export]" in done.output, done.output  # the child's log, relayed
+    assert {b["name"] for b in json.loads((tmp_path / "b.json").read_text())["backends"]} == {"onnxruntime", "torch"}
 
 
 def test_bench_takes_the_prompt_counts_a_folder_was_built_for(tmp_path):
