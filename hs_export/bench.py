@@ -303,13 +303,12 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
 
     Args:
         backends: the backends to open; ``(None,)`` opens the folder's own (torch for a preset).
-            With one, a preset's ONNX Runtime/TensorRT engines are built first if needed; with
-            several (``--backends``) they must already be built (no build mid-comparison).
+            A preset's ONNX Runtime/TensorRT engines are built first where needed, in a child
+            process (:func:`hs_export.runs.bench_engines`).
 
     Raises:
         ConfigError: both or neither of folder and preset, ``--prompts`` differing from the build,
-            a preset backend without built engines (naming the build command), ``--versus`` on a
-            target without text encoders.
+            ``--versus`` on a target without text encoders.
         ManifestError: a folder that does not hold engines for a backend (with the build command).
     """
     from hs_runtime.presets import get_preset
