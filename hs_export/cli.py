@@ -248,7 +248,12 @@ def build(preset, small_src, large_src, pipeline_src, out, dry_run, **options):
         run_dry_run(selection, config, log=_log)
         return
     if preset:  # a host too small is refused before the preset's random weights are made (SD3.5: ~40 GiB)
-        check_room(selection, config)
+        from hs_runtime.validation import same_disk
+
+        from .presets import pending_preset_bytes
+
+        pending, where = pending_preset_bytes(preset)  # on the disk of --out too: both must fit
+        check_room(selection, config, extra_disk=pending if where is not None and same_disk(where, config.out) else 0)
         selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log, force=config.force)
     run_build(selection, config, log=_log)
 

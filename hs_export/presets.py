@@ -157,6 +157,29 @@ def _check_room(spec: PresetSpec, root: Path) -> None:
             ))
 
 
+def _marker(spec: PresetSpec) -> dict:
+    return {"format": PRESET_FORMAT, "name": spec.name, "small": spec.small, "large": spec.large, "seed": spec.seed}
+
+
+def _is_made(paths: PresetPaths, spec: PresetSpec) -> bool:
+    marker = paths.root / _MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(_marker(spec)))
+
+
+def pending_preset_bytes(name: str, root: Path | None = None) -> tuple[int, Path | None]:
+    """Disk the preset's random fp32 weights will take, and the folder they go to, when they are
+    not made yet (``(0, None)`` when made, or for the trained preset)."""
+    from .build.limits import weight_count
+
+    spec = get_preset(name)
+    if spec.trained:
+        return 0, None
+    paths = preset_paths(spec, Path(root) if root else default_preset_root())
+    if _is_made(paths, spec):
+        return 0, None
+    return 4 * (weight_count(spec.small) + weight_count(spec.large)), paths.root
+
+
 def ensure_preset(name: str, root: Path | None = None, log=print, check_room: bool = True) -> PresetPaths:
     """Builds preset ``name`` under ``root`` once (seeded, so identical everywhere) and returns its
     paths; a trained preset returns its shipped weights. ``check_room``: refuse a host that looks
@@ -166,8 +189,8 @@ def ensure_preset(name: str, root: Path | None = None, log=print, check_room: bo
         return shipped_preset(spec)
     paths = preset_paths(spec, Path(root) if root else default_preset_root())
     marker = paths.root / _MARKER
-    expected = {"format": PRESET_FORMAT, "name": spec.name, "small": spec.small, "large": spec.large, "seed": spec.seed}
-    if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(expected)):
+    expected = _marker(spec)
+    if _is_made(paths, spec):
         return paths
     if check_room:
         _check_room(spec, paths.root)

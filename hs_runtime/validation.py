@@ -73,6 +73,11 @@ def nearest_existing(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
+def same_disk(a: Path, b: Path) -> bool:
+    """Whether files written under ``a`` and under ``b`` (existing or not) land on one filesystem."""
+    return os.stat(nearest_existing(Path(a).absolute())).st_dev == os.stat(nearest_existing(Path(b).absolute())).st_dev
+
+
 def check_writable_folder(folder: Path, what: str, named: Path | None = None) -> None:
     """Refuses a folder to be written (existing or not) that lies under a file or where nothing can
     be written, before any work; messages name ``named`` (a file to be written there) if given."""

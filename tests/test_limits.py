@@ -140,6 +140,17 @@ def test_a_preset_too_big_for_the_host_is_refused_before_its_weights_are_made(tm
     assert here.exit_code == 1 and "is the current folder or holds it" in here.output and not (tmp_path / "presets").exists(), here.output
 
 
+def test_a_preset_and_its_build_on_one_disk_are_checked_together(tmp_path, monkeypatch):
+    """The preset's ~40 GiB of random weights and the build's ~40 GiB land on one disk: a host with
+    room for either alone was let through, made the weights, and was refused only then."""
+    monkeypatch.setenv("HS_PRESET_DIR", str(tmp_path / "presets"))
+    monkeypatch.setattr(limits, "available_memory", lambda: 10**15)
+    monkeypatch.setattr(limits.shutil, "disk_usage", lambda _: type("U", (), {"free": 60 * 2**30})())  # more than either need alone
+    result = CliRunner().invoke(main, ["build", "--preset", "sd3.5-large", "--backend", "tensorrt", "--precision", "bf16", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "not enough free disk for the build" in result.output and "with the preset's weights (~" in result.output, result.output
+    assert not (tmp_path / "presets").exists() and not (tmp_path / "out").exists()
+
+
 def test_a_preset_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path, monkeypatch):
     from hs_export.presets import ensure_preset
 

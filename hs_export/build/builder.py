@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,7 +48,7 @@ from hs_runtime.profiles import BuildShape, graph_profiles
 from hs_runtime.validation import check_folder_path, check_int, check_pipeline
 
 from . import export as onnx_export
-from .limits import BuildNeeds, build_needs, check_limits, format_run_needs, format_table, run_needs
+from .limits import BuildNeeds, build_needs, check_limits, format_bytes, format_run_needs, format_table, run_needs
 from .precision import apply_precision_plan, precision_plan
 from .sources import ModelSelection, model_configs
 
@@ -303,11 +303,13 @@ def check_out(selection: ModelSelection, config: BuildConfig) -> Path:
     return out
 
 
-def check_room(selection: ModelSelection, config: BuildConfig) -> None:
+def check_room(selection: ModelSelection, config: BuildConfig, extra_disk: int = 0) -> None:
     """``--out`` and the build's limits from the model configs alone (no weight made or loaded):
-    run before a preset's weights are made, so a host too small for the build is refused first."""
+    run before a preset's weights are made, so a host too small for the build is refused first.
+    ``extra_disk``: bytes the same disk must also hold (a preset's weights, not made yet)."""
     check_out(selection, config)
-    check_limits(plan_build(selection, config).needs, config.backend, Path(config.out), config.force)
+    needs = plan_build(selection, config).needs
+    check_limits(replace(needs, disk_bytes=needs.disk_bytes + extra_disk), config.backend, Path(config.out), config.force, also=f" with the preset's weights (~{format_bytes(extra_disk)})" if extra_disk else "")
 
 
 def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildReport:

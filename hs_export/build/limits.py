@@ -256,9 +256,9 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool) -> None:
+def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool, also: str = "") -> None:
     """Refuses, in one line, a tensor past the backend's limit (always) and a host without the
-    memory or disk the build needs (unless ``force``).
+    memory or disk the build needs (unless ``force``; ``also`` says what the disk need includes).
 
     Raises:
         BuildError: naming the tensor or both numbers, and the way out.
@@ -283,5 +283,5 @@ def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool) -> Non
     free = shutil.disk_usage(target).free
     if needs.disk_bytes > free:
         raise BuildError(
-            describe(f"not enough free disk for the build under {target}", got=f"{format_bytes(free)} free", expected=f"~{format_bytes(needs.disk_bytes)}", fix="free disk or choose another --out, or pass --force to try anyway")
+            describe(f"not enough free disk for the build under {target}", got=f"{format_bytes(free)} free", expected=f"~{format_bytes(needs.disk_bytes)}{also}", fix="free disk or choose another --out, or pass --force to try anyway")
         )
