@@ -484,7 +484,8 @@ def run_bench(engines, latent_height: int, latent_width: int, text_tokens: int, 
         "plan_config": dataclasses.asdict(plan_config),
         "load_average_1min": {"start": load_before, "end": load_after},
         "peak_memory_kind": _peak_memory(device)[1],
-        "memory_note": MEMORY_NOTE_CUDA if device.type == "cuda" else MEMORY_NOTE_CPU if len(backends) > 1 else MEMORY_NOTE_CPU_PEAK,
+        "memory_note": (MEMORY_NOTE_CUDA if device.type == "cuda" else MEMORY_NOTE_CPU if len(backends) > 1 else MEMORY_NOTE_CPU_PEAK)
+        + ("" if config.warmup or device.type == "cuda" else NO_WARMUP_NOTE),
         "versions": library_versions(),
         "plans": report_plans,
     }
@@ -512,6 +513,7 @@ MEMORY_NOTE_CPU_PEAK = (
     "peak MiB = the process's peak resident set so far (getrusage ru_maxrss), which never falls: a row repeats the largest "
     "of the rows before it unless its own plan went higher; each plan's own addition: --backends (added MiB)"
 )
+NO_WARMUP_NOTE = "; with --warmup 0 the first round, where the memory is sampled (a thread waking every 5 ms), is also timed"
 MEMORY_NOTE_CUDA = "loaded and added are torch's CUDA allocations only (memory_allocated / max_memory_allocated); engine libraries' own allocations are not seen"
 
 

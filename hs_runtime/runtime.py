@@ -79,8 +79,8 @@ class HybridStitchRuntime:
         pipeline_source = manifest.data.get("pipeline") if pipeline_source is None else pipeline_source
         return cls(engines, pipeline_source, manifest.build["max_sequence_length"], manifest, text_dtype)
 
-    def sampler(self, guidance_scale: float = 7.0, shift: float = DEFAULT_SHIFT) -> StitchedSampler:
-        return StitchedSampler(self.engines, guidance_scale, shift)
+    def sampler(self, guidance_scale: float = 7.0, shift: float = DEFAULT_SHIFT, check_finite: bool = True) -> StitchedSampler:
+        return StitchedSampler(self.engines, guidance_scale, shift, check_finite)
 
     def prompt_range(self, cfg: bool = True) -> tuple[int, int] | None:
         """Prompts one engine call takes, from the built profiles (batch axis of the ``small``
@@ -103,9 +103,9 @@ class HybridStitchRuntime:
             )
         return prompts
 
-    def batching_sampler(self, guidance_scale: float = 7.0, shift: float = DEFAULT_SHIFT) -> "PromptBatchingSampler":
+    def batching_sampler(self, guidance_scale: float = 7.0, shift: float = DEFAULT_SHIFT, check_finite: bool = True) -> "PromptBatchingSampler":
         """A sampler that takes any number of prompts: pads or splits them to :meth:`prompt_range`."""
-        sampler = self.sampler(guidance_scale, shift)
+        sampler = self.sampler(guidance_scale, shift, check_finite)
         return PromptBatchingSampler(sampler, self.prompt_range(sampler.cfg))
 
     def denoise(self, plan: Plan, latents: torch.Tensor, conditioning: Conditioning, guidance_scale: float = 7.0, profile: bool = False, should_stop=None, shift: float = DEFAULT_SHIFT, profile_calls: bool = False) -> DenoiseResult:
@@ -129,18 +129,19 @@ class HybridStitchRuntime:
             self._text_and_vae = TextAndVae.from_pretrained(self.pipeline_source, device=device, dtype=self.text_dtype)
         return self._text_and_vae
 
-    def pipeline(self, guidance_scale: float = 7.0, text_and_vae=None):
+    def pipeline(self, guidance_scale: float = 7.0, text_and_vae=None, check_finite: bool = True):
         """A :class:`~hs_runtime.pipeline.HybridStitchPipeline` (prompts → images) for any number
         of prompts.
 
         Args:
             text_and_vae: text encoders + VAE to use instead of this runtime's own (e.g. one copy
                 shared by several runtimes); loaded from ``pipeline_source`` when ``None``.
+            check_finite: the sampler's per-step NaN/inf record (see :class:`StitchedSampler`).
         """
         from .pipeline import HybridStitchPipeline
 
         text_and_vae = text_and_vae or self.text_and_vae()
-        return HybridStitchPipeline(self.batching_sampler(guidance_scale, text_and_vae.shift), text_and_vae, self.max_sequence_length)
+        return HybridStitchPipeline(self.batching_sampler(guidance_scale, text_and_vae.shift, check_finite), text_and_vae, self.max_sequence_length)
 
 
 class PromptBatchingSampler:

@@ -55,6 +55,7 @@ def test_bench_reports_efficiency_paired_by_round(tiny_engine_dir, tmp_path):
     assert len(hybrid["latency_s_rounds"]) == 3 and hybrid["latency_s_median"] == sorted(hybrid["latency_s_rounds"])[1]
     assert report["seed"] == 0 and report["check_finite"] is True and report["calls_timed"] is False
     assert report["plan_config"]["mask"]["ratio"] == 0.02 and "refreshes" in report["plan_config"]
+    assert report["memory_note"].endswith("with --warmup 0 the first round, where the memory is sampled (a thread waking every 5 ms), is also timed")
 
 
 def test_bench_calls_says_which_graph_calls_the_time_goes_to(tiny_engine_dir, tmp_path):

@@ -500,6 +500,7 @@ def test_prompt_to_image_takes_the_shift_of_the_pipelines_scheduler(tiny_paths, 
     text_and_vae = TextAndVae.from_pretrained(folder)
     runtime = HybridStitchRuntime.from_models(tiny_paths.small, tiny_paths.large, str(folder))
     assert runtime.pipeline(7.0, text_and_vae=text_and_vae).sampler.sampler.shift == 6.0
+    assert runtime.pipeline(7.0, text_and_vae=text_and_vae, check_finite=False).sampler.sampler.check_finite is False  # bench --no-finite-check --versus
     config_path.write_text(json.dumps({**config, "use_dynamic_shifting": True}))
     with pytest.raises(ConfigError, match="shifts by resolution"):
         TextAndVae.from_pretrained(folder).shift
