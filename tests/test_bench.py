@@ -194,7 +194,6 @@ def test_bench_backends_errors(tiny_engine_dir, preset_root, tmp_path, monkeypat
     cases = [
         (["bench", str(tiny_engine_dir), "--backends", "onnxruntime,tensorflow"], "unknown backend in --backends | got 'tensorflow' | expected torch | onnxruntime | tensorrt"),
         (["bench", str(tiny_engine_dir), "--backend", "torch", "--backends", "onnxruntime,torch"], "--backend and --backends both given"),
-        (["bench", "--preset", "tiny", "--backends", "onnxruntime,torch"], "build it with: hs-export build --preset tiny --backend onnxruntime --out engines/tiny-onnxruntime"),
         (["bench", str(tiny_engine_dir), "--backends", "onnxruntime,tensorrt"], "holds onnxruntime engines"),
         (["bench", "--preset", "sd3-medium", "--versus", "diffusers"], "--versus diffusers runs prompt → image, which needs text encoders and a VAE; preset sd3-medium has none"),
         (["bench", str(no_pipeline), "--versus", "diffusers"], f"engine folder {no_pipeline} records none"),
