@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from hs_runtime.mask import refined_grid
 from hs_runtime.plans import make_plan
@@ -16,15 +17,16 @@ from hs_runtime.validation import check_output_file
 console = Console(stderr=True)
 
 
-def timing_table(title: str, times: dict, steps: int) -> Table:
-    table = Table(title=title)
+def timing_table(title: str, times: dict, steps: int) -> Group:
+    """The per-stage seconds under ``title`` (on its own line: rich wraps a table's title to its width)."""
+    table = Table()
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     table.add_column("share", justify="right")
     total = times["total"] or 1e-12
     for stage in (*STAGES, "overhead", "total"):
         table.add_row(stage, f"{times[stage]:.3f}", f"{100 * times[stage] / total:.1f}%")
-    return table
+    return Group(Text(title, style="italic"), table)
 
 
 def mask_overlay(image, mask_grid: torch.Tensor, alpha: float = 0.5):
