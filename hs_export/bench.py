@@ -303,8 +303,8 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
 
     Args:
         backends: the backends to open; ``(None,)`` opens the folder's own (torch for a preset).
-            A preset's ONNX Runtime/TensorRT engines are built first where needed, in a child
-            process (:func:`hs_export.runs.bench_engines`).
+            A preset's ONNX Runtime/TensorRT engines are built first where needed, all before any
+            backend loads, each in a child process (:func:`hs_export.runs.build_preset_engines`).
 
     Raises:
         ConfigError: both or neither of folder and preset, ``--prompts`` differing from the build,
@@ -313,7 +313,7 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
     """
     from hs_runtime.presets import get_preset
 
-    from .runs import bench_engines
+    from .runs import bench_engines, build_preset_engines, preset_size
 
     if (engine_dir is None) == (preset is None):
         given = "both" if preset is not None else "neither"
@@ -329,6 +329,9 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
     if manifest is not None and dtype is None and "torch" in named and len(named) > 1:  # like for like
         dtype = manifest.build.get("precision")
         log(f"--backends: torch runs in {dtype}, the precision the engines were built in (--dtype to change)")
+    # Every engine folder a preset needs is built (or found up to date) before any backend loads:
+    # a build never runs beside weights this process already holds.
+    built = {b: build_preset_engines(preset, b, dtype, prompts, height, width, mask_ratio, log=log) for b in named if spec is not None and b != "torch"}
     selection = None
     if spec is not None and spec.text_pipeline:
         from .build import resolve_models
@@ -354,7 +357,12 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
             runtime = HybridStitchRuntime.from_models(selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=spec.max_sequence_length)
             latent, text_tokens = (h // 8, w // 8), spec.text_tokens
         else:
-            engines, latent, text_tokens = bench_engines(preset, backend, str(device), dtype, prompts, height, width, mask_ratio, log=log)
+            if backend in built:
+                engines = HybridStitchRuntime.from_dir(built[backend], device=device).engines
+                h, w = preset_size(preset, height, width)
+                latent, text_tokens = (h // 8, w // 8), spec.text_tokens
+            else:
+                engines, latent, text_tokens = bench_engines(preset, str(device), dtype, height, width, log=log)
             runtime = HybridStitchRuntime(engines, selection.pipeline if selection else None, spec.max_sequence_length)
         after = memory_in_use(device)
         name = runtime.engines.backend

@@ -71,7 +71,7 @@ def plan_options(fn):
     options = [
         click.option("--mask-ratio", type=float, default=None, help=f"Share of image tokens the large model refines [default: an engine folder's build ratio (its profiles are tuned for it, its server's default), else {_MASK_DEFAULTS.ratio}]."),
         click.option("--mask-signal", type=click.Choice(MASK_SIGNALS), default=_MASK_DEFAULTS.signal, show_default=True),
-        click.option("--dilate/--no-dilate", default=_MASK_DEFAULTS.dilate, show_default=True, help="Spread each token's score to its 8 neighbours before the top-k (a more contiguous mask, same token count)."),
+        click.option("--dilate/--no-dilate", default=_MASK_DEFAULTS.dilate, show_default=True, help="Spread each token's score to its 8 neighbours before the top-k (a more contiguous mask; the same token count unless --mask-energy picks it)."),
         click.option("--mask-energy", type=float, default=_MASK_DEFAULTS.energy, show_default=True, help="Adaptive mask: per prompt, the fewest tokens holding this share of the score energy, up to --mask-ratio (0: fixed mask)."),
         click.option("--mask-min-ratio", type=float, default=_MASK_DEFAULTS.min_ratio, show_default=True, help="Adaptive mask: the fewest tokens, as a share of the image's."),
         click.option("--mask-reselect-every", type=int, default=_MASK_DEFAULTS.reselect_every, show_default=True, help="Choose the mask again after every k hybrid steps from their merged velocity (detail signal; 0: never)."),
@@ -239,8 +239,8 @@ def build(preset, small_src, large_src, pipeline_src, out, dry_run, **options):
     """
     from .build import build as run_build
     from .build import resolve_models
-    from .build.builder import check_room
     from .build.builder import dry_run as run_dry_run
+    from .build.builder import preset_models
 
     config = BuildConfig(out=out or Path("engines") / (preset or "custom"), **options)
     selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log, materialize=False)
@@ -248,13 +248,7 @@ def build(preset, small_src, large_src, pipeline_src, out, dry_run, **options):
         run_dry_run(selection, config, log=_log)
         return
     if preset:  # a host too small is refused before the preset's random weights are made (SD3.5: ~40 GiB)
-        from hs_runtime.validation import same_disk
-
-        from .presets import pending_preset_bytes
-
-        pending, where = pending_preset_bytes(preset)  # on the disk of --out too: both must fit
-        check_room(selection, config, extra_disk=pending if where is not None and same_disk(where, config.out) else 0)
-        selection = resolve_models(preset, small_src, large_src, pipeline_src, log=_log, force=config.force)
+        selection = preset_models(preset, config, log=_log)
     run_build(selection, config, log=_log)
 
 

@@ -71,19 +71,21 @@ def run_generate(runtime, plan_name, plan_config, prompts, negative_prompt, step
     pipe = runtime.pipeline(guidance_scale)
     mask_note = f", mask {plan.mask.ratio * 100:g}% of the tokens" if plan.count("hybrid") else ""
     console.print(f"[bold]{plan.name}[/]: {plan.stages()}{mask_note} on {runtime.engines.backend} ({runtime.engines.device})")
+    for seed in seeds:  # every seed and the size refused before the text encoders run
+        pipe.noise(len(prompts), plan, height, width, seed)
     conditioning = pipe.encode(prompts, negative_prompt)  # once: every seed and --compare render the same prompts
     paths = _image_paths(out, len(prompts) * len(seeds))
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
     for k, seed in enumerate(_progress(seeds, plan.name)):
-        runs.append(pipe(prompts, plan, height, width, seed, negative_prompt, conditioning=conditioning))
+        runs.append(pipe(prompts, plan, height, width, seed, conditioning=conditioning))
         for image, path in zip(runs[-1][0], paths[k * len(prompts):]):
             image.save(path)
     seed_note = f", seed {seeds[0]}" + (f" (of {len(seeds)})" if len(seeds) > 1 else "")
     console.print(timing_table(f"{plan.name}: {steps} steps, {len(prompts)} prompt(s), {width}×{height}{seed_note}", runs[0][1].times.as_dict(), steps))
     if compare:
         large = make_plan("large", steps, plan_config)
-        baselines = [pipe(prompts, large, height, width, seed, negative_prompt, conditioning=conditioning) for seed in _progress(seeds, "large (--compare)")]
+        baselines = [pipe(prompts, large, height, width, seed, conditioning=conditioning) for seed in _progress(seeds, "large (--compare)")]
         rows, diffs = [], []
         p = runtime.engines["large"].dims.patch_size
         scale = pipe.text_and_vae.vae_scale_factor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hs_runtime.errors import ConfigError, describe
+from hs_runtime.errors import ConfigError, HybridStitchError, describe
 from hs_runtime.pipeline import check_image_size
 from hs_runtime.presets import get_preset
 from hs_runtime.runtime import HybridStitchRuntime
@@ -34,13 +34,11 @@ def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend
     return runtime, selection.defaults
 
 
-def bench_engines(preset, backend, device, dtype, prompts, height, width, mask_ratio, log=print):
-    """A preset's engines to benchmark, their latent size and text-token count.
-
-    The torch backend runs random weights made in memory on ``device`` (the real SD3.5 sizes never
-    touch the disk); ONNX Runtime or TensorRT engines are built first under ``engines/`` (skipped
-    when up to date). ``dtype``: a precision name, fp32 when ``None``.
-    """
+def bench_engines(preset, device, dtype, height, width, log=print):
+    """A preset's torch engines to benchmark (random weights made in memory on ``device``: the real
+    SD3.5 sizes never touch the disk), their latent size and text-token count. ``dtype``: a
+    precision name, fp32 when ``None``. ONNX Runtime and TensorRT engines are built by
+    :func:`build_preset_engines` instead."""
     import torch
 
     from hs_runtime.backends.base import torch_dtype
@@ -49,20 +47,41 @@ def bench_engines(preset, backend, device, dtype, prompts, height, width, mask_r
 
     dtype = dtype or "fp32"
     spec = get_preset(preset)
+    height, width = preset_size(preset, height, width)
+    check_device(device)
+    log(f"preset {preset}: random weights in memory on {device} ({dtype})")
+    weights = torch_dtype(dtype)
+    small = random_transformer(spec.small, spec.seed + 1, weights, device)
+    large = random_transformer(spec.large, spec.seed + 2, weights, device)
+    return torch_engines(small, large, torch.device(device), weights), (height // 8, width // 8), spec.text_tokens
+
+
+def preset_size(preset: str, height: int | None, width: int | None) -> tuple[int, int]:
+    """The image size a preset runs at: its own where not given; refused when not a multiple of 16."""
+    spec = get_preset(preset)
     height = spec.height if height is None else height
     width = spec.width if width is None else width
     check_image_size(height, width)
-    check_device(device)
-    if backend in (None, "torch"):
-        log(f"preset {preset}: random weights in memory on {device} ({dtype})")
-        weights = torch_dtype(dtype)
-        small = random_transformer(spec.small, spec.seed + 1, weights, device)
-        large = random_transformer(spec.large, spec.seed + 2, weights, device)
-        return torch_engines(small, large, torch.device(device), weights), (height // 8, width // 8), spec.text_tokens
+    return height, width
+
+
+def build_preset_engines(preset: str, backend: str, dtype, prompts: int, height, width, mask_ratio: float, log=print) -> Path:
+    """Builds bench's own ONNX Runtime/TensorRT engine folder of a preset (or finds it up to date)
+    in a child process (:func:`_in_child`) and returns it. ``dtype``: fp32 when ``None``.
+
+    Raises:
+        HybridStitchError: the build's own refusal, with the ``hs-export build`` command that runs
+            it by hand (its fixes name build's flags: ``--force``, ``--out``).
+    """
+    height, width = preset_size(preset, height, width)
     out = preset_engine_dir(preset, backend)
-    _in_child(build_bench_folder, dict(preset=preset, backend=backend, out=str(out), precision=dtype, height=height, width=width, prompts=prompts, mask_ratio=mask_ratio), log)
-    runtime = HybridStitchRuntime.from_dir(out, device=device)
-    return runtime.engines, (height // 8, width // 8), spec.text_tokens
+    precision = dtype or "fp32"
+    try:
+        _in_child(build_bench_folder, dict(preset=preset, backend=backend, out=str(out), precision=precision, height=height, width=width, prompts=prompts, mask_ratio=mask_ratio), log)
+    except HybridStitchError as exc:
+        by_hand = f"hs-export build --preset {preset} --backend {backend} --precision {precision} --height {height} --width {width} --prompts {prompts} --mask-ratio {mask_ratio:g} --out {out}"
+        raise type(exc)(f"{exc} (bench builds its engines with: {by_hand})") from None
+    return out
 
 
 def preset_engine_dir(preset: str, backend: str) -> Path:
@@ -76,10 +95,10 @@ def build_bench_folder(preset: str, backend: str, out: str, precision: str, heig
     import shutil
 
     from .build import BuildConfig, build
-    from .build.builder import ForeignFolderError
+    from .build.builder import ForeignFolderError, preset_models
 
-    selection = resolve_models(preset, None, None, None, log=log)
     config = BuildConfig(out=Path(out), backend=backend, precision=precision, height=height, width=width, prompts=prompts, mask_ratio=mask_ratio)
+    selection = preset_models(preset, config, log=log)
     try:
         build(selection, config, log=log)
     except ForeignFolderError:  # bench's own folder, of other settings or an older version: remade
@@ -104,28 +123,45 @@ CHILD_ERROR = "HYBRIDSTITCH-ERROR"
 def _in_child(function, kwargs: dict, log) -> None:
     """Runs ``function(**kwargs)`` of this module in a fresh Python process, its log lines relayed
     to ``log``: a bench's build (or its up-to-date check, which reads both models' weights) leaves
-    nothing in this process's memory, so its loaded and peak figures count the run alone.
+    nothing in this process's memory, so its loaded and peak figures count the run alone. The
+    child is stopped if this process stops waiting for it (Ctrl+C, an error).
 
     Raises:
         HybridStitchError: the child's own one-line error, of its class.
+        BuildError: the child failed otherwise (a traceback, a signal such as the kernel's
+            out-of-memory kill).
     """
     import json
+    import signal
     import subprocess
     import sys
 
     from hs_runtime import errors
 
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, function.__name__, json.dumps(kwargs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    what = function.__name__.replace("_", " ")
     failure, tail = None, []
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        if line.startswith(CHILD_ERROR + " "):
-            name, _, message = line[len(CHILD_ERROR) + 1:].partition(" ")
-            failure = getattr(errors, name, errors.BuildError)(message)
-        else:
-            log(line)
-            tail = (tail + [line])[-5:]
-    if proc.wait() and failure is None:
-        failure = errors.BuildError(describe(f"{function.__name__.replace('_', ' ')} failed", got=f"exit code {proc.returncode}: {tail[-1] if tail else 'no output'}", fix="see its output above"))
+    with subprocess.Popen([sys.executable, "-c", _CHILD, function.__name__, json.dumps(kwargs)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line.startswith(CHILD_ERROR + " "):
+                    name, _, message = line[len(CHILD_ERROR) + 1:].partition(" ")
+                    failure = getattr(errors, name, errors.BuildError)(message)
+                else:
+                    log(line)
+                    tail = (tail + [line])[-5:]
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+    if proc.returncode < 0 and failure is None:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        hint = " (SIGKILL: the kernel's out-of-memory killer, most often; hs-export build --dry-run shows the memory it needs)" if name == "SIGKILL" else ""
+        failure = errors.BuildError(describe(f"{what} was stopped by a signal", got=f"{name}{hint}", fix="see its output above"))
+    elif proc.returncode and failure is None:
+        failure = errors.BuildError(describe(f"{what} failed", got=f"exit code {proc.returncode}: {tail[-1] if tail else 'no output'}", fix="see its output above"))
     if failure is not None:
         raise failure

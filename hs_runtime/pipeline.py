@@ -143,19 +143,30 @@ class HybridStitchPipeline:
         Args:
             seed: one int for all prompts, or one per prompt (see :func:`initial_latents`).
             should_stop: checked before every denoising step; see :meth:`StitchedSampler.denoise`.
-            conditioning: these prompts' :meth:`encode` from an earlier call, so that several
-                seeds or plans of the same prompts run the text encoders once (T5-XXL on a CPU
-                takes seconds).
+            conditioning: these prompts' :meth:`encode` from an earlier call (negative prompts
+                included: none are passed with it), so that several seeds or plans of the same
+                prompts run the text encoders once (T5-XXL on a CPU takes seconds).
         """
         prompts, negative_prompts = _prompt_lists(prompts, negative_prompts)
-        # Noise first: seeds and sizes are refused before the text encoders run (no RNG there).
-        latents = initial_latents(len(prompts), height, width, seed, self.text_and_vae.vae_scale_factor)
+        latents = self.noise(len(prompts), plan, height, width, seed)
         if conditioning is None:
             conditioning = self.text_and_vae.encode(prompts, negative_prompts, self.sampler.cfg, self.max_sequence_length)
+        elif not isinstance(conditioning, Conditioning):
+            raise ConfigError(describe("conditioning must be a Conditioning", got=type(conditioning).__name__, fix="pass what encode(prompts, negative_prompts) returned, or none"))
+        elif negative_prompts is not None:
+            raise ConfigError(describe("negative prompts given with a conditioning", fix="they are encoded into it: pass encode(prompts, negative_prompts) alone"))
         elif conditioning.prompts != len(prompts):
             raise ConfigError(describe("the conditioning was encoded for other prompts", got=f"{conditioning.prompts} encoded, {len(prompts)} prompt(s)", fix="pass the encode() of these prompts, or none"))
         result: DenoiseResult = self.sampler.denoise(plan, latents, conditioning, profile=profile, should_stop=should_stop)
         return self.text_and_vae.decode(result.latents), result
+
+    def noise(self, prompts: int, plan: Plan, height: int, width: int, seed: int | Sequence[int] = 0) -> torch.Tensor:
+        """The initial latents of a call, the request checked with them: seeds, sizes (the
+        models' and the engines' profiles) and the plan are refused here, before the text
+        encoders run (T5-XXL on a CPU takes seconds)."""
+        latents = initial_latents(prompts, height, width, seed, self.text_and_vae.vae_scale_factor)
+        self.sampler.check_request(plan, latents)
+        return latents
 
     def encode(self, prompts, negative_prompts=None) -> Conditioning:
         """The text encoders' output for ``prompts``, to pass as ``conditioning`` to calls that

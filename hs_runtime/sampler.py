@@ -267,7 +267,8 @@ class StitchedSampler:
 
     def check_request(self, plan, latents) -> None:
         """Refuses, in one line, a plan that is not a :class:`Plan` and latents that are not a
-        ``[P, C, H, W]`` tensor with the models' channels (before they reach a tensor op)."""
+        ``[P, C, H, W]`` tensor with the models' channels and a size the models and engines take
+        (before they reach a tensor op; callers check a request with it before costly work)."""
         if not isinstance(plan, Plan):
             raise ConfigError(describe("plan must be a Plan", got=type(plan).__name__, fix='make one with hs_runtime.make_plan("hybrid", steps)'))
         if not isinstance(latents, torch.Tensor):
@@ -276,6 +277,11 @@ class StitchedSampler:
             raise ShapeError(describe("latents must be [P, C, H, W]", got=tuple(latents.shape)))
         if latents.shape[1] != self.large_dims.in_channels:
             raise ShapeError(describe("latents have the wrong channel count", got=latents.shape[1], expected=f"{self.large_dims.in_channels} (the models' in_channels)"))
+        height, width = latents.shape[2:]
+        self.small_dims.check_latent(height, width, "small")
+        self.large_dims.check_latent(height, width, "large")
+        if getattr(self.engines, "check_size", None) is not None:  # engines built for some sizes only
+            self.engines.check_size(height, width)
 
     def _denoise(self, plan, latents, conditioning, profile, should_stop=None, profile_calls=False) -> DenoiseResult:
         device, dtype, cfg = self.engines.device, self.engines.dtype, self.cfg
@@ -288,10 +294,6 @@ class StitchedSampler:
         embeds, pooled = conditioning.batch(cfg, device, dtype)
         x = latents.to(device=device, dtype=torch.float32)
         _, channels, height, width = x.shape
-        self.small_dims.check_latent(height, width, "small")
-        self.large_dims.check_latent(height, width, "large")
-        if getattr(self.engines, "check_size", None) is not None:
-            self.engines.check_size(height, width)
         p = self.large_dims.patch_size
         batch = embeds.shape[0]
         positions = {role: position_ids(height, width, p, self.engines[role].dims.pos_embed_max_size, device=device).expand(batch, -1) for role in (SMALL, LARGE)}

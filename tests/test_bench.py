@@ -225,16 +225,34 @@ def test_bench_preset_with_one_engine_backend_builds_its_folder_first(preset_roo
 def test_bench_preset_backends_side_by_side_build_in_a_child_process(preset_root, tmp_path, monkeypatch):
     """`--backends` with `--preset` builds each engine backend's folder first, in a process of its
     own (the build and its up-to-date check read both models: this process's loaded and peak
-    memory figures count the run alone); a build's refusal comes back as its own one line."""
+    memory figures count the run alone), before any backend loads, whatever their order; a
+    build's refusal comes back as its own one line, with the build command bench runs."""
+    import hs_export.build
+    import hs_export.build.builder
+    from hs_export import runs
+    from hs_runtime.runtime import HybridStitchRuntime
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "engines").mkdir()
     (tmp_path / "engines" / "tiny-onnxruntime").write_text("not a folder")
-    args = ["bench", "--preset", "tiny", "--backends", "onnxruntime,torch", "--plans", "large", "--steps", "2", "--warmup", "0", "--repeat", "1"]
+    args = ["bench", "--preset", "tiny", "--backends", "torch,onnxruntime", "--plans", "large", "--steps", "2", "--warmup", "0", "--repeat", "1"]
     refused = CliRunner().invoke(main, args)
-    assert refused.exit_code == 1 and refused.output.strip().splitlines()[-1].startswith("Error: --out engines/tiny-onnxruntime is a file"), refused.output
+    last = refused.output.strip().splitlines()[-1]
+    assert refused.exit_code == 1 and last.startswith("Error: --out engines/tiny-onnxruntime is a file"), refused.output
+    assert "(bench builds its engines with: hs-export build --preset tiny --backend onnxruntime --precision fp32" in last, last
     (tmp_path / "engines" / "tiny-onnxruntime").unlink()
+
+    def no_build_here(*args, **kwargs):
+        raise AssertionError("the build ran in bench's own process")
+
+    events, child, from_models = [], runs._in_child, HybridStitchRuntime.from_models.__func__
+    for module in (hs_export.build, hs_export.build.builder):  # the child imports its own
+        monkeypatch.setattr(module, "build", no_build_here)
+    monkeypatch.setattr(runs, "_in_child", lambda *a, **k: (events.append("build"), child(*a, **k)))
+    monkeypatch.setattr(HybridStitchRuntime, "from_models", classmethod(lambda cls, *a, **k: (events.append("load"), from_models(cls, *a, **k))[1]))
     done = CliRunner().invoke(main, [*args, "--json", str(tmp_path / "b.json")])
     assert done.exit_code == 0 and "[export]" in done.output, done.output  # the child's log, relayed
+    assert events == ["build", "load"], events  # torch named first, loaded after the build
     assert {b["name"] for b in json.loads((tmp_path / "b.json").read_text())["backends"]} == {"onnxruntime", "torch"}
 
 

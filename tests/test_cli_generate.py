@@ -104,6 +104,9 @@ def test_generate_encodes_the_prompts_once_and_writes_each_seed_as_it_runs(tiny_
     result = CliRunner().invoke(main, [*ARGS, "--seeds", "2", "--out", str(tmp_path / "ok.png"), "--compare"])
     assert result.exit_code == 0, result.output
     assert counts["encode"] == 1
+    refused = CliRunner().invoke(main, [*ARGS, "--height", "100", "--out", str(tmp_path / "odd.png")])
+    assert refused.exit_code == 1 and "height must be a positive multiple of 16" in refused.output, refused.output
+    assert counts["encode"] == 1  # refused before the text encoders ran
 
     def second_fails(self, *args, **kwargs):
         counts["render"] += 1

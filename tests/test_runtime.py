@@ -517,7 +517,11 @@ def test_encoded_prompts_render_as_the_prompts_do(tiny_paths):
     plan = make_plan("hybrid", 3)
     prompts = ["a red cat", "a blue dog"]
     direct, _ = pipe(prompts, plan, 128, 128, 1, "blurry")
-    encoded, _ = pipe(prompts, plan, 128, 128, 1, "blurry", conditioning=pipe.encode(prompts, "blurry"))
+    encoded, _ = pipe(prompts, plan, 128, 128, 1, conditioning=pipe.encode(prompts, "blurry"))
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(direct, encoded))
     with pytest.raises(ConfigError, match=re.escape("the conditioning was encoded for other prompts | got 1 encoded, 2 prompt(s)")):
         pipe(prompts, plan, 128, 128, 1, conditioning=pipe.encode(prompts[:1]))
+    with pytest.raises(ConfigError, match=re.escape("negative prompts given with a conditioning")):  # they were encoded into it
+        pipe(prompts, plan, 128, 128, 1, "blurry", conditioning=pipe.encode(prompts, "blurry"))
+    with pytest.raises(ConfigError, match=re.escape("conditioning must be a Conditioning | got tuple")):
+        pipe(prompts, plan, 128, 128, 1, conditioning=(None, None))

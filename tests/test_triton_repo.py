@@ -60,6 +60,9 @@ def test_triton_repo_writes_both_models(tiny4_engine_dir, tmp_path, monkeypatch)
     done = _write(str(copied), "--out", str(repo))
     assert done.exit_code == 1 and f"the engine folder {copied} lies inside --out {repo / GENERATE.name}, which rewriting" in done.output, done.output
     assert (copied / "manifest.json").is_file()
+    done = _write(str(copied), "--out", str(copied / "repo"), "--copy-engines")  # the copy would copy itself, without end
+    assert done.exit_code == 1 and f"--out {copied / 'repo'} lies inside the engine folder {copied} that --copy-engines copies" in done.output, done.output
+    assert not (copied / "repo").exists()
 
     # a relative --pipeline is written absolute, like the engine folder (Triton does not run where this command ran)
     pipeline = Path(json.loads((tiny4_engine_dir / "manifest.json").read_text())["pipeline"]).resolve()
@@ -168,9 +171,9 @@ def test_tritons_log_is_read_to_its_end_when_our_stdout_breaks():
     assert not output.thread.is_alive() and output.lines[-1] == "line 999"
 
 
-def test_a_triton_that_outlives_the_drain_is_killed_and_said_so(monkeypatch):
-    """Killed after --exit-timeout-secs and the margin, ``serve`` says it killed it (its last log
-    line used to stand in as the reason)."""
+def test_a_triton_that_outlives_the_drain_is_killed(monkeypatch):
+    """Killed after --exit-timeout-secs and the margin, and reported as killed (``serve`` then
+    says so instead of letting its last log line stand in as the reason)."""
     import os
     import subprocess
     import threading

@@ -40,7 +40,7 @@ def test_zero_and_negative_sizes_are_errors_in_the_api(size, tmp_path):
     with pytest.raises(ShapeError, match="height must be a positive multiple of 16"):
         from hs_export.runs import bench_engines
 
-        bench_engines("tiny", None, "cpu", "fp32", 1, size, None, 0.3)
+        bench_engines("tiny", "cpu", "fp32", size, None)
 
 
 @pytest.mark.parametrize("field, value, message", [

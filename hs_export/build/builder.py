@@ -50,7 +50,7 @@ from hs_runtime.validation import check_folder_path, check_int, check_pipeline
 from . import export as onnx_export
 from .limits import BuildNeeds, build_needs, check_limits, format_bytes, format_run_needs, format_table, run_needs
 from .precision import apply_precision_plan, precision_plan
-from .sources import ModelSelection, model_configs
+from .sources import ModelSelection, model_configs, resolve_models
 
 BACKENDS = ("onnxruntime", "tensorrt")
 OPSETS = (14, 20)  # scaled_dot_product_attention exports from opset 14; torch's TorchScript exporter stops at 20
@@ -310,6 +310,20 @@ def check_room(selection: ModelSelection, config: BuildConfig, extra_disk: int =
     check_out(selection, config)
     needs = plan_build(selection, config).needs
     check_limits(replace(needs, disk_bytes=needs.disk_bytes + extra_disk), config.backend, Path(config.out), config.force, also=f" with the preset's weights (~{format_bytes(extra_disk)})" if extra_disk else "")
+
+
+def preset_models(preset: str, config: BuildConfig, log=print) -> ModelSelection:
+    """A preset's models for a build into ``config.out``, the host checked first: a preset's
+    random weights (SD3.5: ~40 GiB) are made only where they and the build fit together (counted
+    on one disk when both go to the same one)."""
+    from hs_runtime.validation import same_disk
+
+    from ..presets import pending_preset_bytes
+
+    selection = resolve_models(preset, None, None, None, log=log, materialize=False)
+    pending, where = pending_preset_bytes(preset)
+    check_room(selection, config, extra_disk=pending if where is not None and same_disk(where, config.out) else 0)
+    return resolve_models(preset, None, None, None, log=log, force=config.force)
 
 
 def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildReport:

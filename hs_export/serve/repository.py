@@ -226,16 +226,19 @@ def _check_folder(out: Path, flag: str) -> None:
 
 def _check_sources_outside(out: Path, config: RepositoryConfig, flag: str) -> None:
     """Refuses an engine or pipeline folder inside a model folder of ``out`` (where
-    ``--copy-engines`` puts the engines): rewriting the repository removes those folders first."""
-    for what, source in (("engine folder", config.engine_dir), ("--pipeline", config.pipeline)):
+    ``--copy-engines`` puts the engines): rewriting the repository removes those folders first; and
+    with ``--copy-engines``, ``out`` inside the engine folder (the copy would copy itself)."""
+    for what, source, fix in (
+        ("engine folder", config.engine_dir, "pass the engine folder the repository was made from, or write the repository elsewhere"),
+        ("--pipeline", config.pipeline, "pass a pipeline folder outside the repository, or write the repository elsewhere"),
+    ):
         if source is None or not Path(source).exists():
             continue
         inside = [name for name in _OURS if Path(source).resolve().is_relative_to((out / name).resolve())]
         if inside:
-            raise ConfigError(describe(
-                f"the {what} {source} lies inside {flag} {out / inside[0]}, which rewriting the repository removes first",
-                fix="pass the engine folder the repository was made from, or write the repository elsewhere",
-            ))
+            raise ConfigError(describe(f"the {what} {source} lies inside {flag} {out / inside[0]}, which rewriting the repository removes first", fix=fix))
+    if config.copy_engines and out.resolve().is_relative_to(Path(config.engine_dir).resolve()):
+        raise ConfigError(describe(f"{flag} {out} lies inside the engine folder {config.engine_dir} that --copy-engines copies into it", fix=f"write the repository outside {config.engine_dir}"))
 
 
 def _clear(out: Path) -> None:
