@@ -518,7 +518,7 @@ MEMORY_NOTE_CPU = (
     "for a whole process's peak, run one backend per process (--backend: the peak MiB column)"
 )
 MEMORY_NOTE_CPU_PEAK = (
-    "peak MiB = the process's peak resident set so far (getrusage ru_maxrss), which never falls: a row repeats the largest "
+    "peak MiB = the process's peak resident set so far (Linux VmHWM; ru_maxrss elsewhere), which never falls: a row repeats the largest "
     "of the rows before it unless its own plan went higher; each plan's own addition: --backends (added MiB)"
 )
 NO_WARMUP_NOTE = "; with --warmup 0 the first round, where the memory is sampled (a thread waking every 5 ms), is also timed"

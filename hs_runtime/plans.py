@@ -73,7 +73,7 @@ class MaskConfig:
             raise ConfigError(
                 describe(
                     "mask min_ratio out of range", got=self.min_ratio, expected=f"a value in (0, ratio={self.ratio}] with the adaptive mask",
-                    fix=f"the adaptive mask chooses between --mask-min-ratio (default {_MIN_RATIO}) and --mask-ratio (default {_RATIO}): raise --mask-ratio, or lower --mask-min-ratio",
+                    fix=f"the adaptive mask chooses between min_ratio (--mask-min-ratio, here {self.min_ratio:g}) and ratio (--mask-ratio, here {self.ratio:g}): raise the ratio, or lower min_ratio",
                 )
             )
         if self.signal not in MASK_SIGNALS:

@@ -9,7 +9,7 @@ import torch
 from .backends.base import EngineSet, torch_dtype
 from .backends.checked import ProfileCheckedEngine
 from .contract import GRAPH_NAMES, SMALL
-from .errors import ShapeError, describe
+from .errors import ConfigError, ShapeError, describe
 from .mask import TokenMask
 from .plans import Plan
 from .sampler import Conditioning, DenoiseResult, StageTimes, StitchedSampler
@@ -75,9 +75,15 @@ class HybridStitchRuntime:
 
         text_dtype = None if text_dtype is None else torch_dtype(text_dtype)  # refused before any engine loads
         manifest = Manifest.load(folder)
-        engines = engines_from_manifest(manifest, manifest.backend if backend is None else backend, device, dtype)
         pipeline_source = manifest.data.get("pipeline") if pipeline_source is None else pipeline_source
-        return cls(engines, pipeline_source, manifest.build["max_sequence_length"], manifest, text_dtype)
+        max_sequence_length = manifest.build["max_sequence_length"]
+        if pipeline_source is not None and max_sequence_length < 1:  # built without text encoders, for CLIP's tokens or fewer
+            raise ConfigError(describe(
+                f"engine folder {folder} takes {manifest.shape.text_tokens} text tokens: no room for T5's beside CLIP's {manifest.build.get('clip_tokens', 77)}",
+                fix="rebuild it with --pipeline DIR (or more --text-tokens) to run it with text encoders",
+            ))
+        engines = engines_from_manifest(manifest, manifest.backend if backend is None else backend, device, dtype)
+        return cls(engines, pipeline_source, max_sequence_length, manifest, text_dtype)
 
     def sampler(self, guidance_scale: float = 7.0, shift: float = DEFAULT_SHIFT, check_finite: bool = True) -> StitchedSampler:
         return StitchedSampler(self.engines, guidance_scale, shift, check_finite)

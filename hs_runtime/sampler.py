@@ -3,8 +3,9 @@
 Per step the plan's action picks the graph calls: dense calls feed every image token with no
 context; a capture step keeps both models' K/V; a hybrid step feeds the large graph the complex
 tokens (and the small graph all tokens, or only the others) with the cached K/V of the rest. The
-gathers and the merge stay on the latents' device. The only host synchronisation is optional
-stage timing (``profile=True``).
+gathers and the merge stay on the latents' device. The only host synchronisation in the step loop
+is optional stage timing (``profile=True``); fp16 engines read one flag before it (the embeddings'
+cast to fp16 stayed finite).
 """
 
 from __future__ import annotations
@@ -71,10 +72,15 @@ class Conditioning:
             embeds = torch.cat([self.negative_prompt_embeds, embeds])
             pooled = torch.cat([self.negative_pooled_prompt_embeds, pooled])
         cast = embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
-        if dtype == torch.float16:  # finite fp32 past 65504 turns inf here, not in the text encoders
+        # Finite fp32 past 65504 turns inf in this cast, not in the text encoders: one device read
+        # before the step loop (the details only when it failed).
+        if dtype == torch.float16 and not bool(torch.isfinite(cast[0]).all() & torch.isfinite(cast[1]).all()):
             for name, source, narrowed in (("prompt embeddings", embeds, cast[0]), ("pooled prompt embeddings", pooled, cast[1])):
                 if not bool(torch.isfinite(narrowed).all()) and bool(torch.isfinite(source).all()):
-                    raise NumericalError(describe(f"the {name} exceed fp16's range", got=f"largest |value| {source.abs().max().item():.4g}", expected="<= 65504 for fp16 engines", fix="build the engines in bf16 or fp32 (--precision)"))
+                    rows = torch.isfinite(narrowed).flatten(1).all(1).logical_not().nonzero().flatten().tolist()
+                    half = self.prompts if cfg else 0  # [uncond; cond] with guidance
+                    which = "negative " if cfg and all(r < half for r in rows) else ""
+                    raise NumericalError(describe(f"the {which}{name} exceed fp16's range", got=f"largest |value| {source.abs().max().item():.4g}", expected="<= 65504 for fp16 engines", fix="build the engines in bf16 or fp32 (--precision)"))
         return cast
 
 

@@ -23,26 +23,27 @@ SIZES = {
     # issue 15: SD3Transformer2DModel(num_layers=12, attention_head_dim=64, num_attention_heads=16, ...)
     "445m": dict(large=(12, 16), small=(4, 8), height=256, text_tokens=32, bench_steps=4),
     "test": dict(large=(6, 8), small=(2, 4), height=128, text_tokens=16, bench_steps=4),
-    # the largest pair measured on the 24 GiB development host: 16 layers × D 1280 (~0.7 B), with the 445m small one
+    # the largest pair measured on the 24 GiB development host: 16 layers × D 1280 (0.93 B), with the 445m small one
     "1b": dict(large=(16, 20), small=(4, 8), height=256, text_tokens=32, bench_steps=4),
 }
 
 CHILD = r"""
-import json, resource, sys, time, psutil
+import json, sys, time, psutil
 from hs_export.build import BuildConfig, build, resolve_models
+from hs_export.build.builder import peak_rss
 import onnxruntime, diffusers  # imported before the baseline: they are the fixed cost
 baseline = psutil.Process().memory_info().rss
 start = time.perf_counter()
 args = json.loads(sys.argv[1])
 selection = resolve_models(None, args["small"], args["large"], None, log=lambda *_: None)
 build(selection, BuildConfig(out=args["out"], height=args["height"], width=args["height"], text_tokens=args["text_tokens"], precision=args["precision"], force=True), log=print)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print("RESULT " + json.dumps({"baseline": baseline, "peak": peak, "seconds": time.perf_counter() - start}))
+print("RESULT " + json.dumps({"baseline": baseline, "peak": peak_rss(), "seconds": time.perf_counter() - start}))
 """
 
 BENCH_CHILD = r"""
-import json, resource, sys, psutil, torch
+import json, sys, psutil, torch
 from hs_runtime import Conditioning, HybridStitchRuntime, make_plan
+from hs_export.build.builder import peak_rss
 baseline = psutil.Process().memory_info().rss
 folder, steps = sys.argv[1], int(sys.argv[2])
 runtime = HybridStitchRuntime.from_dir(folder)
@@ -54,7 +55,7 @@ conditioning = Conditioning(embeds(), pooled(), embeds(), pooled())
 latents = torch.randn(shape.prompts, dims.in_channels, shape.latent_height, shape.latent_width, generator=g)
 for name in ("large", "hybrid"):
     runtime.denoise(make_plan(name, steps), latents, conditioning)
-print("RESULT " + json.dumps({"baseline": baseline, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print("RESULT " + json.dumps({"baseline": baseline, "peak": peak_rss()}))
 """
 
 
@@ -101,8 +102,7 @@ def measure(size_name: str, work: Path, bench: bool = True, log=print, precision
     measures it, beside the build's own estimate of the same build."""
     size = SIZES[size_name]
     work.mkdir(parents=True, exist_ok=True)
-    # In a process of its own: Linux carries the parent's resident size into a child's ru_maxrss
-    # across fork + exec, so a parent that made the models would inflate every measurement.
+    # Each in a process of its own, whose peak (VmHWM: builder.peak_rss) counts that process alone.
     subprocess.run([sys.executable, __file__, "--make-pair", "--size", size_name, "--work", str(work)], check=True)
     small, large, weights = make_pair(work, size)  # already saved: only reads sizes
     out = work / "engines"

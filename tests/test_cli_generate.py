@@ -40,7 +40,7 @@ def test_generate_several_seeds_stacks_one_compare_row_per_image(tiny_paths, tmp
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--mask-energy", "1.5"], "mask energy share out of range"),
         (["--mask-energy", "0.5", "--mask-min-ratio", "0.5"], "mask min_ratio out of range"),
-        (["--mask-energy", "0.5"], "between --mask-min-ratio (default 0.05) and --mask-ratio (default 0.02): raise --mask-ratio"),  # the defaults alone
+        (["--mask-energy", "0.5"], "between min_ratio (--mask-min-ratio, here 0.05) and ratio (--mask-ratio, here 0.02): raise the ratio"),  # the defaults alone
         (["--mask-reselect-every", "2", "--mask-signal", "disagreement"], "mask re-selection needs the detail signal"),
         (["--negative-prompt", "a", "--negative-prompt", "b"], "--negative-prompt given neither once nor once per --prompt | got 2 negative, 1 prompts"),
         (["--seed", str(2**64 - 1), "--seeds", "2"], "seed out of range"),  # the last seed, before any model loads

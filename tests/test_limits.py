@@ -39,7 +39,7 @@ def test_sd35_build_needs_are_pinned():
     SD3.5-large keeps block 35 (212,999,680 weights) in fp32 at bf16/fp16 (precision_plan); the
     parity check loads each PyTorch model in fp32 on the host, beside the ONNX Runtime session it
     checks, whose CPU kernels hold fp16 initializers cast to fp32 (measured on a 0.93 B pair: the
-    fp16 build peaked at 8.17 GiB, the fp32 one at 8.29), and ~0.25× that model besides."""
+    fp16 build peaked at 8.17 GiB, the fp32 one at 8.29), and ``ORT_CHECK_EXTRA`` × that model besides."""
     gib = 2**30
     count = {role: limits.weight_count(config) for role, config in SD35.items()}
     trt = _needs(prompts=1)

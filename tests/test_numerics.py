@@ -78,6 +78,11 @@ def test_embeddings_past_fp16s_range_are_blamed_on_the_engines_precision(tiny_mo
     cond.prompt_embeds[0, 0, 0] = 1e5
     with pytest.raises(NumericalError, match=r"^the prompt embeddings exceed fp16's range \| got largest \|value\| 1e\+05 .* build the engines in bf16 or fp32"):
         StitchedSampler(torch_engines(small, large, dtype=torch.float16)).denoise(make_plan("small", 2), initial_latents(1, 128, 128, 0), cond)
+    cond = _cond(tiny_conditioning)
+    cond.negative_prompt_embeds = cond.negative_prompt_embeds.clone()
+    cond.negative_prompt_embeds[0, 0, 0] = -1e5  # the negative prompt's half of the CFG batch
+    with pytest.raises(NumericalError, match=r"^the negative prompt embeddings exceed fp16's range"):
+        StitchedSampler(torch_engines(small, large, dtype=torch.float16)).denoise(make_plan("small", 2), initial_latents(1, 128, 128, 0), cond)
 
 
 def test_nan_weights_stop_denoise_with_step_and_graph(tiny_models, nan_large, tiny_conditioning):

@@ -525,3 +525,20 @@ def test_encoded_prompts_render_as_the_prompts_do(tiny_paths):
         pipe(prompts, plan, 128, 128, 1, "blurry", conditioning=pipe.encode(prompts, "blurry"))
     with pytest.raises(ConfigError, match=re.escape("conditioning must be a Conditioning | got tuple")):
         pipe(prompts, plan, 128, 128, 1, conditioning=(None, None))
+
+
+def test_a_folder_built_for_clips_tokens_or_fewer_refuses_text_encoders(tiny_engine_dir, tiny_paths, tmp_path):
+    """A folder built without a pipeline for <= 77 text tokens records no T5 tokens: given text
+    encoders at run time (``serve --pipeline``), it is refused before any engine loads, not with a
+    shape error at the first engine call."""
+    import json
+    import shutil
+
+    folder = tmp_path / "no-t5"
+    shutil.copytree(tiny_engine_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["pipeline"], manifest["build"]["max_sequence_length"] = None, 0
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    HybridStitchRuntime.from_dir(folder)  # no text encoders: runs on embeddings
+    with pytest.raises(ConfigError, match=re.escape(f"engine folder {folder} takes {manifest['build']['shape']['text_tokens']} text tokens: no room for T5's")):
+        HybridStitchRuntime.from_dir(folder, pipeline_source=str(tiny_paths.pipeline))

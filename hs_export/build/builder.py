@@ -175,8 +175,16 @@ def rebuild_command(selection: ModelSelection, config: BuildConfig, height: int,
 
 
 def peak_rss() -> int:
-    """Peak resident memory of this process so far, in bytes (``ru_maxrss`` is in KiB on Linux,
-    in bytes on macOS)."""
+    """Peak resident memory of this process so far, in bytes: Linux's ``VmHWM`` (its own; a
+    child's ``ru_maxrss`` starts at its parent's peak across fork + exec), else ``ru_maxrss``
+    (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
