@@ -520,6 +520,8 @@ def _check_engines(selection: ModelSelection, config: BuildConfig, work: Path, m
             parity = onnx_export.check_parity(module, engine, _parity_sizes(shape, config.backend), engine_dtype=torch_dtype(config.precision))
             del module, engine
             gc.collect()
+            if device == "cuda":  # the next graph's engine allocates outside torch's cache (TensorRT's own cudaMalloc)
+                torch.cuda.empty_cache()
         rtol = graph_spec(name, view.dims(name)).rtol if config.precision == "fp32" else rtol_reduced
         phases.log(f"        max abs {parity.max_abs:.2e}, relative {parity.rel:.2e} over {parity.cases} call(s) (tolerance {rtol:g})")
         if math.isnan(parity.rel):

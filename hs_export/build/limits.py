@@ -65,6 +65,7 @@ class BuildNeeds:
     host_bytes: int
     disk_bytes: int
     folder_bytes: int  # what stays in the engine folder
+    gpu_bytes: int = 0  # TensorRT: at least what the engine check holds on the GPU; 0 for a CPU build
 
     def over_limit(self, backend: str) -> list[TensorLimit]:
         """Tensors a backend cannot hold (TensorRT: more than 2³¹−1 elements)."""
@@ -142,7 +143,12 @@ def build_needs(shape: BuildShape, dims: dict[str, ModelDims], configs: dict[str
     check_phase = max(fp32[name] * (1 + (1 + ORT_CHECK_EXTRA if backend == "onnxruntime" else 0)) for name in GRAPH_NAMES)
     host = int(max(total, build_phase, check_phase) + HOST_OVERHEAD)
     disk = 2 * total if backend == "tensorrt" else total
-    return BuildNeeds(tensors, weights, io_bytes, host, disk, total)
+    # TensorRT's engine check (builder._check_engines) holds, per graph, the fp32 PyTorch model on
+    # the GPU beside the engine (its weights and its output buffers at their maxima): a lower bound,
+    # as the engine's activation memory, torch's and the CUDA context come on top.
+    outputs = {name: sum(t.bytes for t in tensors if t.graph == name and t.direction == "out") for name in GRAPH_NAMES}
+    gpu = max(fp32[name] + weights[name] + outputs[name] for name in GRAPH_NAMES) if backend == "tensorrt" else 0
+    return BuildNeeds(tensors, weights, io_bytes, host, disk, total, gpu)
 
 
 @dataclass(frozen=True)
@@ -247,6 +253,8 @@ def format_table(needs: BuildNeeds, backend: str, compact: bool = True) -> list[
         lines.append(f"{name:6} {'(all I/O at maxima)':24} {'':3} {'':28} {'':>14} {format_bytes(needs.io_bytes[name]):>12}   weights {format_bytes(needs.weights[name])}")
     lines.append(f"largest tensor: {max(t.elements for t in needs.tensors):,} elements (TensorRT limit {TRT_MAX_ELEMENTS:,})")
     lines.append(f"build needs: host memory ~{format_bytes(needs.host_bytes)}, disk ~{format_bytes(needs.disk_bytes)}; the engine folder keeps ~{format_bytes(needs.folder_bytes)}")
+    if needs.gpu_bytes:
+        lines.append(f"GPU memory: at least {format_bytes(needs.gpu_bytes)} for the engine check (the fp32 PyTorch model beside its engine; activations on top)")
     return lines
 
 
@@ -257,9 +265,20 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def free_gpu_memory() -> tuple[int, str] | None:
+    """Free bytes of the current CUDA device, where a TensorRT build runs, and its name
+    (``torch.cuda.mem_get_info``: cudaMemGetInfo); ``None`` where torch sees no GPU (the build then
+    stops at its engine phase, naming what is missing)."""
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return int(free), f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
+
+
 def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool, also: str = "") -> None:
     """Refuses, in one line, a tensor past the backend's limit (always) and a host without the
-    memory or disk the build needs (unless ``force``; ``also`` says what the disk need includes).
+    memory, GPU memory (TensorRT) or disk the build needs (unless ``force``; ``also`` says what the
+    disk need includes).
 
     Raises:
         BuildError: naming the tensor or both numbers, and the way out.
@@ -279,6 +298,15 @@ def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool, also: 
     if needs.host_bytes > memory:
         raise BuildError(
             describe("this host lacks the memory the build needs", got=f"{format_bytes(memory)} available", expected=f"~{format_bytes(needs.host_bytes)} (hs-export build --dry-run shows why)", fix="build on a larger host, or pass --force to try anyway")
+        )
+    gpu = free_gpu_memory() if needs.gpu_bytes else None
+    if gpu is not None and needs.gpu_bytes > gpu[0]:  # a lower bound: refused here, not after the export and the engine build
+        raise BuildError(
+            describe(
+                f"{gpu[1]} lacks the memory the build's engine check needs", got=f"{format_bytes(gpu[0])} free",
+                expected=f"at least {format_bytes(needs.gpu_bytes)}: the fp32 PyTorch model beside its engine (hs-export build --dry-run shows it)",
+                fix="build on a GPU with more free memory (CUDA_VISIBLE_DEVICES picks one), or pass --force to try anyway",
+            )
         )
     target = nearest_existing(out.resolve())
     free = shutil.disk_usage(target).free
