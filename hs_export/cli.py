@@ -248,7 +248,7 @@ def build(preset, small_src, large_src, pipeline_src, out, dry_run, **options):
         run_dry_run(selection, config, log=_log)
         return
     if preset:  # a host too small is refused before the preset's random weights are made (SD3.5: ~40 GiB)
-        selection = preset_models(preset, config, log=_log)
+        selection = preset_models(preset, config, pipeline_src, log=_log)
     run_build(selection, config, log=_log)
 
 

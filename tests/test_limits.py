@@ -180,3 +180,18 @@ def test_a_gpu_too_small_for_the_tensorrt_engine_check_is_refused_before_the_bui
     limits.check_limits(_needs(prompts=1, backend="onnxruntime", precision="fp32"), "onnxruntime", tmp_path / "out", force=False)
     monkeypatch.setattr(limits, "free_gpu_memory", lambda: (80 * 2**30, "cuda:0 (NVIDIA H100)"))
     limits.check_limits(needs, "tensorrt", tmp_path / "out", force=False)
+
+
+def test_a_preset_build_keeps_the_pipeline_it_was_given(tiny_paths, tmp_path):
+    """`build --preset P --pipeline DIR` runs the preset's transformers with DIR's text encoders
+    and VAE, the host checked first as for any preset build."""
+    import shutil
+
+    from hs_export.build import BuildConfig
+    from hs_export.build.builder import preset_models
+
+    mine = tmp_path / "my-pipeline"
+    shutil.copytree(tiny_paths.pipeline, mine)
+    selection = preset_models("tiny", BuildConfig(out=tmp_path / "e"), str(mine), log=lambda *_: None)
+    assert selection.pipeline == str(mine.resolve()) and selection.pipeline_given, selection
+    assert preset_models("tiny", BuildConfig(out=tmp_path / "e"), log=lambda *_: None).pipeline == str(tiny_paths.pipeline)

@@ -320,18 +320,19 @@ def check_room(selection: ModelSelection, config: BuildConfig, extra_disk: int =
     check_limits(replace(needs, disk_bytes=needs.disk_bytes + extra_disk), config.backend, Path(config.out), config.force, also=f" with the preset's weights (~{format_bytes(extra_disk)})" if extra_disk else "")
 
 
-def preset_models(preset: str, config: BuildConfig, log=print) -> ModelSelection:
-    """A preset's models for a build into ``config.out``, the host checked first: a preset's
-    random weights (SD3.5: ~40 GiB) are made only where they and the build fit together (counted
-    on one disk when both go to the same one)."""
+def preset_models(preset: str, config: BuildConfig, pipeline_src: str | None = None, log=print) -> ModelSelection:
+    """A preset's models (``pipeline_src``: text encoders + VAE in place of its own) for a build
+    into ``config.out``, the host checked first: a preset's random weights (SD3.5: ~40 GiB) are
+    made only where they and the build fit together (counted on one disk when both go to the same
+    one)."""
     from hs_runtime.validation import same_disk
 
     from ..presets import pending_preset_bytes
 
-    selection = resolve_models(preset, None, None, None, log=log, materialize=False)
+    selection = resolve_models(preset, None, None, pipeline_src, log=log, materialize=False)
     pending, where = pending_preset_bytes(preset)
     check_room(selection, config, extra_disk=pending if where is not None and same_disk(where, config.out) else 0)
-    return resolve_models(preset, None, None, None, log=log, force=config.force)
+    return resolve_models(preset, None, None, pipeline_src, log=log, force=config.force)
 
 
 def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildReport:
