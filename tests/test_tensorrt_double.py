@@ -307,6 +307,13 @@ def test_the_backend_aligns_addresses_as_tensorrt_documents():
     assert tensorrt_backend.ADDRESS_ALIGNMENT == 256
 
 
+def test_a_plan_built_with_detailed_profiling_runs_with_layer_names_only(world, tmp_path):
+    """Plans built through Polygraphy's default (DETAILED) pay NVTX latency in every enqueueV3: the
+    context lowers it, as TensorRT allows (never above what the plan was built with)."""
+    engine = make_engine(tmp_path)  # the double's plans record DETAILED, as the older builds did
+    assert engine.context.nvtx_verbosity == trt_double.ProfilingVerbosity.LAYER_NAMES_ONLY
+
+
 def test_engines_sharing_a_block_must_share_a_stream(world, tmp_path):
     small, large = _small_engine(tmp_path, device_memory=1000), make_engine(tmp_path)
     with pytest.raises(ConfigError, match="one CUDA stream"):
@@ -543,6 +550,8 @@ def test_build_plan_asks_polygraphy_for_a_strongly_typed_network(world, tmp_path
     assert out.read_bytes() == b"plan"
     assert seen["network"][1] == {"strongly_typed": True}
     assert not {"fp16", "bf16"} & set(seen["config"]) and seen["config"]["tf32"] is True
+    # TensorRT's default NVTX verbosity, not Polygraphy's DETAILED (which slows every enqueueV3)
+    assert seen["config"]["profiling_verbosity"] == trt_double.ProfilingVerbosity.LAYER_NAMES_ONLY
     assert seen["save"] == str(cache)
 
 

@@ -101,6 +101,12 @@ class TensorIOMode:
     INPUT, OUTPUT = "INPUT", "OUTPUT"
 
 
+class ProfilingVerbosity:
+    """Ordered as TensorRT's enum: kLAYER_NAMES_ONLY (0, its default), kNONE (1), kDETAILED (2)."""
+
+    LAYER_NAMES_ONLY, NONE, DETAILED = 0, 1, 2
+
+
 class TensorLocation:
     DEVICE, HOST = "DEVICE", "HOST"
 
@@ -355,6 +361,19 @@ class IExecutionContext:
         self.profile_stream: int | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
+        self._nvtx = engine.body.get("profiling_verbosity", ProfilingVerbosity.DETAILED)  # "the verbosity with which the engine was built"
+
+    @property
+    def nvtx_verbosity(self):
+        return self._nvtx
+
+    @nvtx_verbosity.setter
+    def nvtx_verbosity(self, verbosity):
+        built = self.engine.body.get("profiling_verbosity", ProfilingVerbosity.DETAILED)
+        rank = {ProfilingVerbosity.NONE: 0, ProfilingVerbosity.LAYER_NAMES_ONLY: 1, ProfilingVerbosity.DETAILED: 2}
+        if rank[verbosity] > rank[built]:  # "the verbosity may not be raised above that level"
+            raise PreconditionViolation(f"nvtx_verbosity raised to {verbosity} above the plan's {built}")
+        self._nvtx = verbosity
 
     @property
     def active_optimization_profile(self) -> int:
@@ -491,6 +510,7 @@ def tensorrt_module(world: CudaWorld) -> types.ModuleType:
     module.ILogger, module.Runtime, module.TensorIOMode, module.TensorLocation = ILogger, Runtime, TensorIOMode, TensorLocation
     module.ICudaEngine, module.IExecutionContext = ICudaEngine, IExecutionContext
     module.ExecutionContextAllocationStrategy = ExecutionContextAllocationStrategy
+    module.ProfilingVerbosity = ProfilingVerbosity
     for name, dtype in DTYPES.items():
         setattr(module, name, dtype)
     return module

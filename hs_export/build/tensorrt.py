@@ -159,7 +159,7 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, profiles: list[
     """
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     kwargs = config_kwargs(precision, builder_optimization_level)
-    import_tensorrt(onnx_path.parent)
+    trt = import_tensorrt(onnx_path.parent)
     import onnx
     import torch
     from polygraphy.backend.trt import CreateConfig, engine_bytes_from_network, network_from_onnx_path
@@ -172,6 +172,9 @@ def build_plan(onnx_path: Path, plan_path: Path, precision: str, profiles: list[
         config = CreateConfig(
             profiles=polygraphy_profiles(profiles),
             load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
+            # TensorRT's own default: left unset, Polygraphy builds DETAILED (backend/trt/config.py),
+            # which "will generally increase latency in enqueueV3()" (NvInferRuntime.h, setNvtxVerbosity).
+            profiling_verbosity=trt.ProfilingVerbosity.LAYER_NAMES_ONLY,
             **kwargs,
         )
         try:

@@ -223,6 +223,11 @@ class TrtEngine:
             self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if self.context is None:
                 raise EngineLoadError(describe(f"TensorRT cannot create an execution context for {graph} engine {plan_path}", got=self._reason("create_execution_context returned None"), fix="free GPU memory or load fewer engines per GPU"))
+            # Plans built before 2026-12-07 went through Polygraphy's DETAILED profiling verbosity,
+            # which "will generally increase latency in enqueueV3()"; a context may lower its NVTX
+            # verbosity, never raise it (NvInferRuntime.h, IExecutionContext::setNvtxVerbosity).
+            if getattr(self.context, "nvtx_verbosity", None) == trt.ProfilingVerbosity.DETAILED:
+                self.context.nvtx_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
             if stream is None:
                 stream = torch.cuda.Stream(self.device)
             elif stream.cuda_stream in DEFAULT_STREAM_HANDLES:
