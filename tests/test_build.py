@@ -248,3 +248,23 @@ def test_fused_onnxruntime_engines_are_valid_onnx(tiny_engine_dir):
         model = onnx.load(str(path), load_external_data=False)
         assert any(n.op_type == "FastGelu" for n in model.graph.node)
         onnx.checker.check_model(str(path))
+
+
+def test_the_gpu_check_order_gives_the_parity_of_the_interleaved_check(tiny_engine_dir, tiny_models):
+    """On a GPU the build runs the PyTorch model for every call first (outputs kept on the host),
+    frees it, then runs the engine on the same inputs made again from the seeds: the same figures
+    as model and engine call by call, and a disagreement still shows."""
+    from hs_export.build.export import check_parity, compare_with_references, parity_base_sizes, reference_outputs
+
+    manifest = Manifest.load(tiny_engine_dir)
+    graphs = build_graphs(*tiny_models)
+    sizes = parity_base_sizes(manifest.shape, "tensorrt")  # the built size, as a TensorRT check runs
+    for name in GRAPH_NAMES:
+        engine = OrtEngine(manifest.engine_path(name), name, manifest.dims(name), torch.device("cpu"))
+        module = graphs[name].eval()
+        references = reference_outputs(module, sizes)
+        assert all(t.device.type == "cpu" for ref in references for t in ref.values())
+        two_phase = compare_with_references(engine, module.spec, references, sizes, torch.device("cpu"))
+        assert two_phase == check_parity(module, engine, sizes) and two_phase.cases == 4 and two_phase.rel < 1e-4
+        spoiled = [{k: v + 1 for k, v in ref.items()} for ref in references]
+        assert compare_with_references(engine, module.spec, spoiled, sizes, torch.device("cpu")).max_abs > 0.5

@@ -50,10 +50,15 @@ def test_sd35_build_needs_are_pinned():
     # fp32 check model + the session (fp32 kernels on the CPU, fp16 or not) + what the check holds besides
     assert ort.host_bytes == int(4 * count["large"] * (2 + limits.ORT_CHECK_EXTRA) + 2**30)
     assert ort.disk_bytes == ort.folder_bytes == sum(ort.weights.values())
-    # TensorRT's engine check: the fp32 large model on the GPU beside its engine and output buffers
-    assert round(trt.gpu_bytes / gib, 2) == 48.97 and ort.gpu_bytes == 0
+    # TensorRT's engine check: the fp32 large model with its largest call's tensors, then (freed)
+    # the engine with its output buffers: the model phase is the larger (it was 48.97 GiB when
+    # both were on the GPU at once)
+    assert round(trt.gpu_bytes / gib, 2) == 36.46 and ort.gpu_bytes == 0
+    check = limits.parity_case_bytes("large", BuildShape(1, 128, 128, 333), DIMS["large"], "bf16", "tensorrt")
+    assert trt.gpu_bytes == 4 * count["large"] + check.model_call
     outputs = sum(t.bytes for t in trt.tensors if t.graph == "large" and t.direction == "out")
-    assert trt.gpu_bytes == 4 * count["large"] + trt.weights["large"] + outputs
+    assert trt.weights["large"] + outputs + check.engine_inputs < trt.gpu_bytes
+    assert round(check.references / gib, 2) == 10.32  # every call's fp32 outputs, kept on the host
 
 
 def test_a_tensor_past_the_element_limit_is_refused_in_one_line(tmp_path):
@@ -167,14 +172,14 @@ def test_a_preset_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path, monk
 
 
 def test_a_gpu_too_small_for_the_tensorrt_engine_check_is_refused_before_the_build(tmp_path, monkeypatch):
-    """The engine check holds the fp32 model beside its engine on the GPU (~49 GiB at SD3.5-large
-    1024² bf16): a 24 GiB card is refused in one line, not out of memory after the export and the
-    engine build; --force tries anyway, and an ONNX Runtime build asks nothing of the GPU."""
+    """The engine check runs the fp32 model on the GPU (at least ~36 GiB at SD3.5-large 1024²
+    bf16): a 24 GiB card is refused in one line, not out of memory after the export and the engine
+    build; --force tries anyway, and an ONNX Runtime build asks nothing of the GPU."""
     needs = _needs(prompts=1)
     monkeypatch.setattr(limits, "available_memory", lambda: 10**15)
     monkeypatch.setattr(limits.shutil, "disk_usage", lambda _: type("U", (), {"free": 10**15})())
     monkeypatch.setattr(limits, "free_gpu_memory", lambda: (24 * 2**30, "cuda:0 (NVIDIA L4)"))
-    with pytest.raises(BuildError, match=r"^cuda:0 \(NVIDIA L4\) lacks the memory the build's engine check needs \| got 24.00 GiB free \| expected at least 48.97 GiB"):
+    with pytest.raises(BuildError, match=r"^cuda:0 \(NVIDIA L4\) lacks the memory the build's engine check needs \| got 24.00 GiB free \| expected at least 36.46 GiB"):
         limits.check_limits(needs, "tensorrt", tmp_path / "out", force=False)
     limits.check_limits(needs, "tensorrt", tmp_path / "out", force=True)
     limits.check_limits(_needs(prompts=1, backend="onnxruntime", precision="fp32"), "onnxruntime", tmp_path / "out", force=False)

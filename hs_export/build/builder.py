@@ -458,13 +458,6 @@ def _export_all(models, dims, shape: BuildShape, config: BuildConfig, work: Path
         }
 
 
-def _parity_sizes(shape: BuildShape, backend: str) -> dict:
-    """ONNX Runtime has no profiles: a small latent (≤ 32×32) checks the graph. A TensorRT engine
-    is checked at the built size (its dense profile may hold only that one)."""
-    cap = 32 if backend == "onnxruntime" else 10**9
-    return {"batch": shape.batch, "height": min(shape.latent_height, cap), "width": min(shape.latent_width, cap), "text_tokens": shape.text_tokens}
-
-
 def _manifest_data(out: Path) -> dict:
     """``out``'s manifest as JSON, ``{}`` where there is none or it cannot be read (no checks:
     only what an earlier build left there)."""
@@ -516,13 +509,26 @@ def _check_engines(selection: ModelSelection, config: BuildConfig, work: Path, m
     for name in GRAPH_NAMES:
         with phases("check", f"{name}: engine vs PyTorch on dense, subset, text-reuse and one-token calls"):
             source = selection.small if name == "small" else selection.large
+            sizes, engine_dtype = onnx_export.parity_base_sizes(shape, config.backend), torch_dtype(config.precision)
             module = TokenGraph(load_transformer(source, torch.float32, device), name).eval()
-            engine = load_engine(view, name, config.backend, torch.device(device))
-            parity = onnx_export.check_parity(module, engine, _parity_sizes(shape, config.backend), engine_dtype=torch_dtype(config.precision))
-            del module, engine
-            gc.collect()
-            if device == "cuda":  # the next graph's engine allocates outside torch's cache (TensorRT's own cudaMalloc)
+            if device == "cuda":
+                # The fp32 reference first (its outputs on the host), then the engine: the model and
+                # the engine never share the GPU (SD3.5-large: 30 GiB beside 16 GiB), and TensorRT
+                # allocates outside torch's cache, so the model's blocks are released first.
+                spec, references = module.spec, onnx_export.reference_outputs(module, sizes)
+                del module
+                gc.collect()
                 torch.cuda.empty_cache()
+                engine = load_engine(view, name, config.backend, torch.device(device))
+                parity = onnx_export.compare_with_references(engine, spec, references, sizes, torch.device(device), engine_dtype=engine_dtype)
+                del engine, references
+                gc.collect()
+                torch.cuda.empty_cache()
+            else:  # one call at a time, model and session side by side (the host estimate's check phase)
+                engine = load_engine(view, name, config.backend, torch.device(device))
+                parity = onnx_export.check_parity(module, engine, sizes, engine_dtype=engine_dtype)
+                del module, engine
+                gc.collect()
         rtol = graph_spec(name, view.dims(name)).rtol if config.precision == "fp32" else rtol_reduced
         phases.log(f"        max abs {parity.max_abs:.2e}, relative {parity.rel:.2e} over {parity.cases} call(s) (tolerance {rtol:g})")
         if math.isnan(parity.rel):

@@ -185,22 +185,72 @@ def compare_outputs(reference: dict[str, torch.Tensor], candidate: dict[str, tor
     return worst_abs, worst_rel
 
 
+def parity_base_sizes(shape, backend: str) -> dict:
+    """The sizes the engine check runs at (``shape``: a :class:`~hs_runtime.profiles.BuildShape`).
+    ONNX Runtime has no profiles: a small latent (≤ 32×32) checks the graph. A TensorRT engine is
+    checked at the built size (its dense profile may hold only that one)."""
+    cap = 32 if backend == "onnxruntime" else 10**9
+    return {"batch": shape.batch, "height": min(shape.latent_height, cap), "width": min(shape.latent_width, cap), "text_tokens": shape.text_tokens}
+
+
+def _case_feeds(spec, sizes: dict, dtype, seed: int, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in dummy_inputs(spec, sizes, dtype, seed=seed).items()}
+
+
+def _engine_feeds(spec, feeds: dict, engine_dtype) -> dict[str, torch.Tensor]:
+    if engine_dtype is None:
+        return feeds
+    return {t.name: feeds[t.name].to(engine_dtype) if t.dtype == "float" else feeds[t.name] for t in spec.inputs}
+
+
+def _worst(pairs, count: int) -> Parity:
+    """The worst error over ``(reference, engine outputs)`` pairs; NaN as soon as one is non-finite."""
+    worst_abs = worst_rel = 0.0
+    for ref, got in pairs:
+        a, r = compare_outputs(ref, got)
+        if math.isnan(r):  # non-finite outputs: no tolerance can pass them
+            return Parity(math.nan, math.nan, count)
+        worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
+    return Parity(worst_abs, worst_rel, count)
+
+
 def check_parity(module: torch.nn.Module, engine, base_sizes: dict, dtype=torch.float32, seed: int = 1, engine_dtype=None) -> Parity:
     """Runs ``engine`` (any backend) and ``module`` on the same fresh inputs — made on the
     module's device in ``dtype`` for the module, cast to ``engine_dtype`` for the engine — and
     reports the worst error over :func:`parity_sizes`' calls and every output."""
     spec = module.spec
     device = next(module.parameters()).device
-    worst_abs = worst_rel = 0.0
     cases = parity_sizes(spec.dims, base_sizes)
-    for i, sizes in enumerate(cases):
-        feeds = {k: v.to(device) for k, v in dummy_inputs(spec, sizes, dtype, seed=seed + i).items()}
+
+    def pairs():
+        for i, sizes in enumerate(cases):
+            feeds = _case_feeds(spec, sizes, dtype, seed + i, device)
+            with torch.inference_mode():
+                ref = dict(zip(spec.output_names, module(*[feeds[n] for n in spec.input_names])))
+            yield ref, engine(_engine_feeds(spec, feeds, engine_dtype))
+
+    return _worst(pairs(), len(cases))
+
+
+def reference_outputs(module: torch.nn.Module, base_sizes: dict, dtype=torch.float32, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """``module``'s outputs for each of :func:`parity_sizes`' calls, kept on the host: with
+    :func:`compare_with_references` the check runs the model, frees it, then loads the engine, so
+    the two never share a device (TensorRT at SD3.5-large: a 30 GiB fp32 model beside a 16 GiB
+    engine). The inputs are made again from the same seeds; the results equal :func:`check_parity`'s."""
+    spec = module.spec
+    device = next(module.parameters()).device
+    references = []
+    for i, sizes in enumerate(parity_sizes(spec.dims, base_sizes)):
+        feeds = _case_feeds(spec, sizes, dtype, seed + i, device)
         with torch.inference_mode():
-            ref = dict(zip(spec.output_names, module(*[feeds[n] for n in spec.input_names])))
-        if engine_dtype is not None:
-            feeds = {t.name: feeds[t.name].to(engine_dtype) if t.dtype == "float" else feeds[t.name] for t in spec.inputs}
-        a, r = compare_outputs(ref, engine(feeds))
-        if math.isnan(r):  # non-finite outputs: no tolerance can pass them
-            return Parity(math.nan, math.nan, len(cases))
-        worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
-    return Parity(worst_abs, worst_rel, len(cases))
+            outputs = module(*[feeds[n] for n in spec.input_names])
+        references.append({name: t.detach().cpu() for name, t in zip(spec.output_names, outputs)})
+        del feeds, outputs
+    return references
+
+
+def compare_with_references(engine, spec, references: list[dict[str, torch.Tensor]], base_sizes: dict, device, dtype=torch.float32, seed: int = 1, engine_dtype=None) -> Parity:
+    """:func:`check_parity` against outputs :func:`reference_outputs` computed before (same sizes, seeds)."""
+    cases = parity_sizes(spec.dims, base_sizes)
+    pairs = ((ref, engine(_engine_feeds(spec, _case_feeds(spec, sizes, dtype, seed + i, device), engine_dtype))) for i, (sizes, ref) in enumerate(zip(cases, references)))
+    return _worst(pairs, len(cases))

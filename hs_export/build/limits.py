@@ -140,15 +140,44 @@ def build_needs(shape: BuildShape, dims: dict[str, ModelDims], configs: dict[str
     # ONNX Runtime's CPU provider runs an fp16 graph with fp32 kernels behind inserted Casts
     # (maintainers, microsoft/onnxruntime#11831), its weights cast when the session is made: an
     # fp16 build of the 0.93 B pair peaked at 8.17 GiB, its fp32 build at 8.29.
-    check_phase = max(fp32[name] * (1 + (1 + ORT_CHECK_EXTRA if backend == "onnxruntime" else 0)) for name in GRAPH_NAMES)
+    check = {name: parity_case_bytes(name, shape, dims[name], precision, backend) for name in GRAPH_NAMES}
+    if backend == "onnxruntime":
+        check_phase = max(fp32[name] * (2 + ORT_CHECK_EXTRA) for name in GRAPH_NAMES)
+    else:  # the model's host copy until it moves to the GPU, then the reference outputs kept on the host
+        check_phase = max(max(fp32[name], check[name].references) for name in GRAPH_NAMES)
     host = int(max(total, build_phase, check_phase) + HOST_OVERHEAD)
     disk = 2 * total if backend == "tensorrt" else total
-    # TensorRT's engine check (builder._check_engines) holds, per graph, the fp32 PyTorch model on
-    # the GPU beside the engine (its weights and its output buffers at their maxima): a lower bound,
-    # as the engine's activation memory, torch's and the CUDA context come on top.
+    # TensorRT's engine check (builder._check_engines) runs the fp32 PyTorch model on the GPU, then
+    # frees it and loads the engine (its weights and its output buffers at their maxima), each
+    # with one call's inputs: a lower bound, as activations and the CUDA context come on top.
     outputs = {name: sum(t.bytes for t in tensors if t.graph == name and t.direction == "out") for name in GRAPH_NAMES}
-    gpu = max(fp32[name] + weights[name] + outputs[name] for name in GRAPH_NAMES) if backend == "tensorrt" else 0
+    gpu = max(max(fp32[name] + check[name].model_call, weights[name] + outputs[name] + check[name].engine_inputs) for name in GRAPH_NAMES) if backend == "tensorrt" else 0
     return BuildNeeds(tensors, weights, io_bytes, host, disk, total, gpu)
+
+
+@dataclass(frozen=True)
+class ParityBytes:
+    """What the engine check's calls of one graph hold besides the weights."""
+
+    model_call: int  # the largest call's fp32 inputs and outputs
+    engine_inputs: int  # the largest call's inputs in the engine's precision
+    references: int  # every call's fp32 outputs, kept for the comparison
+
+
+def parity_case_bytes(name: str, shape: BuildShape, dims: ModelDims, precision: str, backend: str) -> ParityBytes:
+    """:class:`ParityBytes` of ``name``'s engine check, from the contract (``export.parity_sizes``)."""
+    from .export import parity_base_sizes, parity_sizes
+
+    spec = graph_spec(name, dims)
+    model_call = engine_inputs = references = 0
+    for sizes in parity_sizes(dims, parity_base_sizes(shape, backend)):
+        shapes = spec.shapes(sizes)
+        count = lambda tensors: sum(math.prod(shapes[t.name]) for t in tensors if t.dtype == "float")  # noqa: E731
+        outputs = 4 * count(spec.outputs)
+        model_call = max(model_call, 4 * count(spec.inputs) + outputs)
+        engine_inputs = max(engine_inputs, ELEMENT_BYTES[precision] * count(spec.inputs))
+        references += outputs
+    return ParityBytes(model_call, engine_inputs, references)
 
 
 @dataclass(frozen=True)
@@ -254,7 +283,7 @@ def format_table(needs: BuildNeeds, backend: str, compact: bool = True) -> list[
     lines.append(f"largest tensor: {max(t.elements for t in needs.tensors):,} elements (TensorRT limit {TRT_MAX_ELEMENTS:,})")
     lines.append(f"build needs: host memory ~{format_bytes(needs.host_bytes)}, disk ~{format_bytes(needs.disk_bytes)}; the engine folder keeps ~{format_bytes(needs.folder_bytes)}")
     if needs.gpu_bytes:
-        lines.append(f"GPU memory: at least {format_bytes(needs.gpu_bytes)} for the engine check (the fp32 PyTorch model beside its engine; activations on top)")
+        lines.append(f"GPU memory: at least {format_bytes(needs.gpu_bytes)} for the engine check (the fp32 PyTorch model, then the engine, each with one call's tensors; activations on top)")
     return lines
 
 
@@ -304,7 +333,7 @@ def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool, also: 
         raise BuildError(
             describe(
                 f"{gpu[1]} lacks the memory the build's engine check needs", got=f"{format_bytes(gpu[0])} free",
-                expected=f"at least {format_bytes(needs.gpu_bytes)}: the fp32 PyTorch model beside its engine (hs-export build --dry-run shows it)",
+                expected=f"at least {format_bytes(needs.gpu_bytes)}: the fp32 PyTorch model the engine is checked against (hs-export build --dry-run shows it)",
                 fix="build on a GPU with more free memory (CUDA_VISIBLE_DEVICES picks one), or pass --force to try anyway",
             )
         )
