@@ -120,6 +120,29 @@ except errors.HybridStitchError as exc:
 CHILD_ERROR = "HYBRIDSTITCH-ERROR"
 
 
+CHILD_GRACE_S = 30  # what an interrupted build takes to remove its work folder
+
+
+def _stop(proc) -> None:
+    """Stops a child build this process stopped waiting for, letting it remove its work folder
+    (tens of GiB at SD3.5): a terminal's Ctrl+C reached it too, so it is given
+    :data:`CHILD_GRACE_S` to exit; then it gets a SIGINT of its own and as long again; then it is
+    killed."""
+    import signal
+    import subprocess
+
+    for nudge in (None, signal.SIGINT):
+        if nudge is not None:
+            proc.send_signal(nudge)
+        try:
+            proc.wait(timeout=CHILD_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.wait()
+
+
 def _in_child(function, kwargs: dict, log) -> None:
     """Runs ``function(**kwargs)`` of this module in a fresh Python process, its log lines relayed
     to ``log``: a bench's build (or its up-to-date check, which reads both models' weights) leaves
@@ -152,7 +175,7 @@ def _in_child(function, kwargs: dict, log) -> None:
                     tail = (tail + [line])[-5:]
             proc.wait()
         except BaseException:
-            proc.kill()
+            _stop(proc)
             raise
     if proc.returncode < 0 and failure is None:
         try:

@@ -317,3 +317,22 @@ def test_paired_ratios_are_geometric_means_with_a_t_interval():
     assert spread["ci95"] == [pytest.approx(0.77670, rel=1e-4), pytest.approx(1.27890, rel=1e-4)]
     assert ratio_interval([1.2]) == {"mean": pytest.approx(1.2), "ci95": [pytest.approx(1.2), pytest.approx(1.2)], "rounds": 1}
     assert ratio_interval([float("nan"), 0.0]) is None
+
+
+def test_a_child_build_left_behind_is_interrupted_before_it_is_killed(monkeypatch):
+    """An interrupted bench gives its child build time to exit (a terminal's Ctrl+C reached it and
+    it removes its work folder), then a SIGINT of its own, and kills it only after that."""
+    import signal
+    import subprocess
+    import sys
+
+    from hs_export import runs
+
+    monkeypatch.setattr(runs, "CHILD_GRACE_S", 0.5)
+    polite = subprocess.Popen(["sleep", "30"])
+    runs._stop(polite)
+    assert polite.returncode == -signal.SIGINT
+    deaf = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print(flush=True); time.sleep(30)"], stdout=subprocess.PIPE)
+    deaf.stdout.readline()  # SIGINT ignored from here on
+    runs._stop(deaf)
+    assert deaf.returncode == -signal.SIGKILL

@@ -268,3 +268,20 @@ def test_the_gpu_check_order_gives_the_parity_of_the_interleaved_check(tiny_engi
         assert two_phase == check_parity(module, engine, sizes) and two_phase.cases == 4 and two_phase.rel < 1e-4
         spoiled = [{k: v + 1 for k, v in ref.items()} for ref in references]
         assert compare_with_references(engine, module.spec, spoiled, sizes, torch.device("cpu")).max_abs > 0.5
+
+
+def test_verify_refuses_a_device_its_engines_cannot_run_on_before_the_reference_runs(tiny_engine_dir, tmp_path, monkeypatch):
+    """verify runs the torch reference first (both fp32 models, every check): a TensorRT folder on
+    the CPU is refused before that work, not after it."""
+    from hs_export.build import verify as verify_module
+    from hs_runtime.errors import ManifestError
+
+    folder = shutil.copytree(tiny_engine_dir, tmp_path / "trt")
+    data = json.loads((folder / "manifest.json").read_text())
+    data["build"]["backend"] = "tensorrt"
+    (folder / "manifest.json").write_text(json.dumps(data))
+    loaded = []
+    monkeypatch.setattr(verify_module, "engines_from_manifest", lambda manifest, backend, device, *a: loaded.append(backend))
+    with pytest.raises(ManifestError, match="TensorRT engines run on CUDA devices"):
+        verify_module.verify(folder, device="cpu", steps=2)
+    assert loaded == []

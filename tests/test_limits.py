@@ -180,11 +180,12 @@ def test_a_gpu_too_small_for_the_tensorrt_engine_check_is_refused_before_the_bui
     monkeypatch.setattr(limits.shutil, "disk_usage", lambda _: type("U", (), {"free": 10**15})())
     monkeypatch.setattr(limits, "free_gpu_memory", lambda: (24 * 2**30, "cuda:0 (NVIDIA L4)"))
     with pytest.raises(BuildError, match=r"^cuda:0 \(NVIDIA L4\) lacks the memory the build's engine check needs \| got 24.00 GiB free \| expected at least 36.46 GiB"):
-        limits.check_limits(needs, "tensorrt", tmp_path / "out", force=False)
-    limits.check_limits(needs, "tensorrt", tmp_path / "out", force=True)
-    limits.check_limits(_needs(prompts=1, backend="onnxruntime", precision="fp32"), "onnxruntime", tmp_path / "out", force=False)
+        limits.check_gpu(needs, force=False)
+    limits.check_gpu(needs, force=True)
+    limits.check_limits(needs, "tensorrt", tmp_path / "out", force=False)  # host and disk only: an up-to-date folder needs no GPU
+    limits.check_gpu(_needs(prompts=1, backend="onnxruntime", precision="fp32"), force=False)
     monkeypatch.setattr(limits, "free_gpu_memory", lambda: (80 * 2**30, "cuda:0 (NVIDIA H100)"))
-    limits.check_limits(needs, "tensorrt", tmp_path / "out", force=False)
+    limits.check_gpu(needs, force=False)
 
 
 def test_a_preset_build_keeps_the_pipeline_it_was_given(tiny_paths, tmp_path):
@@ -200,3 +201,15 @@ def test_a_preset_build_keeps_the_pipeline_it_was_given(tiny_paths, tmp_path):
     selection = preset_models("tiny", BuildConfig(out=tmp_path / "e"), str(mine), log=lambda *_: None)
     assert selection.pipeline == str(mine.resolve()) and selection.pipeline_given, selection
     assert preset_models("tiny", BuildConfig(out=tmp_path / "e"), log=lambda *_: None).pipeline == str(tiny_paths.pipeline)
+
+
+def test_a_tensorrt_build_is_refused_a_small_gpu_before_its_export(tiny_paths, tmp_path, monkeypatch):
+    """The GPU check comes once the build is known to run (after the up-to-date skip), before the
+    export: nothing is written."""
+    from hs_export.build import BuildConfig, build, resolve_models
+
+    monkeypatch.setattr(limits, "free_gpu_memory", lambda: (2**20, "cuda:0 (a busy GPU)"))
+    selection = resolve_models(None, str(tiny_paths.small), str(tiny_paths.large), str(tiny_paths.pipeline), log=lambda *_: None)
+    with pytest.raises(BuildError, match=r"^cuda:0 \(a busy GPU\) lacks the memory the build's engine check needs"):
+        build(selection, BuildConfig(out=tmp_path / "trt", backend="tensorrt", height=128, width=128), log=lambda *_: None)
+    assert not (tmp_path / "trt").exists() and not list(tmp_path.glob(".trt.building-*"))

@@ -48,7 +48,7 @@ from hs_runtime.profiles import BuildShape, graph_profiles
 from hs_runtime.validation import check_folder_path, check_int, check_pipeline
 
 from . import export as onnx_export
-from .limits import BuildNeeds, build_needs, check_limits, format_bytes, format_run_needs, format_table, run_needs
+from .limits import BuildNeeds, build_needs, check_gpu, check_limits, format_bytes, format_run_needs, format_table, run_needs
 from .precision import apply_precision_plan, precision_plan
 from .sources import ModelSelection, model_configs, resolve_models
 
@@ -318,6 +318,8 @@ def check_room(selection: ModelSelection, config: BuildConfig, extra_disk: int =
     check_out(selection, config)
     needs = plan_build(selection, config).needs
     check_limits(replace(needs, disk_bytes=needs.disk_bytes + extra_disk), config.backend, Path(config.out), config.force, also=f" with the preset's weights (~{format_bytes(extra_disk)})" if extra_disk else "")
+    if extra_disk:  # weights not made yet: no folder can be up to date, a build will run
+        check_gpu(needs, config.force)
 
 
 def preset_models(preset: str, config: BuildConfig, pipeline_src: str | None = None, log=print) -> ModelSelection:
@@ -382,6 +384,7 @@ def build(selection: ModelSelection, config: BuildConfig, log=print) -> BuildRep
     if existing is not None:
         log(f"{out} is up to date (same weights, configs, flags and library versions): skipping; pass --force to rebuild")
         return BuildReport(existing, True, phases.seconds)
+    check_gpu(plan.needs, config.force)  # a build will run: the engine check's GPU memory, before the export
 
     work = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)

@@ -143,8 +143,8 @@ def build_needs(shape: BuildShape, dims: dict[str, ModelDims], configs: dict[str
     check = {name: parity_case_bytes(name, shape, dims[name], precision, backend) for name in GRAPH_NAMES}
     if backend == "onnxruntime":
         check_phase = max(fp32[name] * (2 + ORT_CHECK_EXTRA) for name in GRAPH_NAMES)
-    else:  # the model's host copy until it moves to the GPU, then the reference outputs kept on the host
-        check_phase = max(max(fp32[name], check[name].references) for name in GRAPH_NAMES)
+    else:  # the model's host copy until it moves to the GPU, then the reference outputs kept on the host beside the mapped plan
+        check_phase = max(max(fp32[name], check[name].references + weights[name]) for name in GRAPH_NAMES)
     host = int(max(total, build_phase, check_phase) + HOST_OVERHEAD)
     disk = 2 * total if backend == "tensorrt" else total
     # TensorRT's engine check (builder._check_engines) runs the fp32 PyTorch model on the GPU, then
@@ -304,10 +304,29 @@ def free_gpu_memory() -> tuple[int, str] | None:
     return int(free), f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
 
 
+def check_gpu(needs: BuildNeeds, force: bool) -> None:
+    """Refuses, in one line, a GPU with less free memory than the TensorRT engine check needs at
+    least (unless ``force``): run once the build is known to happen (not for an up-to-date folder),
+    before its export and engine build; no GPU or an ONNX Runtime build pass.
+
+    Raises:
+        BuildError: naming the device, both numbers and the way out.
+    """
+    gpu = None if force or not needs.gpu_bytes else free_gpu_memory()
+    if gpu is not None and needs.gpu_bytes > gpu[0]:
+        raise BuildError(
+            describe(
+                f"{gpu[1]} lacks the memory the build's engine check needs", got=f"{format_bytes(gpu[0])} free",
+                expected=f"at least {format_bytes(needs.gpu_bytes)}: the fp32 PyTorch model and then the engine, each with one call's tensors (hs-export build --dry-run shows it)",
+                fix="build on a GPU with more free memory (CUDA_VISIBLE_DEVICES picks one), or pass --force to try anyway",
+            )
+        )
+
+
 def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool, also: str = "") -> None:
     """Refuses, in one line, a tensor past the backend's limit (always) and a host without the
-    memory, GPU memory (TensorRT) or disk the build needs (unless ``force``; ``also`` says what the
-    disk need includes).
+    memory or disk the build needs (unless ``force``; ``also`` says what the disk need includes).
+    The GPU's: :func:`check_gpu`.
 
     Raises:
         BuildError: naming the tensor or both numbers, and the way out.
@@ -327,15 +346,6 @@ def check_limits(needs: BuildNeeds, backend: str, out: Path, force: bool, also: 
     if needs.host_bytes > memory:
         raise BuildError(
             describe("this host lacks the memory the build needs", got=f"{format_bytes(memory)} available", expected=f"~{format_bytes(needs.host_bytes)} (hs-export build --dry-run shows why)", fix="build on a larger host, or pass --force to try anyway")
-        )
-    gpu = free_gpu_memory() if needs.gpu_bytes else None
-    if gpu is not None and needs.gpu_bytes > gpu[0]:  # a lower bound: refused here, not after the export and the engine build
-        raise BuildError(
-            describe(
-                f"{gpu[1]} lacks the memory the build's engine check needs", got=f"{format_bytes(gpu[0])} free",
-                expected=f"at least {format_bytes(needs.gpu_bytes)}: the fp32 PyTorch model the engine is checked against (hs-export build --dry-run shows it)",
-                fix="build on a GPU with more free memory (CUDA_VISIBLE_DEVICES picks one), or pass --force to try anyway",
-            )
         )
     target = nearest_existing(out.resolve())
     free = shutil.disk_usage(target).free

@@ -81,6 +81,24 @@ def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineS
     return EngineSet(checked, inner.device, inner.dtype, inner.backend, precision, check_size)
 
 
+def check_loadable(manifest, backend: str, device) -> None:
+    """The refusals :func:`engines_from_manifest` makes before it loads anything heavy (device,
+    backend, TensorRT on a CUDA device and installed), for a long job to make first.
+
+    Raises:
+        ConfigError, ManifestError, BuildError: as :func:`engines_from_manifest` would.
+    """
+    device = check_device(device)
+    if backend not in BACKENDS:
+        raise ConfigError(describe("unknown backend", got=repr(backend), expected=" | ".join(BACKENDS)))
+    if backend != "torch":
+        check_backend(manifest, backend)
+    if backend == "tensorrt":
+        from .tensorrt_backend import preflight
+
+        preflight(device)
+
+
 def check_backend(manifest, backend: str) -> None:
     """Refuses a backend that is neither the folder's own nor ``torch`` (which runs its models).
 

@@ -97,6 +97,19 @@ def _import_trt():
     return tensorrt
 
 
+def preflight(device: torch.device):
+    """What loading a plan needs before anything heavy: a CUDA device and TensorRT >= 10.1
+    installed; returns the module.
+
+    Raises:
+        ManifestError: ``device`` is not a CUDA device.
+        BuildError: TensorRT is missing or too old.
+    """
+    if torch.device(device).type != "cuda":
+        raise ManifestError(describe("TensorRT engines run on CUDA devices", got=str(device), fix="pass --device cuda"))
+    return _import_trt()
+
+
 @contextlib.contextmanager
 def _mapped(plan_path, graph: str, fix: str):
     """The plan file memory-mapped read-only for ``deserialize_cuda_engine`` (a ``py::buffer``
@@ -200,11 +213,9 @@ class TrtEngine:
         self.dims = dims
         self.profiles = profiles
         self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ManifestError(describe("TensorRT engines run on CUDA devices", got=str(self.device), fix="pass --device cuda"))
+        trt = preflight(self.device)
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        trt = _import_trt()
         fix = fix or "rebuild on this host with hs-export build --backend tensorrt --force"
         memory = _memory_device(self.device)
         with torch.cuda.device(self.device), _mapped(plan_path, graph, fix) as data:
