@@ -252,5 +252,7 @@ def reference_outputs(module: torch.nn.Module, base_sizes: dict, dtype=torch.flo
 def compare_with_references(engine, spec, references: list[dict[str, torch.Tensor]], base_sizes: dict, device, dtype=torch.float32, seed: int = 1, engine_dtype=None) -> Parity:
     """:func:`check_parity` against outputs :func:`reference_outputs` computed before (same sizes, seeds)."""
     cases = parity_sizes(spec.dims, base_sizes)
+    if len(references) != len(cases):
+        raise ValueError(f"{len(references)} reference outputs for {len(cases)} checked calls: make them with reference_outputs at the same sizes")
     pairs = ((ref, engine(_engine_feeds(spec, _case_feeds(spec, sizes, dtype, seed + i, device), engine_dtype))) for i, (sizes, ref) in enumerate(zip(cases, references)))
     return _worst(pairs, len(cases))
