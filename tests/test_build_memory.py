@@ -1,9 +1,9 @@
 """The build's memory and disk at scale cannot silently regress: measured on a real (small) pair.
 
-The ratios here are what `scripts/measure_build_memory.py --size test` measures (2026-12-04: the
-build grows 2.75× the fp32 weights over its imports, the folder is 1.03× the weights); the
-previous three-graph build needed ~7–8× and 3.9×. The margins absorb allocator noise, not a
-second copy of the weights.
+The ratios here are what `scripts/measure_build_memory.py --size test` measures (2026-12-07: the
+build grows 2.26× the fp32 weights over its imports, 2.75× while the engine check held the
+PyTorch model beside the engine; the folder is 1.03× the weights); the previous three-graph build
+needed ~7–8× and 3.9×. The margins absorb allocator noise, not a second copy of the weights.
 """
 
 import importlib.util
@@ -23,8 +23,8 @@ def measured(tmp_path_factory):
 
 
 def test_build_peak_memory_stays_near_two_copies_of_the_weights(measured):
-    # one copy of both models for the export, then one model plus its ONNX Runtime session
-    assert measured["build_growth_over_weights"] <= 3.25, measured
+    # one copy of both models for the export, then one model, then (freed) its ONNX Runtime session
+    assert measured["build_growth_over_weights"] <= 2.6, measured
 
 
 def test_engine_folder_holds_the_weights_once(measured):
@@ -39,8 +39,9 @@ def test_the_builds_own_estimate_covers_what_it_measured(measured):
 
 
 def test_a_half_precision_build_is_estimated_with_its_fp32_check(tmp_path_factory):
-    """The parity check loads each PyTorch model in fp32 beside the fp16 session it checks: the
-    fp16 build of the 445M pair peaked at 4.98 GiB against an estimate of 2.67 GiB before."""
+    """The engine check loads each PyTorch model in fp32 whatever the precision, and ONNX Runtime's
+    CPU kernels run an fp16 session in fp32: the fp16 build of the 445M pair peaked at 4.98 GiB
+    against an estimate of 2.67 GiB before both were counted."""
     spec = importlib.util.spec_from_file_location("measure_build_memory", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

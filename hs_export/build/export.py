@@ -214,29 +214,12 @@ def _worst(pairs, count: int) -> Parity:
     return Parity(worst_abs, worst_rel, count)
 
 
-def check_parity(module: torch.nn.Module, engine, base_sizes: dict, dtype=torch.float32, seed: int = 1, engine_dtype=None) -> Parity:
-    """Runs ``engine`` (any backend) and ``module`` on the same fresh inputs — made on the
-    module's device in ``dtype`` for the module, cast to ``engine_dtype`` for the engine — and
-    reports the worst error over :func:`parity_sizes`' calls and every output."""
-    spec = module.spec
-    device = next(module.parameters()).device
-    cases = parity_sizes(spec.dims, base_sizes)
-
-    def pairs():
-        for i, sizes in enumerate(cases):
-            feeds = _case_feeds(spec, sizes, dtype, seed + i, device)
-            with torch.inference_mode():
-                ref = dict(zip(spec.output_names, module(*[feeds[n] for n in spec.input_names])))
-            yield ref, engine(_engine_feeds(spec, feeds, engine_dtype))
-
-    return _worst(pairs(), len(cases))
-
-
 def reference_outputs(module: torch.nn.Module, base_sizes: dict, dtype=torch.float32, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    """``module``'s outputs for each of :func:`parity_sizes`' calls, kept on the host: with
-    :func:`compare_with_references` the check runs the model, frees it, then loads the engine, so
-    the two never share a device (TensorRT at SD3.5-large: a 30 GiB fp32 model beside a 16 GiB
-    engine). The inputs are made again from the same seeds; the results equal :func:`check_parity`'s."""
+    """``module``'s outputs for each of :func:`parity_sizes`' calls, made on the module's device in
+    ``dtype`` from seeded inputs and kept on the host: with :func:`compare_with_references` a check
+    runs the model, frees it, then loads the engine, so the two never share memory (SD3.5-large: a
+    30 GiB fp32 model beside a 16 GiB TensorRT engine on the GPU, or a 30 GiB fp32 ONNX Runtime
+    session on the host)."""
     spec = module.spec
     device = next(module.parameters()).device
     references = []
@@ -250,7 +233,9 @@ def reference_outputs(module: torch.nn.Module, base_sizes: dict, dtype=torch.flo
 
 
 def compare_with_references(engine, spec, references: list[dict[str, torch.Tensor]], base_sizes: dict, device, dtype=torch.float32, seed: int = 1, engine_dtype=None) -> Parity:
-    """:func:`check_parity` against outputs :func:`reference_outputs` computed before (same sizes, seeds)."""
+    """Runs ``engine`` (any backend) on the inputs :func:`reference_outputs` used, re-made from the
+    same seeds on ``device`` and cast to ``engine_dtype``, and reports the worst error over the
+    calls and every output (NaN when either side is non-finite)."""
     cases = parity_sizes(spec.dims, base_sizes)
     if len(references) != len(cases):
         raise ValueError(f"{len(references)} reference outputs for {len(cases)} checked calls: make them with reference_outputs at the same sizes")
