@@ -34,14 +34,15 @@ GiB = 2**30
 HOST_OVERHEAD = 1 * GiB  # interpreter, torch, ONNX Runtime/TensorRT libraries, graph protos
 TEXT_AND_VAE = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")  # a diffusers SD3 folder's subfolders
 TRT_BUILD_FACTOR = 1.0  # TensorRT builder: the serialized plan beside the parsed weights (an estimate: not run here)
-# An ONNX Runtime build's peak resident memory, beyond the 1 GiB overhead, as a multiple of its
-# larger model's fp32 bytes: the export (both models loaded) or the engine check (the fp32
-# PyTorch model, freed before the fp32 session it is compared with loads; ONNX Runtime's CPU
-# kernels are fp32 whatever the precision). Measured with scripts/measure_build_memory.py
-# (2026-12-07, peaks of 0.85 / 0.84 GiB for a 0.21 GiB model fp32 / fp16, 3.27 / 3.39 for 1.67,
-# 6.55 / 6.44 for 3.49: at most 1.59×); 1.75× leaves ≥ 0.5 GiB at each. (Model and session held
-# together, before that day: 2.5× was needed.)
-ORT_BUILD_FACTOR = 1.75
+# An ONNX Runtime build's peak resident memory beyond both models' fp32 bytes and the 1 GiB
+# overhead, as a multiple of the larger model's: the export (both models loaded, and more) or the
+# engine check (the fp32 PyTorch model, freed before the fp32 session it is compared with loads;
+# ONNX Runtime's CPU kernels are fp32 whatever the precision). Measured with
+# scripts/measure_build_memory.py (2026-12-07, fp32 / fp16 builds: peaks of 0.85 / 0.84 GiB for
+# models of 0.23 GiB fp32 in all, the larger 0.21; 3.27 / 3.39 for 1.81 and 1.67; 6.55 / 6.44 for
+# 3.63 and 3.49: at most 0.55× the larger beyond both and 1 GiB); 0.75× leaves ≥ 0.5 GiB at each.
+# Model and session held together, before that day, needed 2.5× the larger model alone.
+ORT_BUILD_EXTRA = 0.75
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def build_needs(shape: BuildShape, dims: dict[str, ModelDims], configs: dict[str
     one model and the TensorRT builder's copy of it; per graph the engine check's PyTorch model,
     always loaded in fp32 on the host (then moved to the GPU for TensorRT), and after it the
     reference outputs it keeps (TensorRT) or the fp32 ONNX Runtime session it checks. An ONNX
-    Runtime build is sized by its measured peak (``ORT_BUILD_FACTOR``). Disk: the ONNX files and
+    Runtime build is sized by its measured peak (both fp32 models + ``ORT_BUILD_EXTRA`` × the larger). Disk: the ONNX files and
     the engines (TensorRT: both until the ONNX files are deleted).
     """
     tensors = io_limits(shape, dims, precision)
@@ -143,7 +144,7 @@ def build_needs(shape: BuildShape, dims: dict[str, ModelDims], configs: dict[str
     # fp16 build of the 0.93 B pair peaked at 8.17 GiB, its fp32 build at 8.29.
     check = {name: parity_case_bytes(name, shape, dims[name], precision, backend) for name in GRAPH_NAMES}
     if backend == "onnxruntime":
-        check_phase = max(fp32[name] * ORT_BUILD_FACTOR for name in GRAPH_NAMES)
+        check_phase = sum(fp32.values()) + ORT_BUILD_EXTRA * max(fp32.values())
     else:  # the model's host copy until it moves to the GPU, then the reference outputs kept on the host beside the mapped plan
         check_phase = max(max(fp32[name], check[name].references + weights[name]) for name in GRAPH_NAMES)
     host = int(max(total, build_phase, check_phase) + HOST_OVERHEAD)
