@@ -503,8 +503,8 @@ def _build_engines(config: BuildConfig, work: Path, manifest: dict, phases: _Pha
 
 
 def _check_engines(selection: ModelSelection, config: BuildConfig, work: Path, manifest: dict, phases: _Phases, shape: BuildShape) -> None:
-    """Each engine against its PyTorch graph (fp32) on fresh inputs of every kind of call, with
-    only that model and that engine in memory."""
+    """Each engine against its PyTorch graph (fp32) on fresh inputs of every kind of call: that
+    model, then (the model freed) that engine, one graph at a time."""
     from hs_runtime.backends.loading import load_engine
     view = Manifest(work, manifest)
     device = "cuda" if config.backend == "tensorrt" else "cpu"
