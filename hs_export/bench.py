@@ -352,8 +352,7 @@ def open_target(engine_dir, preset, backends: tuple[str | None, ...], device, dt
                 check_image_size(height, width, scale)
                 latent = (latent[0] if height is None else height // scale, latent[1] if width is None else width // scale)
         elif backend in (None, "torch") and selection is not None:  # the preset's own weights, as saved
-            h, w = spec.height if height is None else height, spec.width if width is None else width
-            check_image_size(h, w)
+            h, w = preset_size(preset, height, width)
             runtime = HybridStitchRuntime.from_models(selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=spec.max_sequence_length)
             latent, text_tokens = (h // 8, w // 8), spec.text_tokens
         else:

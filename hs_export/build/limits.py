@@ -130,8 +130,8 @@ def build_needs(shape: BuildShape, dims: dict[str, ModelDims], configs: dict[str
     one model and the TensorRT builder's copy of it; per graph the engine check's PyTorch model,
     always loaded in fp32 on the host (then moved to the GPU for TensorRT), and after it the
     reference outputs it keeps (TensorRT) or the fp32 ONNX Runtime session it checks. An ONNX
-    Runtime build is sized by its measured peak (both fp32 models + ``ORT_BUILD_EXTRA`` × the larger). Disk: the ONNX files and
-    the engines (TensorRT: both until the ONNX files are deleted).
+    Runtime build is sized by its measured peak (both fp32 models + ``ORT_BUILD_EXTRA`` × the
+    larger). Disk: the ONNX files and the engines (TensorRT: both until the ONNX files are deleted).
     """
     tensors = io_limits(shape, dims, precision)
     weights = {name: weight_bytes(configs[name], precision) for name in GRAPH_NAMES}
@@ -139,21 +139,23 @@ def build_needs(shape: BuildShape, dims: dict[str, ModelDims], configs: dict[str
     total, largest = sum(weights.values()), max(weights.values())
     build_phase = largest + TRT_BUILD_FACTOR * largest if backend == "tensorrt" else 0
     fp32 = {name: weight_count(configs[name]) * ELEMENT_BYTES["fp32"] for name in GRAPH_NAMES}
-    # ONNX Runtime's CPU provider runs an fp16 graph with fp32 kernels behind inserted Casts
-    # (maintainers, microsoft/onnxruntime#11831), its weights cast when the session is made: an
-    # fp16 build of the 0.93 B pair peaked at 8.17 GiB, its fp32 build at 8.29.
-    check = {name: parity_case_bytes(name, shape, dims[name], precision, backend) for name in GRAPH_NAMES}
+    gpu = 0
     if backend == "onnxruntime":
+        # ONNX Runtime's CPU provider runs an fp16 graph with fp32 kernels behind inserted Casts
+        # (maintainers, microsoft/onnxruntime#11831), its weights cast when the session is made: an
+        # fp16 build of the 0.93 B pair peaked at 6.44 GiB, its fp32 build at 6.55.
         check_phase = sum(fp32.values()) + ORT_BUILD_EXTRA * max(fp32.values())
     else:  # the model's host copy until it moves to the GPU, then the reference outputs kept on the host beside the mapped plan
+        check = {name: parity_case_bytes(name, shape, dims[name], precision, backend) for name in GRAPH_NAMES}
         check_phase = max(max(fp32[name], check[name].references + weights[name]) for name in GRAPH_NAMES)
+        if backend == "tensorrt":
+            # TensorRT's engine check (builder._check_engines) runs the fp32 PyTorch model on the GPU,
+            # then frees it and loads the engine (its weights and its output buffers at their maxima),
+            # each with one call's inputs: a lower bound, as activations and the CUDA context come on top.
+            outputs = {name: sum(t.bytes for t in tensors if t.graph == name and t.direction == "out") for name in GRAPH_NAMES}
+            gpu = max(max(fp32[name] + check[name].model_call, weights[name] + outputs[name] + check[name].engine_inputs) for name in GRAPH_NAMES)
     host = int(max(total, build_phase, check_phase) + HOST_OVERHEAD)
     disk = 2 * total if backend == "tensorrt" else total
-    # TensorRT's engine check (builder._check_engines) runs the fp32 PyTorch model on the GPU, then
-    # frees it and loads the engine (its weights and its output buffers at their maxima), each
-    # with one call's inputs: a lower bound, as activations and the CUDA context come on top.
-    outputs = {name: sum(t.bytes for t in tensors if t.graph == name and t.direction == "out") for name in GRAPH_NAMES}
-    gpu = max(max(fp32[name] + check[name].model_call, weights[name] + outputs[name] + check[name].engine_inputs) for name in GRAPH_NAMES) if backend == "tensorrt" else 0
     return BuildNeeds(tensors, weights, io_bytes, host, disk, total, gpu)
 
 

@@ -46,8 +46,7 @@ def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineS
         EngineLoadError: an engine library refused a file (with its reason and the rebuild command).
     """
     device = check_device(device)
-    if backend not in BACKENDS:
-        raise ConfigError(describe("unknown backend", got=repr(backend), expected=" | ".join(BACKENDS)))
+    check_loadable(manifest, backend, device)
     precision = manifest.build.get("precision")
     wanted = None if dtype is None else torch_dtype(dtype)
     if backend == "torch":
@@ -59,7 +58,6 @@ def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineS
         inner = torch_engines(models["small"], models["large"], device, wanted)
         precision = inner.precision
     else:
-        check_backend(manifest, backend)
         asked = None if wanted is None else precision_name(wanted)
         if asked is not None and asked != precision:  # before any engine loads
             raise ConfigError(describe(f"{backend} engines compute in the precision they were built in", got=f"dtype {asked} for {manifest.folder}, built in {precision}", fix=_precision_fix(manifest, asked)))
