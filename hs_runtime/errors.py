@@ -48,6 +48,11 @@ class EngineLoadError(HybridStitchError):
     """An engine library (ONNX Runtime, TensorRT) refused an engine file: damaged, foreign or too new."""
 
 
+class EngineRunError(HybridStitchError, RuntimeError):
+    """An engine library (ONNX Runtime, TensorRT) failed a call whose inputs passed the contract and
+    profile checks: the host's or the engine's fault, not the request's; the library's reason."""
+
+
 class NumericalError(HybridStitchError, ArithmeticError):
     """A graph produced NaN or inf (fp16 overflow, non-finite weights or inputs)."""
 

@@ -169,6 +169,31 @@ def test_out_of_memory_is_one_line_with_the_way_out(tiny_engine_dir, tiny_condit
     assert "Traceback" not in result.output
 
 
+def test_an_onnxruntime_failure_in_a_call_is_one_line(tiny_engine_dir, tiny_conditioning, tmp_path, monkeypatch):
+    """ONNX Runtime's own exception types (no common base but Exception) out of a run become
+    EngineRunError with its reason, or OutOfMemoryError for an allocation; the CLI prints one line."""
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
+
+    from hs_runtime.errors import EngineRunError, OutOfMemoryError
+
+    runtime = HybridStitchRuntime.from_dir(tiny_engine_dir)
+    latents = initial_latents(tiny_conditioning.prompts, 128, 128, 0)
+    for exc, expected, message in (
+        (Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running MatMul node."), EngineRunError, r"^ONNX Runtime failed running the large engine \(cpu\) \| got \[ONNXRuntimeError\] : 1 : FAIL : Non-zero status"),
+        (RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer of size 1073741824"), OutOfMemoryError, r"^the large engine \(cpu\) ran out of memory"),
+    ):
+        monkeypatch.setattr(runtime.engines["large"].engine.session, "run", lambda *_a, exc=exc, **_k: (_ for _ in ()).throw(exc))
+        with pytest.raises(expected, match=message):
+            runtime.denoise(make_plan("large", 2), latents, tiny_conditioning)
+    monkeypatch.undo()
+
+    failure = Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running MatMul node.")
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", lambda *_a, **_k: (_ for _ in ()).throw(failure))
+    result = CliRunner().invoke(main, ["generate", str(tiny_engine_dir), "--prompt", "a red cat", "--steps", "2", "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "Error: ONNX Runtime failed running the " in result.output and "Traceback" not in result.output
+
+
 def test_unknown_backend_is_named_as_such(tiny_engine_dir):
     with pytest.raises(ConfigError, match=r"^unknown backend \| got 'onnx' \| expected torch \| onnxruntime \| tensorrt$"):
         HybridStitchRuntime.from_dir(tiny_engine_dir, backend="onnx")  # not "build onnx engines"

@@ -29,7 +29,7 @@ from hs_export.serve.batching import RunSettings, ServingDefaults, ServingLimits
 from hs_export.serve.handlers import CANCELLED, INTERNAL, INVALID_ARG, GenerateHandler, Instance, LatentsHandler
 from hs_export.serve.protocol import GENERATE, LATENTS, TIMING_KEYS, ServingError
 from hs_runtime import HybridStitchRuntime
-from hs_runtime.errors import CancelledError, HybridStitchError, OutOfMemoryError
+from hs_runtime.errors import CancelledError, EngineRunError, HybridStitchError, OutOfMemoryError
 from hs_runtime.pipeline import initial_latents
 from hs_runtime.plans import MaskConfig, PlanConfig, make_plan
 from hs_runtime.sampler import Conditioning
@@ -223,12 +223,15 @@ def test_engine_call_errors_stay_with_their_requests(instance, caplog):
                 raise OutOfMemoryError("the large engine (cpu) ran out of memory | got CUDA out of memory")
             if any(i.prompt == "bug" for i in items):
                 return {}["no such key"]
+            if any(i.prompt == "failing" for i in items):
+                raise EngineRunError("TensorRT execution of large failed | got an illegal memory access")
             return _placeholders(items)
 
     with caplog.at_level("ERROR", logger="hs_export.serve"):
-        out = Fussy(instance)([_request("a", 1), _request("boom", 2), _request("c", 3), _request("bug", 4, plan="small"), _request("d", 5, plan="large"), _request("huge", 6)])
-    assert [o.code for o in out] == ["", INVALID_ARG, "", INTERNAL, "", INTERNAL]  # out of memory even alone: the server's sizing
+        out = Fussy(instance)([_request("a", 1), _request("boom", 2), _request("c", 3), _request("bug", 4, plan="small"), _request("d", 5, plan="large"), _request("huge", 6), _request("failing", 7)])
+    assert [o.code for o in out] == ["", INVALID_ARG, "", INTERNAL, "", INTERNAL, INTERNAL]  # out of memory or the engine failing even alone: the server's
     assert out[5].error.startswith("the large engine (cpu) ran out of memory")
+    assert out[6].error == "TensorRT execution of large failed | got an illegal memory access"
     assert out[1].error == "boom | got a prompt the engines refuse"
     assert out[3].error == "internal error in hybridstitch | got KeyError: 'no such key' | see the server log for the traceback"
     assert "Traceback" in caplog.text and "no such key" in caplog.text

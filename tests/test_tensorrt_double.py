@@ -21,7 +21,7 @@ import trt_double
 from hs_runtime.backends import tensorrt_backend
 from hs_runtime.backends.tensorrt_backend import TrtEngine, output_capacity
 from hs_runtime.contract import ModelDims, call_sizes, graph_spec
-from hs_runtime.errors import BuildError, ConfigError, EngineLoadError, ShapeError
+from hs_runtime.errors import BuildError, ConfigError, EngineLoadError, EngineRunError, ShapeError
 from hs_runtime.presets import get_preset
 from hs_runtime.profiles import BuildShape, graph_profiles
 
@@ -264,10 +264,10 @@ def test_a_refused_address_or_enqueue_names_this_calls_reason(world, tmp_path, m
     engine = make_engine(tmp_path)
     engine.logger.log(trt_double.ILogger.ERROR, "an old error from an earlier, refused call")
     monkeypatch.setattr(type(engine.context), "execute_async_v3", lambda self, stream: False)
-    with pytest.raises(BuildError, match=r"execution of large failed \| got execute_async_v3 returned False"):
+    with pytest.raises(EngineRunError, match=r"execution of large failed \| got execute_async_v3 returned False"):
         engine(feeds_for(DENSE))
     monkeypatch.setattr(type(engine.context), "set_tensor_address", lambda self, name, memory: False)
-    with pytest.raises(BuildError, match="TensorRT refused the address of patches"):
+    with pytest.raises(EngineRunError, match="TensorRT refused the address of patches"):
         engine(feeds_for(DENSE))
 
 

@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from hs_runtime.errors import CancelledError, HybridStitchError, OutOfMemoryError, describe, first_line
+from hs_runtime.errors import CancelledError, EngineRunError, HybridStitchError, OutOfMemoryError, describe, first_line
 from hs_runtime.mask import refined_grid
 from hs_runtime.runtime import HybridStitchRuntime
 from hs_runtime.sampler import STAGES, Conditioning
@@ -249,8 +249,8 @@ class _Handler:
                 for m in members:
                     if responses[m.request] is None:
                         self._serve([m], outputs, responses, is_cancelled)
-            else:  # out of memory even alone: the server's sizing, not the request's values
-                responses[members[0].request] = Response.failed(str(exc), INTERNAL if isinstance(exc, OutOfMemoryError) else INVALID_ARG)
+            else:  # out of memory or an engine library's failure even alone: the server's, not the request's values
+                responses[members[0].request] = Response.failed(str(exc), INTERNAL if isinstance(exc, (OutOfMemoryError, EngineRunError)) else INVALID_ARG)
             return
         except Exception as exc:  # a bug: the traceback goes to the server log, one line to the client
             LOGGER.exception("%s: engine call for %d request(s) failed", self.instance.name, len(requests))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..contract import ModelDims, graph_spec
-from ..errors import BuildError, ConfigError, EngineLoadError, ManifestError, describe, first_line
+from ..errors import BuildError, ConfigError, EngineLoadError, EngineRunError, ManifestError, describe, first_line, out_of_memory
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -86,9 +86,9 @@ def session_options(settings: Mapping):
     return options
 
 
-def load_errors() -> tuple[type[BaseException], ...]:
+def ort_errors() -> tuple[type[BaseException], ...]:
     """ONNX Runtime's own exception types (``InvalidProtobuf``, ``Fail``, ``NoSuchFile``, …): they
-    share no base class beyond ``Exception``, so the load boundary names them all."""
+    share no base class beyond ``Exception``, so the load and run boundaries name them all."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
     return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
@@ -127,7 +127,7 @@ class OrtEngine:
         options, providers = session_options(settings or {}), providers_for(self.device)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except load_errors() as exc:
+        except ort_errors() as exc:
             raise EngineLoadError(describe(f"ONNX Runtime cannot load {graph} engine {path}", got=first_line(exc), fix=fix)) from exc
         names = {i.name for i in self.session.get_inputs()} | {o.name for o in self.session.get_outputs()}
         expected = {*self.spec.input_names, *self.spec.output_names}
@@ -146,11 +146,22 @@ class OrtEngine:
             )
 
     def __call__(self, feeds: Mapping[str, torch.Tensor], outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Runs the session on ``feeds``.
+
+        Raises:
+            OutOfMemoryError: ONNX Runtime could not allocate a buffer.
+            EngineRunError: any other failure of ONNX Runtime's run (its one-line reason), in
+                place of its own exception types, which share no base class but ``Exception``.
+        """
         wanted = list(outputs) if outputs is not None else list(self.spec.output_names)
-        if self.device.type == "cuda":
-            return self._run_bound(feeds, wanted)
-        arrays = {name: feeds[name].detach().cpu().numpy() for name in self.spec.input_names}
-        results = self.session.run(wanted, arrays)
+        try:
+            if self.device.type == "cuda":
+                return self._run_bound(feeds, wanted)
+            arrays = {name: feeds[name].detach().cpu().numpy() for name in self.spec.input_names}
+            results = self.session.run(wanted, arrays)
+        except ort_errors() as exc:
+            where = f"the {self.spec.name} engine ({self.device})"
+            raise out_of_memory(exc, where) or EngineRunError(describe(f"ONNX Runtime failed running {where}", got=first_line(exc), fix="see ONNX Runtime's log; hs-export verify DIR checks the folder")) from exc
         return {name: torch.from_numpy(r) for name, r in zip(wanted, results)}
 
     def _run_bound(self, feeds: Mapping[str, torch.Tensor], wanted: list[str]) -> dict[str, torch.Tensor]:

@@ -60,7 +60,7 @@ from typing import Iterable, Mapping
 import torch
 
 from ..contract import DYNAMIC_AXES, GraphSpec, ModelDims, graph_spec
-from ..errors import BuildError, ConfigError, EngineLoadError, ManifestError, ShapeError, describe, first_line
+from ..errors import BuildError, ConfigError, EngineLoadError, EngineRunError, ManifestError, ShapeError, describe, first_line
 from ..profiles import select_profile
 
 # setTensorAddress: "The pointer must have at least 256-byte alignment."
@@ -330,7 +330,7 @@ class TrtEngine:
         # setTensorAddress: "\return True on success, false if error occurred" (NvInferRuntime.h);
         # ignored, the context would keep the previous call's address and use that memory.
         if not self.context.set_tensor_address(name, self._address(tensor, name)):
-            raise BuildError(describe(f"{self.spec.name}: TensorRT refused the address of {name}", got=f"{self._reason('set_tensor_address returned False')} ({hex(self._address(tensor, name))})", expected=f"a {ADDRESS_ALIGNMENT}-byte aligned device address on {self.device}"))
+            raise EngineRunError(describe(f"{self.spec.name}: TensorRT refused the address of {name}", got=f"{self._reason('set_tensor_address returned False')} ({hex(self._address(tensor, name))})", expected=f"a {ADDRESS_ALIGNMENT}-byte aligned device address on {self.device}"))
 
     def _reason(self, default: str) -> str:
         """TensorRT's last error since this call began (the log is cleared at each call's start;
@@ -383,7 +383,7 @@ class TrtEngine:
             raise ShapeError(describe(f"{self.spec.name}: TensorRT input shapes not fully specified", got=list(missing), fix="feed every input of the contract"))
         results = {name: self._bind_output(name) for name in self.spec.output_names}  # all need an address
         if not self.context.execute_async_v3(handle):
-            raise BuildError(describe(f"TensorRT execution of {self.spec.name} failed", got=self._reason("execute_async_v3 returned False"), expected=f"shapes inside profile {profile}"))
+            raise EngineRunError(describe(f"TensorRT execution of {self.spec.name} failed", got=self._reason("execute_async_v3 returned False"), expected=f"shapes inside profile {profile}"))
         del bound
         return results
 
