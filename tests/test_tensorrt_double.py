@@ -342,6 +342,26 @@ def test_engines_from_a_folder_share_their_activation_memory(world, tmp_path, ti
     assert made["small"].stream is made["large"].stream  # one stream: the block's users run in order
 
 
+def test_plans_built_for_another_gpu_architecture_or_tensorrt_are_refused_before_loading(world, tiny_engine_dir):
+    """TensorRT plans run on the compute capability and TensorRT version that built them (no
+    version or hardware compatibility at build): refused from the manifest's record, before any
+    plan (or verify's torch reference) is loaded; another GPU model of the same capability loads."""
+    from hs_runtime.backends.loading import check_loadable
+    from hs_runtime.manifest import Manifest
+
+    manifest = Manifest.load(tiny_engine_dir)
+    manifest.data["build"]["backend"] = "tensorrt"
+    record = {"gpu_name": "NVIDIA H200", "compute_capability": "9.0", "trt_version": "10.99.0-double"}  # the double: sm 9.0
+    manifest.data["versions"]["build_device"] = record
+    check_loadable(manifest, "tensorrt", "cuda:0")
+    for changed, shown in (({"compute_capability": "8.0", "gpu_name": "NVIDIA A100"}, r"expected sm 8.0 \(NVIDIA A100\), TensorRT 10.99.0-double"), ({"trt_version": "10.13.0.35"}, r"expected sm 9.0 \(NVIDIA H200\), TensorRT 10.13.0.35")):
+        manifest.data["versions"]["build_device"] = {**record, **changed}
+        with pytest.raises(EngineLoadError, match=r"^the TensorRT plans of .* were built for another GPU architecture or TensorRT version \| got cuda:0: sm 9.0 \(NVIDIA Double GPU\), TensorRT 10.99.0-double \| " + shown + r" \| rebuild on this host: hs-export build .* --force$"):
+            check_loadable(manifest, "tensorrt", "cuda:0")
+    manifest.data["versions"].pop("build_device")  # folders without the record: the load decides
+    check_loadable(manifest, "tensorrt", "cuda:0")
+
+
 def test_tensorrt_older_than_10_1_is_refused_in_one_line(world, tmp_path, monkeypatch):
     import sys
 

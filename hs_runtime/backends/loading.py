@@ -81,10 +81,11 @@ def engines_from_manifest(manifest, backend: str, device, dtype=None) -> EngineS
 
 def check_loadable(manifest, backend: str, device) -> None:
     """The refusals :func:`engines_from_manifest` makes before it loads anything heavy (device,
-    backend, TensorRT on a CUDA device and installed), for a long job to make first.
+    backend, TensorRT on a CUDA device and installed, plans built for this GPU architecture and
+    TensorRT), for a long job to make first.
 
     Raises:
-        ConfigError, ManifestError, BuildError: as :func:`engines_from_manifest` would.
+        ConfigError, ManifestError, BuildError, EngineLoadError: as :func:`engines_from_manifest` would.
     """
     device = check_device(device)
     if backend not in BACKENDS:
@@ -92,9 +93,10 @@ def check_loadable(manifest, backend: str, device) -> None:
     if backend != "torch":
         check_backend(manifest, backend)
     if backend == "tensorrt":
-        from .tensorrt_backend import preflight
+        from .tensorrt_backend import check_plan_host, preflight
 
-        preflight(device)
+        trt = preflight(device)
+        check_plan_host(manifest.data.get("versions", {}).get("build_device"), device, trt, manifest.folder, f"rebuild on this host: {manifest.rebuild_command} --force")
 
 
 def check_backend(manifest, backend: str) -> None:

@@ -110,6 +110,35 @@ def preflight(device: torch.device):
     return _import_trt()
 
 
+def check_plan_host(build_device: Mapping | None, device: torch.device, trt, folder, fix: str) -> None:
+    """Refuses plans built for another GPU architecture or another TensorRT before any is read.
+
+    By default "TensorRT engines are compatible only with the version of TensorRT used to build
+    them" and "are not portable across different GPU architectures" (TensorRT docs, "Engine
+    Compatibility" and the support matrix's "Engine Portability"); version and hardware
+    compatibility are build-time options the build does not set. Without this check the mismatch
+    shows only when ``deserialize_cuda_engine`` fails, which ``verify`` reaches after minutes of
+    its torch reference. A GPU of the same compute capability but another model loads the plans
+    (TensorRT warns it may be slower). Folders without the build's record are left to the load.
+
+    Raises:
+        EngineLoadError: naming what the plans were built for, what this host has, and ``fix``.
+    """
+    if not build_device:
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    here = {"compute_capability": f"{major}.{minor}", "trt_version": str(trt.__version__)}
+    if all(build_device.get(key) in (None, value) for key, value in here.items()):
+        return
+    built = f"sm {build_device.get('compute_capability')} ({build_device.get('gpu_name')}), TensorRT {build_device.get('trt_version')}"
+    raise EngineLoadError(
+        describe(
+            f"the TensorRT plans of {folder} were built for another GPU architecture or TensorRT version", got=f"{device}: sm {here['compute_capability']} ({torch.cuda.get_device_name(device)}), TensorRT {here['trt_version']}",
+            expected=built, fix=fix,
+        )
+    )
+
+
 @contextlib.contextmanager
 def _mapped(plan_path, graph: str, fix: str):
     """The plan file memory-mapped read-only for ``deserialize_cuda_engine`` (a ``py::buffer``
