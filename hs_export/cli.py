@@ -310,7 +310,7 @@ def verify(engine_dir, device, steps, plan_name):
 @click.option("--warmup", type=int, default=_BENCH_DEFAULTS.warmup, show_default=True)
 @click.option("--repeat", type=int, default=_BENCH_DEFAULTS.repeat, show_default=True)
 @click.option("--prompts", type=int, default=_BENCH_DEFAULTS.prompts, show_default=True)
-@click.option("--guidance-scale", type=float, default=_BENCH_DEFAULTS.guidance_scale, show_default=True)
+@click.option("--guidance-scale", type=float, default=None, help="CFG scale (default: the preset's or the build's, as generate takes it); only on or off (> 1) changes the timing.")
 @click.option("--height", type=int, default=None, help="Pixels (default: the preset's or the build's; an engine folder runs sizes its profiles cover).")
 @click.option("--width", type=int, default=None)
 @click.option("--sweep-ratio", default="", help="Comma-separated mask ratios to sweep, e.g. 0.1,0.2,0.3,0.4,0.5.")
@@ -353,6 +353,10 @@ def bench(engine_dir, preset, backend, backends_list, versus, device, dtype, pla
     if backends_list is not None and not backend_names:
         raise ConfigError(describe("--backends names no backend", got=repr(backends_list), expected="e.g. onnxruntime,torch"))
     plan_config = plan_config_from(plan_kwargs, engine_dir)
+    if guidance_scale is None:
+        from .runs import default_guidance
+
+        guidance_scale = default_guidance(engine_dir, preset)
     config = BenchConfig(plans=plan_list, steps=steps, warmup=warmup, repeat=repeat, prompts=prompts, guidance_scale=guidance_scale, sweep_ratios=ratios, check_finite=finite_check, backends=backend_names, versus=versus, calls=calls)
     target = open_target(engine_dir, preset, backend_names or (backend,), device, dtype, prompts, height, width, plan_config.mask.ratio, versus=versus, log=_log, guided=guidance_scale > 1.0)
     report = run_bench(target.engines, target.latent[0], target.latent[1], target.text_tokens, config, plan_config, log=_log, loaded_bytes=target.loaded_bytes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hs_runtime.errors import ConfigError, HybridStitchError, describe
+from hs_runtime.manifest import Manifest
 from hs_runtime.pipeline import check_image_size
 from hs_runtime.presets import get_preset
 from hs_runtime.runtime import HybridStitchRuntime
@@ -19,8 +20,7 @@ def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend
         if preset or small_src or large_src:
             raise ConfigError(describe("an engine folder already names its models", fix="drop --preset/--small/--large"))
         runtime = HybridStitchRuntime.from_dir(engine_dir, backend=backend, device=device, pipeline_source=pipeline_src, dtype=dtype, text_dtype=text_dtype)
-        build, plan = runtime.manifest.build, runtime.manifest.data.get("default_plan", {})
-        return runtime, RunDefaults(build["height"], build["width"], plan.get("steps", 28), plan.get("guidance_scale", 7.0), build.get("preset"))
+        return runtime, folder_defaults(runtime.manifest)
     if backend not in (None, "torch"):
         raise ConfigError(describe(f"backend {backend} runs engines", fix="build them with `hs-export build` and pass the engine folder"))
     if preset and not get_preset(preset).text_pipeline and pipeline_src is None:
@@ -32,6 +32,20 @@ def open_runtime(engine_dir, preset, small_src, large_src, pipeline_src, backend
         selection.small, selection.large, selection.pipeline, device=device, dtype=dtype, max_sequence_length=selection.max_sequence_length, text_dtype=text_dtype
     )
     return runtime, selection.defaults
+
+
+def folder_defaults(manifest) -> RunDefaults:
+    """The size, steps and guidance an engine folder's build is meant for."""
+    build, plan = manifest.build, manifest.data.get("default_plan", {})
+    return RunDefaults(build["height"], build["width"], plan.get("steps", 28), plan.get("guidance_scale", 7.0), build.get("preset"))
+
+
+def default_guidance(engine_dir, preset) -> float:
+    """The guidance scale of the folder's build or of the preset, as ``generate`` and ``quality``
+    take it when none is given (7.0 where neither is named: the caller refuses that itself)."""
+    if engine_dir is not None:
+        return folder_defaults(Manifest.load(engine_dir)).guidance_scale
+    return get_preset(preset).guidance_scale if preset is not None else RunDefaults.guidance_scale
 
 
 def bench_engines(preset, device, dtype, height, width, log=print):

@@ -96,6 +96,24 @@ def test_bench_on_a_folder_refines_the_share_it_was_built_for(tiny_engine_dir, t
         assert [p["mask_ratio"] for p in json.loads(out.read_text())["plans"]] == [None, ratio]
 
 
+def test_bench_guidance_defaults_to_the_builds_or_the_presets(tiny_engine_dir, tmp_path):
+    """Without --guidance-scale bench takes the folder's or the preset's guidance, as generate and
+    quality do (it took 7.0 whatever the build recorded; the shapes preset is 4.5)."""
+    from hs_export.runs import default_guidance
+
+    folder = tmp_path / "guided"
+    shutil.copytree(tiny_engine_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["default_plan"]["guidance_scale"] = 3.0
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for extra, guidance in (([], 3.0), (["--guidance-scale", "5"], 5.0)):
+        out = tmp_path / "bench.json"
+        result = CliRunner().invoke(main, ["bench", str(folder), "--plans", "large", "--steps", "2", "--warmup", "0", "--repeat", "1", "--json", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["guidance_scale"] == guidance
+    assert default_guidance(None, "shapes") == 4.5 and default_guidance(None, "tiny") == 7.0
+
+
 def test_call_rows_price_each_call_against_the_dense_large_call():
     """time × and FLOPs × are multiples of the reference call; efficiency is their ratio; the
     count per denoise is per round, and rows come costliest per denoise first."""
