@@ -185,12 +185,19 @@ def compare_outputs(reference: dict[str, torch.Tensor], candidate: dict[str, tor
     return worst_abs, worst_rel
 
 
+def built_sizes(shape) -> dict:
+    """The call sizes a build is for (``shape``: a :class:`~hs_runtime.profiles.BuildShape`)."""
+    return {"batch": shape.batch, "height": shape.latent_height, "width": shape.latent_width, "text_tokens": shape.text_tokens}
+
+
 def parity_base_sizes(shape, backend: str) -> dict:
-    """The sizes the engine check runs at (``shape``: a :class:`~hs_runtime.profiles.BuildShape`).
-    ONNX Runtime has no profiles: a small latent (≤ 32×32) checks the graph. A TensorRT engine is
-    checked at the built size (its dense profile may hold only that one)."""
-    cap = 32 if backend == "onnxruntime" else 10**9
-    return {"batch": shape.batch, "height": min(shape.latent_height, cap), "width": min(shape.latent_width, cap), "text_tokens": shape.text_tokens}
+    """The sizes the engine check runs at. ONNX Runtime has no profiles: a small latent (≤ 32×32)
+    checks the graph. A TensorRT engine is checked at the built size (its dense profile may hold
+    only that one)."""
+    sizes = built_sizes(shape)
+    if backend == "onnxruntime":
+        sizes.update(height=min(sizes["height"], 32), width=min(sizes["width"], 32))
+    return sizes
 
 
 def _case_feeds(spec, sizes: dict, dtype, seed: int, device) -> dict[str, torch.Tensor]:

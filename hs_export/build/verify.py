@@ -22,7 +22,7 @@ from hs_runtime.sampler import StitchedSampler
 from hs_runtime.validation import check_device
 
 from ..bench import random_conditioning
-from .export import compare_outputs, compare_with_references, parity_base_sizes, reference_outputs
+from .export import built_sizes, compare_outputs, compare_with_references, reference_outputs
 
 E2E_RTOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1}
 GRAPH_RTOL_REDUCED = 2e-2  # fp16 / bf16 engines vs. the fp32 reference
@@ -87,7 +87,7 @@ def verify(folder, device="cpu", steps: int = 8, plan_name: str = "hybrid") -> l
         return checks
     precision = manifest.build["precision"]
     shape = manifest.shape
-    sizes = parity_base_sizes(shape, "tensorrt")  # the built size, whatever the backend: verify runs what a request runs
+    sizes = built_sizes(shape)  # whatever the backend: verify runs what a request runs
     large = manifest.dims("large")
     conditioning = random_conditioning(shape.prompts, shape.text_tokens, large.joint_attention_dim, large.pooled_projection_dim, "cpu", seed=0)
     g = torch.Generator().manual_seed(0)
