@@ -135,10 +135,21 @@ def resident_bytes() -> int | None:
 
 
 def memory_in_use(device: torch.device) -> int | None:
-    """Bytes in use now: CUDA tensors on a GPU, the resident set on a CPU."""
+    """Bytes in use now: on a GPU the device's used memory, on a CPU the process's resident set.
+
+    On a GPU that is ``cudaMemGetInfo``'s total − free (``torch.cuda.mem_get_info``), which sees
+    every allocation on the device: TensorRT's engine weights and ONNX Runtime's CUDA arena, which
+    torch's ``memory_allocated`` does not (a TensorRT folder's load read as its output buffers
+    alone), and also what other processes allocate meanwhile. The synchronise first also makes
+    the CUDA context, so a backend's load is not charged for it; torch's cached free blocks are
+    handed back first (``empty_cache``), so neither reading counts memory nothing holds.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        return torch.cuda.memory_allocated(device)
+        with torch.cuda.device(device):  # the cache of this device, whichever is current
+            torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        return total - free
     return resident_bytes()
 
 
@@ -521,7 +532,11 @@ MEMORY_NOTE_CPU_PEAK = (
     "of the rows before it unless its own plan went higher; each plan's own addition: --backends (added MiB)"
 )
 NO_WARMUP_NOTE = "; with --warmup 0 the first round, where the memory is sampled (a thread waking every 5 ms), is also timed"
-MEMORY_NOTE_CUDA = "loaded and added are torch's CUDA allocations only (memory_allocated / max_memory_allocated); engine libraries' own allocations are not seen"
+MEMORY_NOTE_CUDA = (
+    "loaded = the GPU's used memory after the backend's load minus before (cudaMemGetInfo: every allocation on the device, "
+    "the engine libraries' own included, and other processes' meanwhile); added and peak = torch's CUDA allocations only "
+    "(max_memory_allocated: TensorRT's activations and outputs, which this toolkit allocates through torch; not ONNX Runtime's CUDA arena)"
+)
 
 
 def _mib(value: int | None) -> str:

@@ -354,3 +354,21 @@ def test_a_child_build_left_behind_is_interrupted_before_it_is_killed(monkeypatc
     deaf.stdout.readline()  # SIGINT ignored from here on
     runs._stop(deaf)
     assert deaf.returncode == -signal.SIGKILL
+
+
+def test_gpu_memory_in_use_is_the_devices_not_torchs(monkeypatch):
+    """On a GPU a backend's load is measured on the device (cudaMemGetInfo), where TensorRT's
+    engine weights and ONNX Runtime's arena are; torch's memory_allocated sees none of them."""
+    import contextlib
+
+    from hs_export import bench
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: calls.append(("device", device)) or contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(("empty_cache",)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: calls.append(("mem_get_info", device)) or (3 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: pytest.fail("torch's allocator alone misses the engine libraries' memory"))
+    device = torch.device("cuda", 1)
+    assert bench.memory_in_use(device) == 77 * 2**30  # total − free
+    assert calls == [("synchronize", device), ("device", device), ("empty_cache",), ("mem_get_info", device)]  # context made, torch's free cache handed back, then read
