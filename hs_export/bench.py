@@ -42,6 +42,7 @@ from hs_runtime.validation import check_device, check_int, check_number, check_s
 from .bootstrap import ratio_interval
 from .call_profile import call_rows, calls_table, dense_large_reference, markdown_calls
 from .build import library_versions
+from .build.export import release_memory
 from .reports import append_section, versions_line
 
 VERSUS_TOOLS = ("diffusers",)
@@ -142,12 +143,12 @@ def memory_in_use(device: torch.device) -> int | None:
     torch's ``memory_allocated`` does not (a TensorRT folder's load read as its output buffers
     alone), and also what other processes allocate meanwhile. The synchronise first also makes
     the CUDA context, so a backend's load is not charged for it; torch's cached free blocks are
-    handed back first (``empty_cache``), so neither reading counts memory nothing holds.
+    handed back first (:func:`~hs_export.build.export.release_memory`), so neither reading counts
+    memory nothing holds.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        with torch.cuda.device(device):  # the cache of this device, whichever is current
-            torch.cuda.empty_cache()
+        release_memory(device)
         free, total = torch.cuda.mem_get_info(device)
         return total - free
     return resident_bytes()

@@ -509,25 +509,21 @@ def _check_engines(selection: ModelSelection, config: BuildConfig, work: Path, m
     view = Manifest(work, manifest)
     device = "cuda" if config.backend == "tensorrt" else "cpu"
     rtol_reduced = 2e-2
+    sizes, engine_dtype = onnx_export.parity_base_sizes(shape, config.backend), torch_dtype(config.precision)
     for name in GRAPH_NAMES:
         with phases("check", f"{name}: engine vs PyTorch on dense, subset, text-reuse and one-token calls"):
             source = selection.small if name == "small" else selection.large
-            sizes, engine_dtype = onnx_export.parity_base_sizes(shape, config.backend), torch_dtype(config.precision)
             # The fp32 reference first (its outputs on the host), then the engine: the model and the
             # engine never share memory (SD3.5-large: a 30 GiB model beside a 16 GiB plan on the
             # GPU, or beside a 30 GiB fp32 ONNX Runtime session on the host).
             module = TokenGraph(load_transformer(source, torch.float32, device), name).eval()
             spec, references = module.spec, onnx_export.reference_outputs(module, sizes)
             del module
-            gc.collect()
-            if device == "cuda":  # TensorRT allocates outside torch's cache: the model's blocks go back first
-                torch.cuda.empty_cache()
+            onnx_export.release_memory(device)  # the model's blocks go back before the engine loads
             engine = load_engine(view, name, config.backend, torch.device(device))
             parity = onnx_export.compare_with_references(engine, spec, references, sizes, torch.device(device), engine_dtype=engine_dtype)
             del engine, references
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            onnx_export.release_memory(device)
         rtol = graph_spec(name, view.dims(name)).rtol if config.precision == "fp32" else rtol_reduced
         phases.log(f"        max abs {parity.max_abs:.2e}, relative {parity.rel:.2e} over {parity.cases} call(s) (tolerance {rtol:g})")
         if math.isnan(parity.rel):

@@ -12,6 +12,7 @@ build time, both over the weights they load anyway.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import math
 import os
@@ -219,6 +220,16 @@ def _worst(pairs, count: int) -> Parity:
             return Parity(math.nan, math.nan, count)
         worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
     return Parity(worst_abs, worst_rel, count)
+
+
+def release_memory(device) -> None:
+    """Hands back what the objects just dropped held before the next big load on ``device``: the
+    garbage they leave, and on a GPU torch's cached blocks, which TensorRT (allocating outside
+    torch's cache) could not reuse."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        with torch.cuda.device(device):  # this device's cache, whichever is current
+            torch.cuda.empty_cache()
 
 
 def reference_outputs(module: torch.nn.Module, base_sizes: dict, dtype=torch.float32, seed: int = 1) -> list[dict[str, torch.Tensor]]:

@@ -7,7 +7,6 @@ on the host while the engines run, so the two never hold the device's memory at 
 
 from __future__ import annotations
 
-import gc
 import math
 from dataclasses import dataclass, replace
 
@@ -22,7 +21,7 @@ from hs_runtime.sampler import StitchedSampler
 from hs_runtime.validation import check_device
 
 from ..bench import random_conditioning
-from .export import built_sizes, compare_outputs, compare_with_references, reference_outputs
+from .export import built_sizes, compare_outputs, compare_with_references, reference_outputs, release_memory
 
 E2E_RTOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1}
 GRAPH_RTOL_REDUCED = 2e-2  # fp16 / bf16 engines vs. the fp32 reference
@@ -111,9 +110,7 @@ def verify(folder, device="cpu", steps: int = 8, plan_name: str = "hybrid") -> l
         except NumericalError as exc:
             run_references.append(str(exc))  # the message only: the exception's traceback would keep the models alive
     del reference, module
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
 
     engines = engines_from_manifest(manifest, manifest.backend, device)
     for name in GRAPH_NAMES:
